@@ -1,0 +1,72 @@
+"""`midpo` console script: one subcommand per stage.
+
+    midpo synth --out DIR                       # the embedded tiny default (data, tokenizer, model)
+    midpo prep INPUT... --tokenizer DIR --out DIR
+    midpo prep --config tiny                    # inputs and settings from a recipe
+    midpo <cmd> --config RECIPE key.sub=value   # any `key.sub=value` token overrides the recipe
+
+Each stage module provides `add_arguments(parser)` and `run(args) -> int`; this file only routes,
+so `midpo --help` stays fast (stage modules are imported on use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import re
+import sys
+
+# One registry of subcommands: name -> (module, one-line help).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("data_prep.synthetic", "build the embedded tiny default: verifiable task data, tokenizer, tiny Llama"),
+    "prep": ("data_prep.prep", "stage 1: raw preference files -> validated, tokenized, sharded Arrow + manifest"),
+}
+
+# `section.key=value`, or one of the top-level keys (`run_dir=...`, `seed=...`).
+_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+|run_dir|seed)=")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull `key.sub=value` tokens out of argv (they may appear anywhere after the subcommand)."""
+    rest, overrides = [], []
+    for tok in argv:
+        (overrides if _OVERRIDE.match(tok) else rest).append(tok)
+    return rest, overrides
+
+
+def build_parser(load_commands: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="midpo",
+        description="midpo: preference alignment with the generalized MI-DPO loss. "
+        "Every subcommand accepts `key.sub=value` overrides of the recipe.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if load_commands is None or name in load_commands:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, overrides = split_overrides(argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser([command] if command else [])
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    args.overrides = overrides
+    module = importlib.import_module(COMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

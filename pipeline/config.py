@@ -1,0 +1,318 @@
+"""Typed run configuration: dataclass defaults < YAML recipe < `key.sub=value` CLI overrides.
+
+One `Config` describes a whole run; every stage reads the same resolved config and writes only
+inside `cfg.run_dir`. The resolved config is saved into the run folder (and every checkpoint) so
+a run can always be reproduced from its own folder.
+
+Each field's docstring-comment is the help text users see; `__post_init__` rejects contradictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "recipes"
+DS_CONFIGS_DIR = REPO_ROOT / "ds_configs"
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be turned into a valid Config."""
+
+
+@dataclass
+class SynthConfig:
+    """The embedded default: a verifiable preference task, a local tokenizer and a tiny Llama."""
+
+    n_pairs: int = 2000  # preference pairs to generate
+    seed: int = 0
+    min_items: int = 3  # list length range of the task prompts
+    max_items: int = 8
+    tasks: list[str] = field(default_factory=lambda: ["sort", "reverse", "dedupe"])
+    vocab_size: int = 512  # sentencepiece vocabulary (byte fallback on)
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class DataConfig:
+    """Stage 1 (`midpo prep`): raw preference files -> tokenized sharded Arrow + manifest."""
+
+    inputs: list[str] = field(default_factory=list)  # paths or globs; empty = the synthetic default
+    format: str = "auto"  # auto | standard | conversational | implicit | hh
+    tokenizer: str | None = None  # tokenizer folder; default: the policy model's folder
+    max_prompt_tokens: int = 256  # prompts longer than this keep their END
+    max_length: int = 512  # prompt + longest response, in tokens
+    response_overflow: str = "drop"  # drop | truncate: what to do with over-long responses
+    eval_fraction: float = 0.05  # deterministic by row id
+    shard_rows: int = 50_000  # rows per Arrow shard
+    num_proc: int = 1  # tokenization worker processes
+    max_reject_fraction: float = 0.05  # fail loudly above this fraction of rejected rows
+    dedup: bool = True
+    system_prompt: str | None = None  # prepended as a system message when the input has none
+
+    def __post_init__(self) -> None:
+        if self.response_overflow not in ("drop", "truncate"):
+            raise ConfigError(f"data.response_overflow must be drop or truncate, got {self.response_overflow!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_prompt_tokens >= self.max_length:
+            raise ConfigError("data.max_prompt_tokens must be smaller than data.max_length")
+
+
+@dataclass
+class ModelConfig:
+    """Which models the stages load, and how."""
+
+    policy: str | None = None  # HF folder; default: <run_dir>/sft (or <run_dir>/model for the tiny default)
+    reference: str | None = None  # HF folder of pi_ref; default: the policy's initial weights
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    attn_implementation: str = "auto"  # auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager
+    trust_remote_code: bool = False  # never on unless the recipe says so
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    """The generalized MI-DPO loss and the prior that specializes it (see docs/algorithms.md)."""
+
+    prior: str = "dpo"  # a name from pipeline.priors.PRIORS
+    beta: float = 0.1  # a = beta_X of the recovered algorithm
+    label_smoothing: float = 0.0  # cDPO
+    sft_weight: float = 0.0  # weight of an NLL term on the chosen response
+    options: dict[str, Any] = field(default_factory=dict)  # prior-specific (gamma_beta_ratio, c, r, alpha, ...)
+
+
+@dataclass
+class RefConfig:
+    """Stage 2 (`midpo ref`): the offline per-token reference cache."""
+
+    micro_batch_tokens: int = 4096  # token budget of one forward
+    packing: bool = True  # packed (padding-free) or length-bucketed padded batches
+    zero3: bool = False  # shard the reference with ZeRO-3 inference when it does not fit one device
+    topk: int = 0  # >0: also cache the top-k of the reference distribution per response token
+    rows_per_shard: int = 2048  # resume granularity
+
+
+@dataclass
+class TrainConfig:
+    """Stage 3 (`midpo train`)."""
+
+    ds_config: str = "auto"  # a file in ds_configs/ or a path; auto = zero3_bf16 on CUDA, zero3_cpu_fp32 on CPU
+    micro_batch_size: int = 8  # pairs per micro-batch per rank
+    grad_accum: int = 1
+    max_steps: int = -1  # optimizer steps; -1 = epochs * steps per epoch
+    epochs: int = 1
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    packing: bool = True
+    eval_every: int = 0  # steps; 0 = only at the end
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    peak_flops: float = 0.0  # per device, for MFU; 0 = measure a GEMM at start
+    online_reference: bool = False  # run pi_ref beside the policy instead of reading the cache
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
+
+
+@dataclass
+class PriorNetConfig:
+    """The learnable token-level prior network of MI-DPO proper."""
+
+    objective: str = "marginal"  # marginal | joint
+    init: str = "reference"  # reference | <HF folder>
+    num_layers: int = 0  # 0 = all of the init model's layers, k = its first k layers
+    condition_on_prompt: bool = False
+    lr: float = 1e-5
+    update_every: int = 1
+    warmup_steps: int = 0
+    anchor: str = "kl_init"  # joint objective's anchor: kl_init | nll
+    anchor_weight: float = 1.0
+    zero_stage: int = 3
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/tiny"
+    seed: int = 0
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prior_net: PriorNetConfig = field(default_factory=PriorNetConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# building from plain data
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the annotated type; errors name the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys{' of ' + where if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-5` -> (["train", "lr"], 1e-5). The value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults < YAML at `path` < overrides (`key.sub=value`)."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists() and (RECIPES_DIR / p).exists():
+            p = RECIPES_DIR / p
+        if not p.exists() and (RECIPES_DIR / f"{p}.yaml").exists():
+            p = RECIPES_DIR / f"{p}.yaml"
+        if not p.exists():
+            raise ConfigError(f"recipe {path} not found (also looked in {RECIPES_DIR})")
+        with open(p, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a recipe must be a mapping at the top level")
+        tree = loaded
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        _apply_override(tree, keys, value)
+    try:
+        return _build(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically (temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    tmp.replace(path)
+    return path
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data)

@@ -1,0 +1,73 @@
+"""Content fingerprints shared by every stage: a stage skips work whose fingerprint matches and
+refuses inputs whose fingerprint does not.
+
+Hash files on disk, never `state_dict()` (under ZeRO-3 parameters are empty placeholders until
+gathered, so a module hash can be blind to the weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def hash_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_json(obj: Any) -> str:
+    """Hash of a JSON-able object in canonical form (sorted keys, no whitespace)."""
+    return hash_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+def hash_dir(path: str | Path, patterns: tuple[str, ...] = ("*",), exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """{relative file name: sha256} for the files under `path` matching `patterns`, sorted."""
+    root = Path(path)
+    files: set[Path] = set()
+    for pat in patterns:
+        files.update(p for p in root.rglob(pat) if p.is_file())
+    return {
+        str(p.relative_to(root)): hash_file(p)
+        for p in sorted(files)
+        if not any(p.match(x) for x in exclude)
+    }
+
+
+def hash_token_ids(*seqs: Any) -> str:
+    """Stable short hash of one row's token id lists (joins cache rows to data rows)."""
+    h = hashlib.blake2b(digest_size=12)
+    for s in seqs:
+        h.update(len(s).to_bytes(4, "little"))
+        for t in s:
+            h.update(int(t).to_bytes(4, "little", signed=True))
+    return h.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write to a temp name in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
