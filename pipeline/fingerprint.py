@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 _CHUNK = 1 << 20
 
 
@@ -50,9 +52,9 @@ def hash_token_ids(*seqs: Any) -> str:
     """Stable short hash of one row's token id lists (joins cache rows to data rows)."""
     h = hashlib.blake2b(digest_size=12)
     for s in seqs:
-        h.update(len(s).to_bytes(4, "little"))
-        for t in s:
-            h.update(int(t).to_bytes(4, "little", signed=True))
+        arr = np.asarray(s, dtype="<i4")
+        h.update(len(arr).to_bytes(4, "little"))
+        h.update(arr.tobytes())
     return h.hexdigest()
 
 
