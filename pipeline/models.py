@@ -1,0 +1,115 @@
+"""Loading models and tokenizers the same way in every stage (reference, training, export).
+
+Policy and reference must go through one code path at one precision, or step-0 log-probs differ
+(NeMo-Aligner #227, eric-mitchell/direct-preference-optimization #34). Loading is safe by default:
+safetensors weights only, `trust_remote_code` off unless the recipe turns it on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.fingerprint import hash_dir, hash_json
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` = bf16 on CUDA, fp32 on CPU (bf16 matmul on CPU runs at about half fp32's speed here)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"model.dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}") from None
+
+
+def flash_attn_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn(name: str) -> str:
+    """`auto` = flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+    if name == "auto":
+        return "flash_attention_2" if flash_attn_available() else "sdpa"
+    if name not in ("flash_attention_2", "sdpa", "eager"):
+        raise ValueError(f"model.attn_implementation must be auto, flash_attention_2, sdpa or eager; got {name!r}")
+    if name == "flash_attention_2" and not flash_attn_available():
+        raise ValueError("model.attn_implementation=flash_attention_2 needs CUDA and `pip install midpo[gpu]`")
+    return name
+
+
+def check_safe_weights(path: str | Path, trust_remote_code: bool) -> None:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model folder {p} does not exist")
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"{p} has no config.json: not a Hugging Face model folder")
+    if not any(p.glob("*.safetensors")):
+        found = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise ValueError(
+            f"{p} has no .safetensors weights (found {found or 'none'}); midpo loads only safetensors. "
+            "Convert once with `transformers` (`model.save_pretrained(dir, safe_serialization=True)`)."
+        )
+    if not trust_remote_code:
+        cfg = json.loads((p / "config.json").read_text())
+        if cfg.get("auto_map"):
+            raise ValueError(f"{p} needs custom code (auto_map in config.json); set model.trust_remote_code=true "
+                             "only if you trust its source")
+
+
+def load_model(path: str | Path, cfg: ModelConfig, *, device: torch.device | str = "cpu", train: bool = False):
+    """An HF causal LM in the configured dtype and attention implementation."""
+    from transformers import AutoModelForCausalLM
+
+    check_safe_weights(path, cfg.trust_remote_code)
+    dtype = resolve_dtype(cfg.dtype)
+    attn = resolve_attn(cfg.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,
+    )
+    model.to(device)
+    if train:
+        model.train()
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    log.info("loaded %s (%s, attn=%s, %.1fM params)", path, dtype, attn,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Hash of config + weight files on disk (never of a module's state_dict: blind under ZeRO-3)."""
+    files = hash_dir(path, ("config.json", "*.safetensors", "*.safetensors.index.json"))
+    if not files:
+        raise FileNotFoundError(f"no config/safetensors files under {path}")
+    return hash_json(files)
+
+
+def tokenizer_fingerprint(path: str | Path) -> str:
+    """Hash of the tokenizer's files (vocab/model, special tokens, chat template)."""
+    files = hash_dir(path, ("tokenizer*", "special_tokens_map.json", "*.model", "chat_template*", "vocab*",
+                            "merges.txt", "added_tokens.json"))
+    if not files:
+        raise FileNotFoundError(f"no tokenizer files under {path}")
+    return hash_json(files)
