@@ -43,6 +43,7 @@ class SynthConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 512
+    n_eval_prompts: int = 200  # held-out prompts (disjoint seed) for generation-based evaluation
 
 
 @dataclass
@@ -59,10 +60,13 @@ class DataConfig:
     shard_rows: int = 50_000  # rows per Arrow shard
     num_proc: int = 1  # tokenization worker processes
     max_reject_fraction: float = 0.05  # fail loudly above this fraction of rejected rows
-    dedup: bool = True
+    dedup: bool = True  # reject repeats of a pair (same row id), keeping the first
     system_prompt: str | None = None  # prepended as a system message when the input has none
+    prompt_overflow: str = "truncate"  # truncate (keep the END, BOS kept) | drop: prompts over max_prompt_tokens
 
     def __post_init__(self) -> None:
+        if self.prompt_overflow not in ("drop", "truncate"):
+            raise ConfigError(f"data.prompt_overflow must be drop or truncate, got {self.prompt_overflow!r}")
         if self.response_overflow not in ("drop", "truncate"):
             raise ConfigError(f"data.response_overflow must be drop or truncate, got {self.response_overflow!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -88,10 +92,18 @@ class LossConfig:
     """The generalized MI-DPO loss and the prior that specializes it (see docs/algorithms.md)."""
 
     prior: str = "dpo"  # a name from pipeline.priors.PRIORS
-    beta: float = 0.1  # a = beta_X of the recovered algorithm
-    label_smoothing: float = 0.0  # cDPO
-    sft_weight: float = 0.0  # weight of an NLL term on the chosen response
+    beta: float | None = None  # a = beta_X of the recovered algorithm; None = the prior's official default (0.1; simpo 2.0)
+    label_smoothing: float = 0.0  # cDPO, in [0, 0.5)
+    sft_weight: float = 0.0  # weight of a token-mean NLL term on the chosen response
     options: dict[str, Any] = field(default_factory=dict)  # prior-specific (gamma_beta_ratio, c, r, alpha, ...)
+
+    def __post_init__(self) -> None:
+        if self.beta is not None and not self.beta > 0:
+            raise ConfigError(f"loss.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"loss.sft_weight must be >= 0, got {self.sft_weight}")
 
 
 @dataclass
@@ -103,6 +115,11 @@ class RefConfig:
     zero3: bool = False  # shard the reference with ZeRO-3 inference when it does not fit one device
     topk: int = 0  # >0: also cache the top-k of the reference distribution per response token
     rows_per_shard: int = 2048  # resume granularity
+    # TIS-DPO token weights (`midpo weights`): two contrastive models scored on the same data
+    weights_forward: str | None = None  # HF folder of the forward DPO model (trained on chosen > rejected)
+    weights_reverse: str | None = None  # HF folder of the reverse DPO model (trained on rejected > chosen)
+    weights_min: float = 0.7  # rank-based mapping of per-token scores into [weights_min, weights_max]
+    weights_max: float = 1.3
 
 
 @dataclass
@@ -127,10 +144,19 @@ class TrainConfig:
     peak_flops: float = 0.0  # per device, for MFU; 0 = measure a GEMM at start
     online_reference: bool = False  # run pi_ref beside the policy instead of reading the cache
     seed: int = 0
+    log_every: int = 1  # steps between metric reductions/log lines (TensorBoard, progress bar, jsonl)
+    probe_rows: int = 8  # cached rows re-scored at start when the policy IS the reference (0 = off)
+    probe_tolerance: float = 0.0  # max mean |policy - cached| per-token log-prob; 0 = auto (fp32 1e-4, bf16/fp16 2e-2)
+    export_at_end: bool = True  # write <run_dir>/export (HF folder) when training finishes
+    record_rows: bool = True  # append each step's row ids (all ranks) to <run_dir>/logs/consumed_rows.jsonl
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+        if self.log_every < 1:
+            raise ConfigError("train.log_every must be >= 1")
 
 
 @dataclass

@@ -1,0 +1,182 @@
+"""Collate preference pairs into one forward: chosen and rejected of a pair always share a batch.
+
+Two layouts, same sequence order (sequence s = chosen of pair s for s < B, rejected of pair s - B
+for s >= B):
+
+- ``padded``: 2B rows, right padding, a 2-D ``attention_mask`` (2B, T).
+- ``packed``: all 2B sequences concatenated into ONE row (1, T), ``position_ids`` restarting at 0
+  per sequence, ``seq_lens``/``cu_seqlens``. On CUDA with ``flash_attention_2`` transformers
+  splits the row from the position_ids alone; with ``sdpa`` (CPU) that does NOT isolate the
+  sequences (docs/environment.md), so :meth:`PairBatch.model_inputs` builds a 4-D block-diagonal
+  causal mask on demand (bool for sdpa, additive float for eager).
+
+Response tokens are located by flat index tensors into ``input_ids.view(-1)``, so extracting
+per-token log-probs is one gather, never a Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+LAYOUTS = ("packed", "padded")
+
+
+@dataclass
+class PairBatch:
+    layout: str  # "packed" | "padded"
+    input_ids: torch.Tensor  # (R, T) long; R = 1 packed, 2B padded
+    position_ids: torch.Tensor  # (R, T) long; restarts at 0 for every sequence
+    attention_mask: torch.Tensor | None  # (2B, T) long, padded only; None when packed
+    seq_lens: torch.Tensor  # (2B,) long, prompt + response tokens of each sequence
+    cu_seqlens: (
+        torch.Tensor | None
+    )  # (2B+1,) int32 start offsets in the packed row (tail padding after [-1]); None padded
+    prompt_lens: torch.Tensor  # (2B,) long
+    response_lens: torch.Tensor  # (2B,) long, EOS included
+    target_index: (
+        torch.Tensor
+    )  # (N,) long, flat index into input_ids.view(-1) of each response token, N = sum(response_lens)
+    response_seq: torch.Tensor  # (N,) long, sequence s of each response token (sorted by s, then t)
+    response_pos: torch.Tensor  # (N,) long, position t of the token inside its response (0 = first)
+    num_pairs: int
+    num_tokens: int  # real tokens (prompt + response, both sides), padding excluded
+    num_pad_tokens: int  # padding tokens in input_ids; padding fraction = num_pad_tokens / input_ids.numel()
+
+    @property
+    def logit_index(self) -> torch.Tensor:
+        """(N,) flat index of the position whose output predicts each response token (one to the left;
+        always inside the same sequence because prompts are non-empty)."""
+        return self.target_index - 1
+
+    @property
+    def segment_ids(self) -> torch.Tensor:
+        """(R, T) long: sequence id of every token; padding gets id 2B (its own block)."""
+        n_seq = self.seq_lens.numel()
+        if self.layout == "packed":
+            total = int(self.seq_lens.sum())
+            seg = torch.full((self.input_ids.shape[1],), n_seq, dtype=torch.long, device=self.input_ids.device)
+            seg[:total] = torch.repeat_interleave(torch.arange(n_seq, device=seg.device), self.seq_lens)
+            return seg[None]  # (1, T)
+        rows = torch.arange(n_seq, device=self.input_ids.device)[:, None].expand_as(self.input_ids)
+        return torch.where(self.attention_mask.bool(), rows, n_seq)  # (2B, T)
+
+    def block_causal_mask(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """(1, 1, T, T) block-diagonal causal mask of the packed row. bool: True = may attend (sdpa);
+        a float dtype gives the additive form 0 / finfo.min (eager ignores bool 4-D masks)."""
+        if self.layout != "packed":
+            raise ValueError("block_causal_mask is only defined for the packed layout")
+        seg = self.segment_ids[0]  # (T,)
+        T = seg.numel()
+        causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+        allowed = (seg[:, None] == seg[None, :]) & causal  # (T, T)
+        if dtype == torch.bool:
+            return allowed[None, None]
+        zero = torch.zeros((), dtype=dtype, device=seg.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
+
+    def model_inputs(self, attn_implementation: str | None = "sdpa", dtype: torch.dtype = torch.float32) -> dict:
+        """Keyword arguments for a transformers decoder forward with the right mask for this layout.
+
+        packed + flash_attention_2*: position_ids only (transformers derives cu_seqlens from them);
+        packed + sdpa/other: bool block mask; packed + eager: additive mask in the model dtype."""
+        kw = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.layout == "padded":
+            kw["attention_mask"] = self.attention_mask
+        elif attn_implementation and "flash" in attn_implementation:
+            pass
+        elif attn_implementation == "eager":
+            kw["attention_mask"] = self.block_causal_mask(dtype)
+        else:
+            kw["attention_mask"] = self.block_causal_mask(torch.bool)
+        return kw
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        moved = {
+            f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+            for f in dataclasses.fields(self)
+        }
+        return PairBatch(**moved)
+
+
+def collate_pairs(
+    rows: list[dict],
+    *,
+    layout: str = "packed",
+    pad_id: int,
+    pad_to_multiple: int = 1,
+) -> PairBatch:
+    """Rows with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of int; responses end in EOS)
+    -> one :class:`PairBatch` holding 2B sequences (prompt+chosen, then prompt+rejected)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not rows:
+        raise ValueError("collate_pairs needs at least one row")
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+    for i, r in enumerate(rows):
+        # An empty prompt leaves the first response token without a predicting position.
+        if not r["prompt_ids"]:
+            raise ValueError(f"row {i}: empty prompt_ids (at least one prompt token, e.g. BOS, is required)")
+        if not r["chosen_ids"] or not r["rejected_ids"]:
+            raise ValueError(f"row {i}: empty chosen_ids or rejected_ids (responses end in EOS)")
+
+    B = len(rows)
+    seqs = [list(r["prompt_ids"]) + list(r["chosen_ids"]) for r in rows]
+    seqs += [list(r["prompt_ids"]) + list(r["rejected_ids"]) for r in rows]
+    prompt_lens = torch.tensor([len(r["prompt_ids"]) for r in rows] * 2, dtype=torch.long)  # (2B,)
+    response_lens = torch.tensor(
+        [len(r["chosen_ids"]) for r in rows] + [len(r["rejected_ids"]) for r in rows], dtype=torch.long
+    )  # (2B,)
+    seq_lens = prompt_lens + response_lens  # (2B,)
+    n_seq = 2 * B
+    num_tokens = int(seq_lens.sum())
+
+    def round_up(n: int) -> int:
+        return -(-n // pad_to_multiple) * pad_to_multiple
+
+    # Token t of sequence s's response: n-th response token overall -> (s, t).
+    response_seq = torch.repeat_interleave(torch.arange(n_seq), response_lens)  # (N,)
+    resp_starts = torch.cumsum(response_lens, 0) - response_lens  # (2B,)
+    response_pos = torch.arange(int(response_lens.sum())) - resp_starts[response_seq]  # (N,)
+
+    if layout == "packed":
+        T = round_up(num_tokens)
+        flat = torch.tensor([tok for s in seqs for tok in s], dtype=torch.long)  # (num_tokens,)
+        input_ids = torch.full((1, T), pad_id, dtype=torch.long)
+        input_ids[0, :num_tokens] = flat
+        starts = torch.cumsum(seq_lens, 0) - seq_lens  # (2B,)
+        pos = torch.arange(num_tokens) - torch.repeat_interleave(starts, seq_lens)  # (num_tokens,)
+        # Tail padding restarts at 0 so flash-attn's position_ids splitting sees it as its own sequence.
+        position_ids = torch.cat([pos, torch.arange(T - num_tokens)])[None]  # (1, T)
+        cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(seq_lens, 0)]).to(torch.int32)
+        target_index = starts[response_seq] + prompt_lens[response_seq] + response_pos  # (N,)
+        attention_mask = None
+    else:
+        T = round_up(int(seq_lens.max()))
+        input_ids = torch.full((n_seq, T), pad_id, dtype=torch.long)
+        for s, seq in enumerate(seqs):
+            input_ids[s, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask = (torch.arange(T)[None, :] < seq_lens[:, None]).long()  # (2B, T)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (2B, T)
+        cu_seqlens = None
+        target_index = response_seq * T + prompt_lens[response_seq] + response_pos  # (N,)
+
+    return PairBatch(
+        layout=layout,
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        seq_lens=seq_lens,
+        cu_seqlens=cu_seqlens,
+        prompt_lens=prompt_lens,
+        response_lens=response_lens,
+        target_index=target_index,
+        response_seq=response_seq,
+        response_pos=response_pos,
+        num_pairs=B,
+        num_tokens=num_tokens,
+        num_pad_tokens=input_ids.numel() - num_tokens,
+    )

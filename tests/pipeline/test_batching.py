@@ -1,0 +1,64 @@
+"""collate_pairs: layouts, index tensors, masks, padding counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.batching import collate_pairs
+
+PAD = 0
+ROWS = [
+    {"prompt_ids": [1, 5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]},
+    {"prompt_ids": [1, 4], "chosen_ids": [3, 2], "rejected_ids": [10, 11, 12, 2]},
+]
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_index_tensors_locate_every_response_token(layout):
+    b = collate_pairs(ROWS, layout=layout, pad_id=PAD, pad_to_multiple=8)
+    seqs = [r["chosen_ids"] for r in ROWS] + [r["rejected_ids"] for r in ROWS]
+    flat = b.input_ids.reshape(-1)
+    for s, resp in enumerate(seqs):
+        sel = b.response_seq == s
+        assert flat[b.target_index[sel]].tolist() == resp
+        assert b.response_pos[sel].tolist() == list(range(len(resp)))
+    # The predicting position is the token just before, in the same sequence: the last prompt token for t = 0.
+    first = b.logit_index[b.response_pos == 0]
+    assert flat[first].tolist() == [6, 4, 6, 4]
+    assert b.num_pairs == 2 and b.num_tokens == 6 + 4 + 5 + 6
+    assert b.input_ids.shape[1] % 8 == 0
+    assert b.num_pad_tokens == b.input_ids.numel() - b.num_tokens
+    assert b.seq_lens.tolist() == [6, 4, 5, 6]
+
+
+def test_packed_layout_positions_and_block_mask():
+    b = collate_pairs(ROWS, layout="packed", pad_id=PAD, pad_to_multiple=8)
+    assert b.input_ids.shape == (1, 24) and b.attention_mask is None
+    assert b.cu_seqlens.tolist() == [0, 6, 10, 15, 21]
+    assert b.position_ids[0].tolist() == [*range(6), *range(4), *range(5), *range(6), *range(3)]
+    m = b.block_causal_mask()[0, 0]  # (T, T)
+    seg = torch.tensor([0] * 6 + [1] * 4 + [2] * 5 + [3] * 6 + [4] * 3)
+    want = (seg[:, None] == seg[None, :]) & (torch.arange(24)[None, :] <= torch.arange(24)[:, None])
+    assert torch.equal(m, want)
+    add = b.block_causal_mask(torch.float32)[0, 0]
+    assert torch.equal(add == 0, want) and add.min() == torch.finfo(torch.float32).min
+    assert "attention_mask" not in b.model_inputs("flash_attention_2")
+    assert b.model_inputs("sdpa")["attention_mask"].dtype == torch.bool
+
+
+def test_padded_layout_rows_and_mask():
+    b = collate_pairs(ROWS, layout="padded", pad_id=PAD)
+    assert b.input_ids.shape == (4, 6) and b.cu_seqlens is None
+    assert b.input_ids[3].tolist() == [1, 4, 10, 11, 12, 2]
+    assert b.input_ids[1].tolist() == [1, 4, 3, 2, PAD, PAD]
+    assert b.attention_mask.sum(-1).tolist() == [6, 4, 5, 6]
+    assert b.num_pad_tokens == 24 - 21
+    assert b.to("cpu").input_ids.data_ptr() == b.input_ids.data_ptr()
+
+
+def test_rejects_bad_rows():
+    with pytest.raises(ValueError, match="row 1: empty prompt_ids"):
+        collate_pairs([ROWS[0], {**ROWS[1], "prompt_ids": []}], pad_id=PAD)
+    with pytest.raises(ValueError, match="layout"):
+        collate_pairs(ROWS, layout="ragged", pad_id=PAD)

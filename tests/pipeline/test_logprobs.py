@@ -1,0 +1,182 @@
+"""Per-token response log-probs: chunked == naive, packed == padded == one sequence at a time,
+and packed sequences cannot see each other (tiny Llama, sdpa, fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pipeline.batching import collate_pairs
+from pipeline.logprobs import (
+    ResponseLogps,
+    per_token_kl,
+    response_logps,
+    selective_log_softmax,
+    sequence_logps_naive,
+    topk_logprobs,
+)
+
+V, PAD, EOS = 160, 0, 2
+
+
+def tiny_llama(attn="sdpa", seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation=attn,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def make_rows(seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(k):
+        return torch.randint(3, V, (k,), generator=g).tolist()
+
+    lens = [(4, 6, 3), (7, 2, 5), (3, 5, 1)][:n]
+    return [
+        {"prompt_ids": [1] + ids(p), "chosen_ids": ids(c) + [EOS], "rejected_ids": ids(r) + [EOS]} for p, c, r in lens
+    ]
+
+
+def naive_side(model, rows, side):
+    return [sequence_logps_naive(model, r["prompt_ids"], r[f"{side}_ids"]) for r in rows]
+
+
+def test_chunked_helpers_equal_naive():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, 33, generator=g)
+    other = torch.randn(5, 7, 33, generator=g)
+    idx = torch.randint(0, 33, (5, 7), generator=g)
+    lsm = torch.log_softmax(logits, -1)
+    for cs in (1, 3, 1024):
+        torch.testing.assert_close(selective_log_softmax(logits, idx, cs), lsm.gather(-1, idx[..., None])[..., 0])
+        naive_kl = (lsm.exp() * (lsm - torch.log_softmax(other, -1))).sum(-1)
+        torch.testing.assert_close(per_token_kl(logits, other, cs), naive_kl)
+        vals, ind, tail = topk_logprobs(logits, 4, cs)
+        want_v, want_i = lsm.topk(4, -1)
+        torch.testing.assert_close(vals, want_v)
+        assert torch.equal(ind, want_i)
+        torch.testing.assert_close(tail, torch.log(1 - want_v.exp().sum(-1)))
+    assert selective_log_softmax(logits.bfloat16(), idx).dtype == torch.float32
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_response_logps_equals_single_sequence_forward(model, layout):
+    rows = make_rows()
+    b = collate_pairs(rows, layout=layout, pad_id=PAD, pad_to_multiple=8)
+    with torch.no_grad():
+        out = response_logps(model, b, chunk_size=5)  # chunks straddle sequences
+        want_c, want_r = naive_side(model, rows, "chosen"), naive_side(model, rows, "rejected")
+    for i in range(len(rows)):
+        n_c, n_r = len(rows[i]["chosen_ids"]), len(rows[i]["rejected_ids"])
+        assert out.chosen_mask[i].sum() == n_c and out.rejected_mask[i].sum() == n_r
+        torch.testing.assert_close(out.chosen[i, :n_c], want_c[i], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.rejected[i, :n_r], want_r[i], rtol=0, atol=1e-5)
+        assert torch.all(out.chosen[i, n_c:] == 0) and torch.all(out.rejected[i, n_r:] == 0)
+
+
+def test_packed_equals_padded_values_and_gradients(model):
+    rows = make_rows(1)
+    res = {}
+    for layout in ("packed", "padded"):
+        model.zero_grad()
+        out = response_logps(model, collate_pairs(rows, layout=layout, pad_id=PAD), chunk_size=4)
+        wc = torch.randn(out.chosen.shape, generator=torch.Generator().manual_seed(2))
+        loss = (out.chosen * wc).sum() - out.rejected.sum()
+        loss.backward()
+        res[layout] = (
+            out.chosen.detach(),
+            out.rejected.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters()},
+        )
+    (pc, pr, pg), (qc, qr, qg) = res["packed"], res["padded"]
+    torch.testing.assert_close(pc, qc, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pr, qr, rtol=0, atol=1e-5)
+    assert pg.keys() == qg.keys()
+    for n in pg:
+        torch.testing.assert_close(pg[n], qg[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert pg["lm_head.weight"].abs().max() > 0 and pg["model.layers.0.self_attn.q_proj.weight"].abs().max() > 0
+    model.zero_grad()
+
+
+def test_packed_sequences_cannot_see_each_other(model):
+    """Perturb the first sequence of the pack (chosen of pair 0): every other sequence's log-probs stay
+    the same with the block mask, and change without it when a KV cache is built (see the control)."""
+    rows = make_rows(2)
+    bumped = [dict(r) for r in rows]
+    bumped[0]["chosen_ids"] = [(t + 17) % (V - 3) + 3 for t in rows[0]["chosen_ids"][:-1]] + [EOS]
+    with torch.no_grad():
+        a = response_logps(model, collate_pairs(rows, layout="packed", pad_id=PAD))
+        b = response_logps(model, collate_pairs(bumped, layout="packed", pad_id=PAD))
+    assert not torch.allclose(a.chosen[0], b.chosen[0])
+    torch.testing.assert_close(a.chosen[1:], b.chosen[1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.rejected, b.rejected, rtol=0, atol=1e-6)
+
+    # Control: transformers 5.24 infers packing from position_ids only when no KV cache is built
+    # (use_cache=False). With a cache (use_cache=True) position_ids alone leak across sequences,
+    # while the block mask from model_inputs still isolates them.
+    def forward(rs, with_mask):
+        batch = collate_pairs(rs, layout="packed", pad_id=PAD)
+        kw = (
+            batch.model_inputs("sdpa")
+            if with_mask
+            else {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
+        )
+        with torch.no_grad():
+            logits = model(**kw, use_cache=True).logits[0]  # (T, V)
+        lp = torch.log_softmax(logits.float(), -1)[batch.logit_index]  # (N, V)
+        flat = lp.gather(-1, batch.input_ids[0, batch.target_index][:, None])[:, 0]
+        return ResponseLogps.from_flat(flat, batch)
+
+    la, lb = forward(rows, False), forward(bumped, False)
+    assert (la.rejected - lb.rejected).abs().max() > 1e-3
+    assert (la.rejected - a.rejected).abs().max() > 1e-3  # and it is wrong even unperturbed
+    ma, mb = forward(rows, True), forward(bumped, True)
+    torch.testing.assert_close(ma.rejected, mb.rejected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ma.rejected, a.rejected, rtol=0, atol=1e-5)
+
+
+def test_eager_packed_uses_additive_mask():
+    eager = tiny_llama("eager")
+    rows = make_rows(3, n=2)
+    with torch.no_grad():
+        out = response_logps(eager, collate_pairs(rows, layout="packed", pad_id=PAD))
+        for i, r in enumerate(rows):
+            want = sequence_logps_naive(eager, r["prompt_ids"], r["rejected_ids"])
+            torch.testing.assert_close(out.rejected[i, : want.numel()], want, rtol=0, atol=1e-5)
+
+
+def test_logits_and_hidden_extras(model):
+    rows = make_rows(4, n=2)
+    b = collate_pairs(rows, layout="packed", pad_id=PAD)
+    with torch.no_grad():
+        out = response_logps(model, b, return_logits=True, return_hidden=True)
+        ref_logits = model(input_ids=torch.tensor([rows[1]["prompt_ids"] + rows[1]["rejected_ids"]])).logits[0]
+    n_p, n_r = len(rows[1]["prompt_ids"]), len(rows[1]["rejected_ids"])
+    torch.testing.assert_close(out.rejected_logits[1, :n_r], ref_logits[n_p - 1 : n_p - 1 + n_r], rtol=0, atol=1e-5)
+    assert out.chosen_hidden.shape == (2, out.chosen.shape[1], 2, 64)
+    ids0 = torch.tensor(rows[0]["chosen_ids"])
+    torch.testing.assert_close(
+        selective_log_softmax(out.chosen_logits[0, : ids0.numel()], ids0), out.chosen[0, : ids0.numel()]
+    )
+
+
+def test_from_lists_left_aligns():
+    r = ResponseLogps.from_lists([[-1.0, -2.0], [-3.0]], [[-4.0], [-5.0, -6.0, -7.0]])
+    assert r.chosen.tolist() == [[-1.0, -2.0], [-3.0, 0.0]]
+    assert r.rejected_mask.tolist() == [[True, False, False], [True, True, True]]
+    assert r.rejected_sum.tolist() == [-4.0, -18.0] and r.chosen_len.tolist() == [2, 1]
