@@ -1,0 +1,80 @@
+"""Stage-1 throughput and memory: tokens/s and peak RSS of `prepare` at growing input sizes.
+
+    PYTHONPATH=. python bench/prep_bench.py [--sizes 20000 200000] [--num-proc 1] [--work DIR]
+
+Prints numbers; not a test. Each size runs in a fresh subprocess so its peak RSS (ru_maxrss) is its
+own. Goal: peak RSS at 200k rows within 1.5x of 20k (memory flat as the input grows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def child(pairs: str, tok: str, out: str, num_proc: int) -> None:
+    from data_prep.prep import prepare
+    from pipeline.config import DataConfig
+
+    cfg = DataConfig(max_prompt_tokens=96, max_length=160, eval_fraction=0.05, num_proc=num_proc, shard_rows=50_000)
+    t0 = time.perf_counter()
+    m = prepare(cfg, [pairs], tok, out)
+    dt = time.perf_counter() - t0
+    toks = sum(sum(s["tokens"].values()) for s in m["splits"].values())
+    # ru_maxrss is KiB on Linux; children (spawned workers) reported separately
+    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({"rows": m["rows"]["read"], "kept": m["rows"]["kept"], "seconds": dt, "tokens": toks,
+                      "peak_rss_mib": self_kib / 1024, "worker_peak_rss_mib": kids_kib / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
+    ap.add_argument("--num-proc", type=int, default=1)
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temp folder)")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child[:3], int(args.child[3]))
+        return
+
+    from data_prep.synth_task import generate_pairs
+    from data_prep.synthetic import build_tiny_default
+    from pipeline.config import SynthConfig
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="prep_bench_"))
+    paths = build_tiny_default(work / "synth", SynthConfig(n_pairs=2000))
+    results = []
+    for n in args.sizes:
+        pairs = work / f"pairs_{n}.jsonl"
+        if not pairs.exists():
+            with open(pairs, "w", encoding="utf-8") as f:  # streamed: the parent stays small too
+                for row in generate_pairs(n, seed=n, tasks=["sort", "reverse", "dedupe"], min_items=3, max_items=8):
+                    f.write(json.dumps(row) + "\n")
+        out = work / f"data_{n}"
+        cmd = [sys.executable, __file__, "--child", str(pairs), str(paths["model"]), str(out), str(args.num_proc)]
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        r["rows_per_s"] = r["rows"] / r["seconds"]
+        results.append(r)
+        print(f"{n:>8} rows  {r['seconds']:7.1f} s  {r['rows_per_s']:8.0f} rows/s  {r['tokens_per_s']:9.0f} tokens/s  "
+              f"peak RSS {r['peak_rss_mib']:7.1f} MiB (workers {r['worker_peak_rss_mib']:.1f} MiB)", flush=True)
+    if len(results) >= 2:
+        ratio = results[-1]["peak_rss_mib"] / results[0]["peak_rss_mib"]
+        print(f"peak RSS ratio {args.sizes[-1]} / {args.sizes[0]} rows: {ratio:.2f}x (goal <= 1.5x): "
+              f"{'OK' if ratio <= 1.5 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Every reject reason, with file and row; the reject-fraction failure; the template-boundary check."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+
+import pytest
+from prep_helpers import all_rows, data_cfg, read_rejects, write_jsonl
+
+from data_prep.formats import REJECT_REASONS
+from data_prep.prep import PrepError, prepare
+
+GOOD = {"prompt": "sort: 3 1 2", "chosen": "1 2 3", "rejected": "1 3 2"}
+LONG_PROMPT = "sort: " + " ".join(str(i % 90) for i in range(200))
+LONG_ANSWER = " ".join(str(i % 90) for i in range(200))
+
+# (line content, expected reason or None for kept); line numbers are 1-based and count blank lines
+ROWS = [
+    (GOOD, None),
+    (b'{"prompt": "a", "chosen": ', "invalid_json"),
+    (b'{"prompt": "\xff\xfe", "chosen": "a", "rejected": "b"}', "invalid_utf8"),
+    ({"prompt": "p", "chosen": "a"}, "missing_field"),
+    ({"prompt": "p", "chosen": "a", "rejected": 5}, "wrong_type"),
+    (b"[1, 2, 3]", "wrong_type"),
+    ({"prompt": "p", "chosen": None, "rejected": "b"}, "null_field"),
+    (b"", None),  # a blank line: counted in the manifest, not a row
+    ({"prompt": "p", "chosen": " \n ", "rejected": "b"}, "empty_response"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical_responses"),
+    ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "empty_prompt"),
+    ({"prompt": LONG_PROMPT, "chosen": "a", "rejected": "b"}, "prompt_too_long"),
+    ({"prompt": "p", "chosen": LONG_ANSWER, "rejected": "b"}, "response_too_long"),
+    (GOOD, "duplicate"),
+    ({"prompt": "reverse: a b", "chosen": "b a", "rejected": "a b"}, None),
+]
+
+
+def test_every_row_level_reason_is_reported_with_file_and_row(tmp_path, tok_dir):
+    f = write_jsonl(tmp_path / "mixed.jsonl", [r for r, _ in ROWS])
+    out = tmp_path / "out"
+    m = prepare(data_cfg(prompt_overflow="drop"), [str(f)], tok_dir, out)
+    want = {i + 1: reason for i, (_, reason) in enumerate(ROWS) if reason}
+    got = {r["row"]: r["reason"] for r in read_rejects(out)}
+    assert got == want
+    assert all(r["file"] == str(f) and r["detail"] for r in read_rejects(out))
+    assert m["rejects"]["by_reason"] == dict(collections.Counter(want.values()))
+    assert set(m["rejects"]["explanations"]) == set(want.values())
+    n_rows = sum(1 for r, _ in ROWS if r != b"")
+    assert m["rows"] == {"read": n_rows, "kept": 2, "rejected": len(want)}
+    assert m["sources"][0]["blank_lines"] == 1
+    assert len(all_rows(out)) == 2
+
+
+def test_implicit_and_hh_without_shared_prompt(tmp_path, tok_dir):
+    u = {"role": "user", "content": "q"}
+    implicit = [
+        {"chosen": [u, {"role": "assistant", "content": "a"}], "rejected": [u, {"role": "assistant", "content": "b"}]},
+        {"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+        {"chosen": [u, {"role": "assistant", "content": "a"}], "rejected": [u, {"role": "assistant", "content": "a"}]},
+        {"chosen": [u, {"role": "assistant", "content": "a"}], "rejected": [{"role": "robot", "content": "b"}]},
+    ]
+    f = write_jsonl(tmp_path / "imp.jsonl", implicit)
+    prepare(data_cfg(), [str(f)], tok_dir, tmp_path / "o1")
+    assert [(r["row"], r["reason"]) for r in read_rejects(tmp_path / "o1")] == [
+        (2, "no_shared_prompt"), (3, "identical_responses"), (4, "wrong_type")]
+    hh = [
+        {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"},
+        {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: b"},
+        {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant:   "},
+    ]
+    f = write_jsonl(tmp_path / "hh.jsonl", hh)
+    prepare(data_cfg(), [str(f)], tok_dir, tmp_path / "o2")
+    assert [(r["row"], r["reason"]) for r in read_rejects(tmp_path / "o2")] == [
+        (2, "no_shared_prompt"), (3, "empty_response")]
+
+
+def test_reject_reasons_are_all_tested_or_documented():
+    tested = {r for _, r in ROWS if r} | {"no_shared_prompt", "template_boundary"}
+    untested = set(REJECT_REASONS) - tested
+    assert untested == {"unexpected_error"}  # the catch-all; see test below
+
+
+def test_unexpected_errors_become_rejects(tmp_path, tok_dir, monkeypatch):
+    from data_prep import formats
+
+    def boom(row):
+        if row["prompt"] == "boom":
+            raise KeyError("surprise")
+        return formats._read_standard(row)
+
+    monkeypatch.setattr(formats, "FORMATS", {**formats.FORMATS, "standard": formats.Format(
+        "standard", "test", formats.FORMATS["standard"].detect, boom)})
+    f = write_jsonl(tmp_path / "x.jsonl", [GOOD, {"prompt": "boom", "chosen": "a", "rejected": "b"}])
+    prepare(data_cfg(), [str(f)], tok_dir, tmp_path / "out")
+    (rej,) = read_rejects(tmp_path / "out")
+    assert rej["reason"] == "unexpected_error" and "KeyError" in rej["detail"] and rej["row"] == 2
+
+
+def test_too_many_rejects_fail_loudly_and_write_nothing(tmp_path, tok_dir):
+    rows = [GOOD] + [{"prompt": "p", "chosen": "a"}] * 5 + [b"not json"] * 3 + [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(11)]
+    f = write_jsonl(tmp_path / "bad.jsonl", rows)
+    out = tmp_path / "out"
+    with pytest.raises(PrepError) as e:
+        prepare(data_cfg(max_reject_fraction=0.2), [str(f)], tok_dir, out)
+    msg = str(e.value)
+    assert "8 of 20 rows (40.0%)" in msg
+    assert "missing_field: 5 rows" in msg and "invalid_json: 3 rows" in msg
+    assert msg.index("missing_field") < msg.index("invalid_json")  # most common first
+    assert f"{f} row 2" in msg  # an example row
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    kept = tmp_path / "out.rejects.jsonl"
+    assert len(kept.read_text().splitlines()) == 8
+    # the same data passes with a permissive threshold
+    assert prepare(data_cfg(max_reject_fraction=0.5), [str(f)], tok_dir, out)["rows"]["kept"] == 12
+
+
+def test_duplicates_do_not_count_toward_the_failure_threshold(tmp_path, tok_dir):
+    f = write_jsonl(tmp_path / "dups.jsonl", [GOOD] * 10)
+    m = prepare(data_cfg(max_reject_fraction=0.05), [str(f)], tok_dir, tmp_path / "out")
+    assert m["rows"] == {"read": 10, "kept": 1, "rejected": 9}
+    assert m["rejects"]["by_reason"] == {"duplicate": 9}
+    m = prepare(data_cfg(dedup=False), [str(f)], tok_dir, tmp_path / "out2")
+    assert m["rows"]["kept"] == 10
+
+
+def _with_template(tok_dir, dest, template):
+    shutil.copytree(tok_dir, dest)
+    (dest / "chat_template.jinja").write_text(template)
+    return dest
+
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ GAP }}{{ m['content'] }}{{ eos_token }}"
+            "{% endfor %}{% if add_generation_prompt %}<|assistant|>{{ GEN }}{% endif %}")
+
+
+def test_template_boundary_token_merge_is_caught(tmp_path, tok_dir, sp):
+    # generation prompt ends in a space that the response's first word can merge with ("▁apple")
+    tpl = TEMPLATE.replace("{{ GAP }}", "{{ ' ' if m['role'] == 'assistant' else '' }}").replace("{{ GEN }}", " ")
+    bad_tok = _with_template(tok_dir, tmp_path / "tok", tpl)
+    rows = [{"prompt": f"reverse: {a}", "chosen": a, "rejected": a + " " + a}
+            for a in ("apple fig", "kiwi", "1 2", "7", "plum pear")]
+    f = write_jsonl(tmp_path / "x.jsonl", rows)
+    out = tmp_path / "out"
+    m = prepare(data_cfg(), [str(f)], bad_tok, out)
+    space = sp.piece_to_id("▁")
+    # independent expectation: the boundary holds iff " <answer>" starts with a lone "▁" piece
+    breaks = {i + 1 for i, r in enumerate(rows)
+              if sp.encode(" " + r["chosen"])[0] != space or sp.encode(" " + r["rejected"])[0] != space}
+    assert breaks and len(breaks) < len(rows)  # the fixture exercises both outcomes
+    rej = read_rejects(out)
+    assert {r["row"] for r in rej} == breaks and {r["reason"] for r in rej} == {"template_boundary"}
+    assert m["rejects"]["by_reason"] == {"template_boundary": len(breaks)}
+    for row in all_rows(out):  # kept rows really are prefix-consistent
+        assert row["prompt_ids"][-1] == space and row["chosen_ids"][-1] == sp.eos_id()
+
+
+def test_template_whose_generation_prompt_is_not_a_text_prefix(tmp_path, tok_dir):
+    tpl = TEMPLATE.replace("{{ GAP }}", "").replace("{{ GEN }}", "Answer:")
+    bad_tok = _with_template(tok_dir, tmp_path / "tok", tpl)
+    f = write_jsonl(tmp_path / "x.jsonl", [GOOD])
+    m = prepare(data_cfg(), [str(f)], bad_tok, tmp_path / "out")
+    (rej,) = read_rejects(tmp_path / "out")
+    assert rej["reason"] == "template_boundary" and "not a prefix" in rej["detail"]
+    assert m["rows"]["kept"] == 0
+
+
+def test_trailing_template_text_after_eos_is_cut(tmp_path, tok_dir, sp):
+    tpl = TEMPLATE.replace("{{ GAP }}", "").replace("{{ GEN }}", "").replace("{{ eos_token }}", "{{ eos_token }}\n")
+    tok = _with_template(tok_dir, tmp_path / "tok", tpl)
+    f = write_jsonl(tmp_path / "x.jsonl", [GOOD])
+    prepare(data_cfg(), [str(f)], tok, tmp_path / "out")
+    (row,) = all_rows(tmp_path / "out")
+    assert row["chosen_ids"] == [*sp.encode("1 2 3"), sp.eos_id()]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["rows"]["kept"] == 1
