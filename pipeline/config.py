@@ -88,6 +88,18 @@ class ModelConfig:
 
 
 @dataclass
+class SftConfig:
+    """A minimal supervised warm start on the chosen responses (`midpo sft`), so the reference of the
+    embedded default can answer at all before preference training. Single process; steps=0 skips it."""
+
+    steps: int = 0  # optimizer steps; 0 = no SFT stage
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+
+
+@dataclass
 class LossConfig:
     """The generalized MI-DPO loss and the prior that specializes it (see docs/algorithms.md)."""
 
@@ -168,11 +180,14 @@ class PriorNetConfig:
     num_layers: int = 0  # 0 = all of the init model's layers, k = its first k layers
     condition_on_prompt: bool = False
     lr: float = 1e-5
-    update_every: int = 1
-    warmup_steps: int = 0
+    update_every: int = 1  # update the prior on every k-th policy step
+    warmup_steps: int = 0  # linear lr warmup over the prior's first updates
     anchor: str = "kl_init"  # joint objective's anchor: kl_init | nll
     anchor_weight: float = 1.0
     zero_stage: int = 3
+    start_step: int = 0  # policy steps before the prior's first update (it stays at its init until then)
+    bos_token_id: int | None = None  # context token of the unconditioned prior; None = the init model's bos_token_id
+    chunk_size: int = 1024  # response tokens per full-vocab chunk (prior logits, KL)
 
 
 @dataclass
@@ -182,6 +197,7 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ref: RefConfig = field(default_factory=RefConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

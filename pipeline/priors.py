@@ -70,7 +70,9 @@ _FIX = {
     "policy_full_vocab": "compute the policy with response_logps(..., return_logits=True)",
     "token_weights": "add chosen/rejected per-token weight columns (TIS-DPO token weight estimation from a "
     "forward and a reverse DPO model) to the data",
-    "prior_network": "the learnable prior network (pipeline/prior_net.py) is not built yet",
+    "prior_network": "loss.prior=learned takes log zeta from the prior network (pipeline/prior_net.py, the "
+    "prior_net section): the trainer must run the MI-DPO hook (pipeline.mi_dpo_hook.MIDPOHook), whose before_loss "
+    "fills PriorInputs.prior_logps",
 }
 
 
@@ -134,6 +136,7 @@ class PriorInputs:
     ref_seq: SidePair | None = None  # (B,) reference sequence sums, when only sums exist
     ref_topk: SidePair | None = None  # TopK per side, from the top-k reference cache
     token_weights: SidePair | None = None  # (B, Lc) / (B, Lr)
+    prior_logps: SidePair | None = None  # (B, Lc) / (B, Lr) log zeta per token from the prior network (MI-DPO hook)
 
     def available(self) -> set[str]:
         a = set()
@@ -151,6 +154,8 @@ class PriorInputs:
             a.add("policy_full_vocab")
         if self.token_weights is not None:
             a.add("token_weights")
+        if self.prior_logps is not None:
+            a.add("prior_network")
         return a
 
 
@@ -462,19 +467,24 @@ class SparsePOPrior(Prior):
 
 
 class LearnedPrior(Prior):
-    """MI-DPO proper: a learnable token-level prior network (docs/algorithms.md, last section).
-    Slot only: it declares its needs; building it raises until pipeline/prior_net.py exists."""
+    """MI-DPO proper: log zeta per token from the learnable prior network (docs/algorithms.md, last
+    section; pipeline/prior_net.py). The MI-DPO engine hook computes it in ``before_loss`` and passes it
+    as ``PriorInputs.prior_logps``; it is detached here, so the policy update treats zeta as fixed (the
+    prior has its own update in the hook). a = beta (default 0.1)."""
 
     name = "learned"
-    NEEDS = Needs(prior_network=True, ref_seq_logps=False, reference="none")
-    OPTIONS = {}
+    NEEDS = Needs(prior_network=True, reference="none")
 
-    def __init__(self, loss_cfg: LossConfig | None = None, **dims: Any) -> None:
-        raise NotImplementedError(
-            "loss.prior=learned: the learnable token-level prior network (MI-DPO proper, pipeline/prior_net.py, "
-            "configured by the prior_net section) is not built yet; use one of the fixed priors: "
-            + ", ".join(n for n in PRIOR_NAMES if n != "learned")
-        )
+    def forward(self, inputs: PriorInputs) -> PriorOutput:
+        if inputs.prior_logps is None:
+            raise ValueError(f"learned needs {_WHAT['prior_network']}: {_FIX['prior_network']}")
+        out = []
+        for side in ("chosen", "rejected"):
+            z, pol = getattr(inputs.prior_logps, side), getattr(inputs.policy, side)
+            if z.shape != pol.shape:
+                raise ValueError(f"prior {side} log-probs {tuple(z.shape)} not aligned with policy {tuple(pol.shape)}")
+            out.append(z.detach())
+        return PriorOutput(*out)
 
 
 PRIORS: dict[str, type[Prior]] = {

@@ -1,0 +1,243 @@
+"""The learnable token-level prior network of MI-DPO proper (docs/algorithms.md, last section).
+
+    zeta_phi(y | [x]) = prod_t zeta_phi(y_t | y_<t [, x])      a causal LM normalized by its softmax
+
+Layouts (both built with ``collate_pairs``, pairs kept together, the SAME response-token order as
+the policy's batch, so the N per-token values line up one to one with the policy's):
+- ``condition_on_prompt=true``: the policy's own batch (prompt + response);
+- unconditioned: ``[BOS] + response`` (BOS gives zeta(y_1) a context).
+
+Update objectives (pure functions below, on flat per-token tensors):
+- ``marginal``: sum_t KL(sg pi(.|x,y<t) || zeta(.|y<t[,x])) on the batch's responses, the alternating
+  (Blahut-Arimoto) step toward the policy's marginal. Computed chunk by chunk from the policy
+  logits of the policy's own forward; the prior's full-vocab logits exist one chunk at a time
+  (recomputed in backward).
+- ``joint``: the MI-DPO loss w.r.t. zeta (policy detached) + anchor_weight * anchor, anchor =
+  ``kl_init`` (sum_t KL(zeta_init || zeta)) or ``nll`` (sum_t -log zeta(y_t)), both responses.
+  Why the anchor: J alone lowers log zeta(y_w) and raises log zeta(y_l) without limit (collapse).
+  Per token, J's pull on log zeta(y_t) is at most a (= beta); for a context-wise (tabular) prior,
+  the ``nll`` anchor wins iff anchor_weight > a, the ``kl_init`` anchor iff
+  anchor_weight * zeta_init(y_t) > a * sigmoid(-margin) (so with near-uniform init tokens it only
+  stops the collapse once the margin has grown, see tests/pipeline/test_prior_net.py).
+
+Sums are per pair (over both responses' tokens), averaged over the micro-batch's pairs.
+The engine hook that runs all this under DeepSpeed is in pipeline/mi_dpo_hook.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.batching import PairBatch, collate_pairs
+from pipeline.config import PriorNetConfig
+from pipeline.logprobs import ResponseLogps, _attn_implementation
+
+OBJECTIVES = ("marginal", "joint")
+ANCHORS = ("kl_init", "nll")
+
+
+# ---------------------------------------------------------------------------------------------
+# building the network
+
+
+def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    dec = model.get_decoder()
+    layers = getattr(dec, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder.layers ModuleList; cannot truncate to k layers")
+    return layers
+
+
+def truncate_layers(model: torch.nn.Module, k: int) -> torch.nn.Module:
+    """In place: keep the first ``k`` decoder layers (embedding, final norm and head untouched)."""
+    layers = _layers(model)
+    n = len(layers)
+    if not 0 < k <= n:
+        raise ValueError(f"prior_net.num_layers must be in [1, {n}] (0 = all), got {k}")
+    if k == n:
+        return model
+    model.get_decoder().layers = torch.nn.ModuleList(list(layers)[:k])
+    model.config.num_hidden_layers = k
+    lt = getattr(model.config, "layer_types", None)
+    if isinstance(lt, list):  # per-layer attention types (sliding/full) must match the layer count
+        model.config.layer_types = lt[:k]
+    return model
+
+
+def prior_from_model(init: torch.nn.Module, num_layers: int = 0) -> torch.nn.Module:
+    """A trainable copy of ``init`` (whole, or its first ``num_layers`` layers + final norm + head)."""
+    model = copy.deepcopy(init)
+    if num_layers:
+        truncate_layers(model, num_layers)
+    model.requires_grad_(True)
+    model.train()
+    model.config.use_cache = False
+    return model
+
+
+def check_vocab(prior_config, policy_config) -> None:
+    pv, qv = getattr(prior_config, "vocab_size", None), getattr(policy_config, "vocab_size", None)
+    if pv != qv:
+        raise ValueError(f"prior_net.init has vocab_size {pv}, the policy {qv}: the prior must share the policy's "
+                         "vocabulary (same tokenizer)")
+
+
+def validate(cfg: PriorNetConfig) -> None:
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"prior_net.objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
+    if cfg.anchor not in ANCHORS:
+        raise ValueError(f"prior_net.anchor must be one of {ANCHORS}, got {cfg.anchor!r}")
+    if cfg.update_every < 1 or cfg.warmup_steps < 0 or cfg.start_step < 0 or cfg.num_layers < 0:
+        raise ValueError("prior_net: update_every >= 1, warmup_steps >= 0, start_step >= 0, num_layers >= 0")
+    if cfg.anchor_weight < 0 or not cfg.lr > 0:
+        raise ValueError("prior_net: anchor_weight >= 0 and lr > 0")
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """LambdaLR factor: linear warmup over the prior's first ``warmup_steps`` updates, then constant."""
+    return lambda u: min(1.0, (u + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# batch layout
+
+
+def response_rows(batch: PairBatch) -> list[dict]:
+    """The response token lists of each pair of ``batch`` (chosen = seq s, rejected = seq s + B)."""
+    toks = batch.input_ids.reshape(-1).index_select(0, batch.target_index).tolist()  # (N,) in (s, t) order
+    lens = batch.response_lens.tolist()
+    seqs, o = [], 0
+    for n in lens:
+        seqs.append(toks[o : o + n])
+        o += n
+    B = batch.num_pairs
+    return [{"chosen_ids": seqs[i], "rejected_ids": seqs[B + i]} for i in range(B)]
+
+
+def prior_batch(batch: PairBatch, *, condition_on_prompt: bool, bos_id: int | None, pad_id: int) -> PairBatch:
+    """The prior's batch: the policy's own (conditioned) or [BOS] + response (unconditioned)."""
+    if condition_on_prompt:
+        return batch
+    if bos_id is None:
+        raise ValueError("the unconditioned prior needs a BOS token: set prior_net.bos_token_id (the init model's "
+                         "config has no bos_token_id)")
+    rows = [{"prompt_ids": [bos_id], **r} for r in response_rows(batch)]
+    return collate_pairs(rows, layout=batch.layout, pad_id=pad_id).to(batch.input_ids.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward: per-token log zeta, entropy and KL(target || zeta), chunked
+
+
+def side_getter(chosen: torch.Tensor, rejected: torch.Tensor, batch: PairBatch) -> Callable[[int, int], torch.Tensor]:
+    """Target logits as left-aligned per-side (B, L, V) tensors (ResponseLogps.*_logits) -> a function
+    (s, e) -> (e - s, V) DETACHED logits of flat response tokens s..e (never crossing the chosen/rejected
+    boundary). Indexes only the chunk, so no flat (N, V) copy is made."""
+    B = batch.num_pairs
+    seq, pos = batch.response_seq, batch.response_pos
+
+    def get(s: int, e: int) -> torch.Tensor:
+        side = chosen if int(seq[s]) < B else rejected
+        rows = seq[s:e] - (0 if side is chosen else B)
+        return side.detach()[rows, pos[s:e]]
+
+    return get
+
+
+def flat_getter(logits: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    return lambda s, e: logits.detach()[s:e]
+
+
+def _chunk_terms(head, softcap, h, targets, getters, s, e):
+    logits = head(h)  # (m, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    lse = torch.logsumexp(logits, -1)  # (m,)
+    # Same ops as logprobs._chunk_logps, so a prior equal to the reference gives bit-equal log-probs.
+    logp = logits.gather(-1, targets[:, None])[:, 0] - lse
+    logq = logits - lse[:, None]  # (m, V)
+    ent = -(logq.exp() * logq).sum(-1)
+    kls = []
+    for get in getters:
+        lp = torch.log_softmax(get(s, e).to(logq.dtype), -1)  # (m, V) target, no grad
+        kls.append((lp.exp() * (lp - logq)).sum(-1))
+    return (logp, ent, *kls)
+
+
+def _ranges(batch: PairBatch, chunk_size: int) -> list[tuple[int, int]]:
+    """Chunks of the flat response tokens that never straddle the chosen/rejected boundary."""
+    B = batch.num_pairs
+    nc = int(batch.response_lens[:B].sum())
+    n = int(batch.response_lens.sum())
+    return [(s, min(s + chunk_size, hi)) for lo, hi in ((0, nc), (nc, n)) for s in range(lo, hi, chunk_size)]
+
+
+class PriorLM(torch.nn.Module):
+    """The HF causal LM behind one engine forward (ZeRO-3's bookkeeping hangs off the root module, as
+    engine.PolicyLogps). The inner model is ``.model`` (export.gather_engine_state_dict unwraps it).
+
+    forward(batch, getters) -> (logp (N,), entropy (N,), *kl (N,) one per getter), flat in
+    ``batch.target_index`` order, fp32; kl_g = KL(target_g || zeta) per token.
+    forward(batch, return_logits=True) -> ((N, V) logits,) (the frozen init of the kl_init anchor)."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, batch: PairBatch, getters: tuple = (), return_logits: bool = False) -> tuple:
+        model = self.model
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        kw = batch.model_inputs(_attn_implementation(model), dtype=head.weight.dtype)
+        hid = decoder(**kw, use_cache=False).last_hidden_state  # (R, T, H)
+        h = hid.reshape(-1, hid.shape[-1]).index_select(0, batch.logit_index)  # (N, H)
+        if return_logits:
+            logits = head(h)
+            return ((torch.tanh(logits / softcap) * softcap) if softcap else logits,)
+        targets = batch.input_ids.reshape(-1).index_select(0, batch.target_index)  # (N,)
+        parts = []
+        for s, e in _ranges(batch, self.chunk_size):
+            args = (head, softcap, h[s:e], targets[s:e], getters, s, e)
+            if torch.is_grad_enabled() and h.requires_grad:
+                # recomputed in backward: one chunk of full-vocab fp32 values alive at a time
+                parts.append(checkpoint(_chunk_terms, *args, use_reentrant=False))
+            else:
+                parts.append(_chunk_terms(*args))
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(2 + len(getters)))
+
+
+# ---------------------------------------------------------------------------------------------
+# objectives (pure functions of flat per-token tensors and the prior's batch)
+
+
+def per_pair_sum(values: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """(N,) per-token values -> (B,) sum over both responses of each pair."""
+    B = batch.num_pairs
+    seq_sum = torch.zeros(2 * B, dtype=values.dtype, device=values.device).index_add(0, batch.response_seq, values)
+    return seq_sum[:B] + seq_sum[B:]
+
+
+def marginal_objective(kl_policy: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """mean over pairs of sum_t KL(sg pi || zeta) over both responses."""
+    return per_pair_sum(kl_policy, batch).mean()
+
+
+def joint_objective(policy: ResponseLogps, logp: torch.Tensor, batch: PairBatch, *, beta: float,
+                    anchor: torch.Tensor, anchor_weight: float) -> torch.Tensor:
+    """mean over pairs of MI-DPO loss w.r.t. zeta (policy detached) + anchor_weight * per-pair anchor sum.
+    ``anchor``: (N,) per-token anchor (KL(init || zeta) or -log zeta(y_t))."""
+    from pipeline.losses import mi_dpo_loss
+
+    z = ResponseLogps.from_flat(logp, batch)
+    j = mi_dpo_loss(policy.detach(), z.chosen, z.rejected, beta=beta).losses  # (B,)
+    return (j + anchor_weight * per_pair_sum(anchor, batch)).mean()
