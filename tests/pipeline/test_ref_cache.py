@@ -1,0 +1,164 @@
+"""The trainer-side reader: refusal of stale caches (naming what changed), per-row verification and
+join; and the top-k cache: its columns against an independent full log-softmax, and the error of the
+top-k + tail KL approximation against the exact KL(pi_ref || pi_theta) for perturbed policies."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.fingerprint import hash_token_ids
+from pipeline.ref_cache import REF_COLUMNS, TOPK_COLUMNS, CacheMismatchError, join_cache, open_cache, verify_rows
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_reference import make_rows, make_run, run_stage, write_data  # noqa: E402
+
+
+def fake_cache(ref_dir: Path, data_dir: Path, reference_fp: str = "ref-fp-1") -> None:
+    """A cache folder as `midpo ref` writes it, built by hand from the data (values are arbitrary)."""
+    from datasets import Dataset, load_from_disk
+
+    data_m = json.loads((data_dir / "manifest.json").read_text())
+    splits = {}
+    for split in ("train", "eval"):
+        data = load_from_disk(str(data_dir / split))
+        rows = [{"id": r["id"], "tokens_hash": hash_token_ids(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]),
+                 "chosen_ref_logps": [-1.0] * len(r["chosen_ids"]), "rejected_ref_logps": [-2.0] * len(r["rejected_ids"]),
+                 "chosen_ref_logp_sum": -1.0 * len(r["chosen_ids"]),
+                 "rejected_ref_logp_sum": -2.0 * len(r["rejected_ids"])} for r in data]
+        Dataset.from_list(rows).save_to_disk(str(ref_dir / split))
+        splits[split] = {"rows": len(rows)}
+    (ref_dir / "manifest.json").write_text(json.dumps({
+        "data_fingerprint": data_m["fingerprint"], "tokenizer_fingerprint": data_m["tokenizer"]["fingerprint"],
+        "reference_fingerprint": reference_fp, "splits": splits}))
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    data_dir = write_data(tmp_path / "data", {"train": make_rows(6, 1), "eval": make_rows(3, 2)})
+    fake_cache(tmp_path / "ref", data_dir)
+    return tmp_path
+
+
+def _set_data_manifest(data_dir: Path, **changes) -> dict:
+    m = json.loads((data_dir / "manifest.json").read_text())
+    for k, v in changes.items():
+        if k == "tokenizer":
+            m["tokenizer"]["fingerprint"] = v
+        else:
+            m[k] = v
+    (data_dir / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def test_open_cache_accepts_matching_and_joins(run_dir):
+    from datasets import load_from_disk
+
+    cache = open_cache(run_dir / "ref", run_dir / "data", "train", expect_reference_fp="ref-fp-1",
+                       expect_tokenizer_fp="tok-test-1")
+    data = load_from_disk(str(run_dir / "data" / "train"))
+    joined = join_cache(data, cache)
+    assert joined["id"] == data["id"] and joined[2]["rejected_ref_logps"] == [-2.0] * len(data[2]["rejected_ids"])
+    assert set(REF_COLUMNS) - {"id", "tokens_hash"} <= set(joined.column_names)
+
+
+@pytest.mark.parametrize("what", ["data", "tokenizer", "reference"])
+def test_open_cache_refuses_changed_fingerprint_naming_it(run_dir, what):
+    data_dir = run_dir / "data"
+    kwargs = {"expect_reference_fp": "ref-fp-1"}
+    if what == "data":
+        _set_data_manifest(data_dir, fingerprint="data-fp-NEW")
+        expected, found = "data-fp-NEW", json.loads((run_dir / "ref" / "manifest.json").read_text())["data_fingerprint"]
+    elif what == "tokenizer":
+        kwargs["expect_tokenizer_fp"] = "tok-NEW"
+        expected, found = "tok-NEW", "tok-test-1"
+    else:
+        kwargs["expect_reference_fp"] = "ref-fp-NEW"
+        expected, found = "ref-fp-NEW", "ref-fp-1"
+    with pytest.raises(CacheMismatchError) as e:
+        open_cache(run_dir / "ref", data_dir, "train", **kwargs)
+    msg = str(e.value)
+    label = {"data": "data fingerprint", "tokenizer": "tokenizer fingerprint", "reference": "reference model"}[what]
+    assert f"{label}" in msg and f"expected {expected}, cache has {found}" in msg
+    assert msg.count("differs") == 1  # only what changed is named
+
+
+def test_incomplete_cache_and_row_mismatch_are_refused(run_dir):
+    from datasets import Dataset, load_from_disk
+
+    (run_dir / "ref" / "manifest.json").rename(run_dir / "ref" / "manifest.bak")
+    (run_dir / "ref" / ".work").mkdir()
+    with pytest.raises(CacheMismatchError, match="incomplete"):
+        open_cache(run_dir / "ref", run_dir / "data", "train")
+    (run_dir / "ref" / "manifest.bak").rename(run_dir / "ref" / "manifest.json")
+    cache = open_cache(run_dir / "ref", run_dir / "data", "train")
+    rows = load_from_disk(str(run_dir / "data" / "train")).to_list()
+    rows[4]["chosen_ids"] = rows[4]["chosen_ids"][:-2] + [7, rows[4]["chosen_ids"][-1]]  # same id, other tokens
+    with pytest.raises(CacheMismatchError, match=r"row 4 \(id row-1-0004\): token ids differ"):
+        verify_rows(Dataset.from_list(rows), cache)
+    rows = load_from_disk(str(run_dir / "data" / "train")).to_list()
+    rows[1], rows[2] = rows[2], rows[1]  # reordered data
+    with pytest.raises(CacheMismatchError, match="row 1: data id 'row-1-0002' != cache id 'row-1-0001'"):
+        verify_rows(Dataset.from_list(rows), cache)
+
+
+def test_topk_cache_and_kl_approximation_error(tmp_path):
+    """Stage run with ref.topk=8 (vocab 128): cached top-k == independent full log-softmax; then the
+    KL(pi_ref || pi_theta) from top-k + tail vs exact for a perturbed policy: a lower bound whose gap
+    shrinks with k and vanishes at k = V."""
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.logprobs import per_token_kl, per_token_kl_topk, topk_logprobs
+
+    k = 8
+    recipe = make_run(tmp_path, n_train=5, n_eval=2, extra=f"  topk: {k}\n")
+    run_stage(recipe, 1)
+    cache = load_from_disk(str(tmp_path / "run" / "ref" / "train"))
+    assert set(TOPK_COLUMNS) <= set(cache.column_names)
+    data = load_from_disk(str(tmp_path / "run" / "data" / "train"))
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p) * p.std())
+
+    rows = []
+    for row, c in zip(data, cache, strict=True):
+        for side in ("chosen", "rejected"):
+            ids = torch.tensor([row["prompt_ids"] + row[f"{side}_ids"]])
+            sl = slice(len(row["prompt_ids"]) - 1, ids.shape[1] - 1)  # positions predicting response tokens
+            with torch.no_grad():
+                ref_logits, pol_logits = ref(input_ids=ids).logits[0, sl], policy(input_ids=ids).logits[0, sl]
+            full = ref_logits.log_softmax(-1)  # (L, V)
+            vals = torch.tensor(c[f"{side}_ref_topk_logps"])  # (L, k)
+            idx = torch.tensor(c[f"{side}_ref_topk_ids"]).long()
+            tail = torch.tensor(c[f"{side}_ref_tail_logmass"])  # (L,)
+            torch.testing.assert_close(vals, full.topk(k, -1).values, atol=2e-5, rtol=0)
+            torch.testing.assert_close(full.gather(-1, idx), vals, atol=2e-5, rtol=0)
+            torch.testing.assert_close(tail, torch.log1p(-vals.exp().sum(-1)), atol=1e-4, rtol=0)
+            resp = torch.tensor(row[f"{side}_ids"])
+            torch.testing.assert_close(torch.tensor(c[f"{side}_ref_logps"]), full.gather(-1, resp[:, None])[:, 0],
+                                       atol=2e-5, rtol=0)
+            rows.append((ref_logits, pol_logits, vals, idx, tail))
+
+    exact = torch.cat([per_token_kl(r, p) for r, p, *_ in rows])
+    approx_cached = torch.cat([per_token_kl_topk(v, i, t, p) for _, p, v, i, t in rows])
+    assert (approx_cached <= exact + 1e-6).all()  # coarsening never increases KL
+    errors = {}
+    for kk in (1, 4, 8, 32, 128):
+        approx = torch.cat([per_token_kl_topk(*topk_logprobs(r, kk), p) for r, p, *_ in rows])
+        assert (approx <= exact + 1e-6).all()
+        errors[kk] = float((exact - approx).abs().mean() / exact.mean())
+    torch.testing.assert_close(approx_cached, torch.cat([per_token_kl_topk(*topk_logprobs(r, k), p)
+                                                         for r, p, *_ in rows]), atol=1e-5, rtol=0)
+    print(f"\ntop-k KL approximation, mean exact KL {exact.mean():.4g}; relative error by k: "
+          + ", ".join(f"k={kk}: {e:.3%}" for kk, e in errors.items()))
+    assert errors[128] < 1e-4  # k = V is exact
+    assert errors[1] > errors[8] > errors[32] >= errors[128]
+    assert exact.mean() > 1e-4  # the perturbation is not trivial

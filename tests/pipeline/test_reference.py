@@ -1,0 +1,263 @@
+"""Stage 2 (`midpo ref`) end to end on a tiny Llama, in real subprocesses (1 process, torchrun x2).
+
+Acceptance: 2 processes == 1 process; cached per-token log-probs == an independent single-sequence
+forward; SIGKILL of the stage's process group mid-way + re-run == uninterrupted run; a complete
+cache is skipped on re-run. Fingerprint refusal lives in test_ref_cache.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.fingerprint import hash_json, hash_token_ids
+from pipeline.reference import (
+    PAUSE_ENV,
+    assign_to_ranks,
+    chunk_ranges,
+    pair_cost,
+    plan_micro_batches,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+EOS, BOS, PAD, VOCAB = 2, 1, 0, 128
+ROWS_PER_SHARD = 6
+BUDGET = 96
+
+
+# ---------------------------------------------------------------------------------------------
+# fixture builders (the stage-1 contract written directly; also used by test_token_weights.py)
+
+
+def make_model(path: Path, seed: int = 0, *, hidden: int = 64, layers: int = 2, vocab: int = VOCAB) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger logits than the default init, so log-probs are not all ~ -log V
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_rows(n: int, seed: int, vocab: int = VOCAB, max_len: int = 12) -> list[dict]:
+    rng = np.random.default_rng(seed)
+
+    def seq(lo, hi, eos):
+        body = rng.integers(3, vocab, size=int(rng.integers(lo, hi))).tolist()
+        return body + [EOS] if eos else [BOS] + body
+
+    rows = []
+    for i in range(n):
+        p, c, r = seq(2, max_len, False), seq(1, max_len, True), seq(1, max_len, True)
+        rows.append({"id": f"row-{seed}-{i:04d}", "prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+    return rows
+
+
+def write_data(data_dir: Path, splits: dict[str, list[dict]], tokenizer_fp: str = "tok-test-1") -> Path:
+    from datasets import Dataset, Features, List, Value
+
+    feats = Features({"id": Value("string"), "prompt_ids": List(Value("int32")),
+                      "chosen_ids": List(Value("int32")), "rejected_ids": List(Value("int32"))})
+    counts = {}
+    for split, rows in splits.items():
+        Dataset.from_list(rows, features=feats).save_to_disk(str(data_dir / split), num_shards=2)
+        counts[split] = {"rows": len(rows), "token_hash": hash_json([hash_token_ids(r["prompt_ids"], r["chosen_ids"],
+                                                                                    r["rejected_ids"]) for r in rows])}
+    manifest = {"format_version": 1, "complete": True, "tokenizer": {"fingerprint": tokenizer_fp}, "splits": counts}
+    manifest["fingerprint"] = hash_json(manifest)
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    return data_dir
+
+
+def make_run(root: Path, *, n_train: int = 19, n_eval: int = 5, extra: str = "") -> Path:
+    """A run folder with data + a tiny reference model; returns the recipe path."""
+    root.mkdir(parents=True, exist_ok=True)
+    model = make_model(root / "model")
+    write_data(root / "run" / "data", {"train": make_rows(n_train, 1), "eval": make_rows(n_eval, 2)})
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        f"run_dir: {root / 'run'}\nmodel:\n  reference: {model}\n  dtype: fp32\n  attn_implementation: sdpa\n"
+        f"ref:\n  rows_per_shard: {ROWS_PER_SHARD}\n  micro_batch_tokens: {BUDGET}\n{extra}"
+    )
+    return recipe
+
+
+def stage_cmd(recipe: Path, nproc: int, *overrides: str, module: str = "pipeline.reference") -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return (launcher if nproc > 1 else [sys.executable]) + ["-m", module, "--config", str(recipe), *overrides]
+
+
+def stage_env(**extra: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    env.pop("RANK", None)
+    return env
+
+
+def run_stage(recipe: Path, nproc: int = 1, *overrides: str, module: str = "pipeline.reference",
+              timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(stage_cmd(recipe, nproc, *overrides, module=module), env=stage_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"stage failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def load_cache(run_dir: Path, split: str):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(run_dir / "ref" / split))
+
+
+def assert_caches_equal(a, b, atol: float = 0.0) -> None:
+    assert a.column_names == b.column_names
+    assert a["id"] == b["id"] and a["tokens_hash"] == b["tokens_hash"]
+    for col in a.column_names:
+        if col in ("id", "tokens_hash"):
+            continue
+        for x, y in zip(a[col], b[col], strict=True):
+            np.testing.assert_allclose(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64),
+                                       atol=atol, rtol=0, err_msg=col)
+
+
+def naive_response_logps(model, prompt: list[int], response: list[int]) -> np.ndarray:
+    """Independent reference: one unpadded sequence, full log-softmax, gather the response tokens."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[0].float().log_softmax(-1)  # (T, V)
+    pos = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    return logp[pos, torch.tensor(response)].numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# planning (pure)
+
+
+def test_chunks_and_micro_batches_respect_budget():
+    assert chunk_ranges(13, 5) == [(0, 5), (5, 10), (10, 13)]
+    rng = np.random.default_rng(0)
+    lens = rng.integers(1, 40, size=(50, 3))
+    for packing in (True, False):
+        costs = [pair_cost(*map(int, x), packing) for x in lens]
+        parts = assign_to_ranks(costs, 3)
+        assert sorted(i for p in parts for i in p) == list(range(50))
+        loads = [sum(costs[i] for i in p) for p in parts]
+        assert max(loads) - min(loads) <= max(costs)  # greedy longest-first balance
+        batches = plan_micro_batches(range(50), costs, 100, packing)
+        assert sorted(i for b in batches for i in b) == list(range(50))
+        for b in batches:
+            size = sum(costs[i] for i in b) if packing else len(b) * max(costs[i] for i in b)
+            assert size <= 100 or len(b) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """One uninterrupted single-process run (the baseline every other run is compared with)."""
+    root = tmp_path_factory.mktemp("ref_base")
+    recipe = make_run(root)
+    proc = run_stage(recipe, 1)
+    return root, recipe, proc
+
+
+def test_manifest_written_last_and_complete(base):
+    root, _, proc = base
+    ref = root / "run" / "ref"
+    m = json.loads((ref / "manifest.json").read_text())
+    data_m = json.loads((root / "run" / "data" / "manifest.json").read_text())
+    from pipeline.models import model_fingerprint
+
+    assert m["data_fingerprint"] == data_m["fingerprint"]
+    assert m["tokenizer_fingerprint"] == "tok-test-1"
+    assert m["reference_fingerprint"] == model_fingerprint(root / "model")
+    assert m["dtype"] == "float32" and m["attn_implementation"] == "sdpa" and m["world_size"] == 1
+    assert m["splits"]["train"]["rows"] == 19 and m["splits"]["eval"]["rows"] == 5
+    assert not (ref / ".work").exists()  # chunks merged and cleaned up
+    assert "tok/s" in proc.stderr or "tok/s" in proc.stdout  # progress bar with throughput
+
+
+def test_cached_equals_naive_forward(base):
+    root, _, _ = base
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    for split in ("train", "eval"):
+        cache = load_cache(root / "run", split)
+        from datasets import load_from_disk
+
+        data = load_from_disk(str(root / "run" / "data" / split))
+        assert cache["id"] == data["id"]
+        for i in (0, 3, len(data) - 1):
+            row, c = data[i], cache[i]
+            assert c["tokens_hash"] == hash_token_ids(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])
+            for side in ("chosen", "rejected"):
+                want = naive_response_logps(model, row["prompt_ids"], row[f"{side}_ids"])
+                got = np.asarray(c[f"{side}_ref_logps"])
+                assert got.shape == want.shape
+                np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+                assert c[f"{side}_ref_logp_sum"] == pytest.approx(float(want.astype(np.float64).sum()), abs=1e-4)
+                assert want.min() < -1.0  # not a degenerate model
+
+
+def test_two_processes_equal_one_process(base, tmp_path):
+    root, _, _ = base
+    recipe2 = make_run(tmp_path)  # same seeds -> same model and data
+    run_stage(recipe2, 2)
+    assert json.loads((tmp_path / "run" / "ref" / "manifest.json").read_text())["world_size"] == 2
+    for split in ("train", "eval"):
+        assert_caches_equal(load_cache(root / "run", split), load_cache(tmp_path / "run", split), atol=1e-5)
+
+
+def test_sigkill_process_group_then_resume_is_identical(base, tmp_path):
+    root, _, _ = base
+    recipe = make_run(tmp_path)
+    work = tmp_path / "run" / "ref" / ".work" / "train"
+    proc = subprocess.Popen(stage_cmd(recipe, 1), env=stage_env(**{PAUSE_ENV: "1"}), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(work.glob("chunk-*.arrow")):
+            assert proc.poll() is None, "stage exited before it was killed"
+            time.sleep(0.2)
+        assert list(work.glob("chunk-*.arrow")), "no chunk written in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, no chance to clean up
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "ref" / "manifest.json").exists()
+    assert [p.name for p in work.glob("chunk-*.arrow")] == ["chunk-00000-of-00004.arrow"]
+    resumed = run_stage(recipe, 1)
+    assert "resuming, 1/4 chunks already done" in resumed.stdout
+    for split in ("train", "eval"):
+        assert_caches_equal(load_cache(root / "run", split), load_cache(tmp_path / "run", split), atol=0.0)
+    again = run_stage(recipe, 1)  # complete + same plan: skipped
+    assert "nothing to do" in again.stdout
+
+
+def test_zero3_two_processes_via_midpo_cli(base, tmp_path):
+    """`midpo ref --nproc 2 ref.zero3=true`: the CLI spawns torchrun, the reference is sharded with a
+    ZeRO-3 engine (all-gathers in every forward, uneven last chunk padded with dummy forwards)."""
+    root, _, _ = base
+    recipe = make_run(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "ref", "--config", str(recipe), "--nproc", "2",
+                           "ref.zero3=true"], env=stage_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    m = json.loads((tmp_path / "run" / "ref" / "manifest.json").read_text())
+    assert m["zero3"] is True and m["world_size"] == 2
+    for split in ("train", "eval"):
+        assert_caches_equal(load_cache(root / "run", split), load_cache(tmp_path / "run", split), atol=1e-5)
