@@ -33,7 +33,7 @@ from data_prep.atomic_dir import publish_dir, temp_dir_for
 from data_prep.sources import InputError, RowError, Source, decode_json_row, file_size, iter_rows, resolve_inputs
 from data_prep.tokenization import Encoded, EncodeSettings, PairEncoder, Rejected, is_eval
 from pipeline.config import ConfigError, DataConfig
-from pipeline.fingerprint import atomic_write_json, hash_dir, hash_file, hash_json
+from pipeline.fingerprint import TOKENIZER_FILES, atomic_write_json, hash_dir, hash_file, hash_json
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,6 @@ FORMAT_VERSION = 1  # bump when the output for the same inputs and settings chan
 CHUNK_ROWS = 512  # rows per work unit sent to a tokenizer worker
 DETECT_PEEK_ROWS = 200  # rows read to auto-detect a file's format
 EXAMPLES_PER_REASON = 3
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*",
-                   "vocab*", "merges.txt", "*.model", "*.tiktoken")
 # DataConfig fields that change the output (num_proc and max_reject_fraction do not)
 OUTPUT_SETTINGS = ("format", "max_prompt_tokens", "max_length", "prompt_overflow", "response_overflow",
                    "eval_fraction", "shard_rows", "dedup", "system_prompt")

@@ -17,6 +17,11 @@ import numpy as np
 
 _CHUNK = 1 << 20
 
+# Files that define a tokenizer (vocab/model, special tokens, chat template). One list, used by
+# every stage, so the same folder always gets the same fingerprint.
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*",
+                   "vocab*", "merges.txt", "*.model", "*.tiktoken")
+
 
 def hash_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.fingerprint import hash_dir, hash_json
+from pipeline.fingerprint import TOKENIZER_FILES, hash_dir, hash_json
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,9 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:
-    """Hash of the tokenizer's files (vocab/model, special tokens, chat template)."""
-    files = hash_dir(path, ("tokenizer*", "special_tokens_map.json", "*.model", "chat_template*", "vocab*",
-                            "merges.txt", "added_tokens.json"))
+    """Hash of the tokenizer's files (vocab/model, special tokens, chat template); the same value
+    `midpo prep` records in its manifest."""
+    files = hash_dir(path, TOKENIZER_FILES)
     if not files:
         raise FileNotFoundError(f"no tokenizer files under {path}")
     return hash_json(files)
