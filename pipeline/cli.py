@@ -21,6 +21,12 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("data_prep.synthetic", "build the embedded tiny default: verifiable task data, tokenizer, tiny Llama"),
     "prep": ("data_prep.prep", "stage 1: raw preference files -> validated, tokenized, sharded Arrow + manifest"),
+    "sft": ("pipeline.sft", "a minimal supervised warm start on the chosen responses (the tiny default needs it)"),
+    "ref": ("pipeline.reference", "stage 2: offline per-token reference log-prob cache (resumable, multi-process)"),
+    "weights": ("pipeline.token_weights", "TIS-DPO per-token weights from a forward and a reverse DPO model"),
+    "train": ("pipeline.train", "stage 3: DeepSpeed ZeRO-3 training from the reference cache (auto-resume, export)"),
+    "export": ("pipeline.export", "a consolidated Hugging Face folder from a ZeRO-3 checkpoint (default: latest)"),
+    "run": ("pipeline.run", "the whole pipeline on one machine (synth, prep, sft, ref, train, eval) + summary"),
 }
 
 # `section.key=value`, or one of the top-level keys (`run_dir=...`, `seed=...`).

@@ -580,6 +580,7 @@ def cli(argv: list[str] | None = None, *, add=add_arguments, runner=run, prog: s
     add(parser)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(rest)
+    pdist.env_from_slurm()  # under srun, RANK comes from SLURM_PROCID: map it before naming the rank in logs
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format=f"%(asctime)s %(levelname)s [rank {os.environ.get('RANK', '0')}] %(name)s: %(message)s")
     args.overrides = overrides

@@ -1,0 +1,192 @@
+"""Training throughput: midpo (`pipeline.train`, ZeRO-3, cached reference) vs TRL's DPOTrainer.
+
+Not a test; prints a table. Same Llama (hidden 256, 4 layers, 8 heads, 4 kv heads, vocab 2048), same
+data (512 sorting pairs, ~120 tokens per sequence), micro-batch 8, same step count, same threads.
+
+    pip install trl==1.16.0              # bench-only extra, never a runtime dependency
+    PYTHONPATH=. python bench/train_bench.py [--steps 24] [--threads 2] [--skip-trl]
+
+midpo numbers come from its own logs (<run>/logs/train_metrics.jsonl: pairs/s, tokens/s, MFU against a
+measured fp32 GEMM peak), averaged over steps after the first `--warmup` ones; world size 1 uses
+`--threads` threads, world size 2 one thread per process (same cores). TRL numbers are timed around
+`trainer.train()` after one warm-up step run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+VOCAB, BOS, EOS, PAD = 2048, 1, 2, 0
+N_PAIRS, MICRO = 512, 8
+
+
+def build_model(path: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                      bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, VOCAB)]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<pad>").save_pretrained(str(path))
+    return path
+
+
+def sorting_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Prompt: a list of numbers; chosen: sorted; rejected: sorted with two items swapped. ~120 tokens/sequence."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        k = int(rng.integers(50, 70))
+        items = rng.integers(10, VOCAB, size=k).tolist()
+        good = sorted(items)
+        bad = list(good)
+        a, b = rng.choice(k, size=2, replace=False)
+        bad[a], bad[b] = bad[b], bad[a]
+        rows.append({"id": f"sort-{i:05d}", "prompt_ids": [BOS, 3, *items, 4], "chosen_ids": [*good, EOS],
+                     "rejected_ids": [*bad, EOS]})
+    return rows
+
+
+def write_data(data_dir: Path, rows: list[dict], tok_fp: str) -> None:
+    from datasets import Dataset, Features, List, Value
+
+    from pipeline.fingerprint import hash_json
+
+    feats = Features({"id": Value("string"), "prompt_ids": List(Value("int32")),
+                      "chosen_ids": List(Value("int32")), "rejected_ids": List(Value("int32"))})
+    Dataset.from_list(rows, features=feats).save_to_disk(str(data_dir / "train"), num_shards=2)
+    manifest = {"format_version": 1, "complete": True, "tokenizer": {"fingerprint": tok_fp},
+                "splits": {"train": {"rows": len(rows)}}}
+    manifest["fingerprint"] = hash_json(manifest)
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def env(threads: int) -> dict:
+    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, packing: bool, warmup: int) -> dict:
+    run = root / f"midpo_w{world}_{'packed' if packing else 'padded'}"
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    for sub in ("data", "ref"):
+        shutil.copytree(root / "base" / sub, run / sub)
+    recipe = run / "recipe.yaml"
+    recipe.write_text(
+        f"run_dir: {run}\nmodel:\n  policy: {model}\n  dtype: fp32\n  attn_implementation: sdpa\n"
+        f"loss:\n  prior: dpo\n  beta: 0.1\ntrain:\n  micro_batch_size: {MICRO}\n  grad_accum: 1\n"
+        f"  max_steps: {steps}\n  lr: 1.0e-4\n  packing: {str(packing).lower()}\n  export_at_end: false\n"
+        f"  ds_config: zero3_cpu_fp32\n  keep_last: 1\n")
+    per_proc = threads if world == 1 else max(1, threads // world)
+    launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={world}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(launcher + ["-m", "pipeline.train", "--config", str(recipe)], env=env(per_proc), cwd=REPO,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-4000:])
+    rows = [json.loads(x) for x in (run / "logs" / "train_metrics.jsonl").read_text().splitlines()][warmup:]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("pairs_per_s", "tokens_per_s", "mfu",
+                                                               "padding_fraction")}
+    mean["wall_s"] = time.perf_counter() - t0
+    return mean
+
+
+def run_trl(root: Path, model_dir: Path, rows: list[dict], steps: int, threads: int, precompute: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+
+    def text(ids):
+        return " ".join(f"w{i}" if i >= 3 else ["<pad>", "<s>", "</s>"][i] for i in ids)
+
+    # TRL adds EOS itself: hand it the response without it; the prompt without BOS (its tokenizer adds none).
+    ds = Dataset.from_list([{"prompt": text(r["prompt_ids"]), "chosen": text(r["chosen_ids"][:-1]),
+                             "rejected": text(r["rejected_ids"][:-1])} for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    args = DPOConfig(output_dir=str(root / "trl_out"), per_device_train_batch_size=MICRO, max_steps=steps,
+                     learning_rate=1e-4, logging_steps=10 ** 6, report_to="none", save_strategy="no", bf16=False,
+                     fp16=False, use_cpu=True, gradient_checkpointing=False, precompute_ref_log_probs=precompute,
+                     max_length=512, dataloader_num_workers=0, beta=0.1)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    t0 = time.perf_counter()
+    out = trainer.train()
+    wall = time.perf_counter() - t0
+    n_tok = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+    pairs = steps * MICRO
+    # train() includes the reference precompute pass when precompute=True (as a user pays it).
+    return {"pairs_per_s": pairs / wall, "tokens_per_s": pairs * n_tok / len(rows) / wall, "wall_s": wall,
+            "train_runtime": out.metrics.get("train_runtime")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--warmup", type=int, default=2, help="midpo steps excluded from the averages")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--root", default=None)
+    a = ap.parse_args()
+
+    root = Path(a.root or tempfile.mkdtemp(prefix="midpo_train_bench_"))
+    model = build_model(root / "model")
+    rows = sorting_pairs(N_PAIRS)
+    from pipeline.train import tokenizer_fp
+
+    write_data(root / "base" / "data", rows, tokenizer_fp(model))
+    recipe = root / "base" / "recipe.yaml"
+    recipe.write_text(f"run_dir: {root / 'base'}\nmodel:\n  policy: {model}\n  dtype: fp32\n"
+                      f"  attn_implementation: sdpa\nref:\n  micro_batch_tokens: 4096\n")
+    subprocess.run([sys.executable, "-m", "pipeline.reference", "--config", str(recipe)], env=env(a.threads),
+                   cwd=REPO, check=True, capture_output=True)
+    mean_len = np.mean([len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in rows])
+    print(f"model: Llama h256 L4 8h/4kv vocab {VOCAB}; {N_PAIRS} pairs, mean sequence {mean_len:.0f} tokens; "
+          f"micro-batch {MICRO}; {a.steps} steps; {a.threads} threads")
+
+    results = {}
+    for world, packing in ((1, True), (1, False), (2, True), (2, False)):
+        results[f"midpo world={world} {'packed' if packing else 'padded'}"] = run_midpo(
+            root, model, a.steps, world, a.threads, packing, a.warmup)
+    if not a.skip_trl:
+        for pre in (False, True):
+            results[f"TRL DPOTrainer precompute_ref={pre}"] = run_trl(root, model, rows, a.steps, a.threads, pre)
+
+    print(f"{'run':40s} {'pairs/s':>9s} {'tokens/s':>10s} {'MFU':>6s} {'pad':>6s}")
+    for k, v in results.items():
+        mfu = f"{v['mfu']:.0%}" if "mfu" in v else "-"
+        pad = f"{v['padding_fraction']:.0%}" if "padding_fraction" in v else "-"
+        print(f"{k:40s} {v['pairs_per_s']:9.1f} {v['tokens_per_s']:10.0f} {mfu:>6s} {pad:>6s}")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

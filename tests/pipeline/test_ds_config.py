@@ -1,0 +1,65 @@
+"""ds_configs/*.json: every shipped config resolves; "auto" filled in one place; contradictions refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import DS_CONFIGS_DIR, ConfigError, load_config
+from pipeline.engine import _walk, resolve_ds_config
+
+SHIPPED = sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json"))
+
+
+def test_the_required_configs_ship():
+    assert {"zero3_bf16", "zero3_offload", "zero3_cpu_fp32"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_resolves(name):
+    raw = json.loads((DS_CONFIGS_DIR / f"{name}.json").read_text())
+    dtype = "bf16" if raw.get("bf16", {}).get("enabled") else "fp32"
+    cfg = load_config(None, [f"train.ds_config={name}", f"model.dtype={dtype}", "train.micro_batch_size=3",
+                             "train.grad_accum=5", "train.lr=2e-5", "train.max_grad_norm=0.5"])
+    ds = resolve_ds_config(cfg, world_size=4, hidden_size=64)
+    assert ds["train_batch_size"] == 3 * 5 * 4
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
+    assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 2e-5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert not [k for k, v in _walk(ds) if v == "auto"]
+
+
+def test_contradicting_batch_size_is_refused(tmp_path):
+    p = tmp_path / "bad.json"
+    raw = json.loads((DS_CONFIGS_DIR / "zero3_cpu_fp32.json").read_text())
+    raw["train_batch_size"] = 7
+    p.write_text(json.dumps(raw))
+    cfg = load_config(None, [f"train.ds_config={p}", "model.dtype=fp32"])
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        resolve_ds_config(cfg, world_size=2, hidden_size=64)
+
+
+def test_dtype_mismatch_is_refused():
+    cfg = load_config(None, ["train.ds_config=zero3_bf16", "model.dtype=fp32"])
+    with pytest.raises(ConfigError, match="bf16"):
+        resolve_ds_config(cfg, world_size=1, hidden_size=64)
+
+
+def test_unknown_config_names_the_shipped_ones():
+    cfg = load_config(None, ["train.ds_config=nope"])
+    with pytest.raises(ConfigError, match="zero3_cpu_fp32"):
+        resolve_ds_config(cfg, world_size=1, hidden_size=64)
+
+
+@pytest.mark.parametrize("n_max", [5, 1024, 1025, 3000, 4097])
+def test_equal_chunk_size_gives_every_rank_the_same_chunk_count(n_max):
+    """Ranks with different response-token counts must call the output head the same number of times."""
+    import math
+
+    from pipeline.engine import equal_chunk_size
+
+    k = math.ceil(n_max / 1024)
+    for n in range(max(1, n_max - 300), n_max + 1):
+        c = equal_chunk_size(n, n_max, 1024)
+        assert len(range(0, n, c)) == k and c <= 1024 or k == 1

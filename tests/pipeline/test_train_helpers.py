@@ -1,0 +1,171 @@
+"""Fixture builders for the training tests (no tests here): a tiny Llama with tied embeddings and a
+word-level tokenizer, stage-1 data written by its on-disk contract, the reference cache built by the
+real reference stage, and subprocess launchers for 1 or 2 CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+EOS, BOS, PAD, VOCAB = 2, 1, 0, 128
+
+
+def make_model(path: Path, seed: int = 0, *, hidden: int = 64, layers: int = 2, vocab: int = VOCAB,
+               tokenizer_extra: int = 0) -> Path:
+    """Tiny Llama (tied embeddings) + a word-level tokenizer in one HF folder."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger logits than the default init, so log-probs are not all ~ -log V
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(path, safe_serialization=True)
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab + tokenizer_extra)]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<pad>").save_pretrained(str(path))
+    return path
+
+
+def make_rows(n: int, seed: int, vocab: int = VOCAB, max_len: int = 12) -> list[dict]:
+    rng = np.random.default_rng(seed)
+
+    def seq(lo, hi, eos):
+        body = rng.integers(3, vocab, size=int(rng.integers(lo, hi))).tolist()
+        return body + [EOS] if eos else [BOS] + body
+
+    return [{"id": f"row-{seed}-{i:04d}", "prompt_ids": seq(2, max_len, False), "chosen_ids": seq(1, max_len, True),
+             "rejected_ids": seq(1, max_len, True)} for i in range(n)]
+
+
+def write_data(data_dir: Path, splits: dict[str, list[dict]], tokenizer_fp: str) -> Path:
+    from datasets import Dataset, Features, List, Value
+
+    from pipeline.fingerprint import hash_json, hash_token_ids
+
+    feats = Features({"id": Value("string"), "prompt_ids": List(Value("int32")),
+                      "chosen_ids": List(Value("int32")), "rejected_ids": List(Value("int32"))})
+    counts = {}
+    for split, rows in splits.items():
+        Dataset.from_list(rows, features=feats).save_to_disk(str(data_dir / split), num_shards=2)
+        counts[split] = {"rows": len(rows), "token_hash": hash_json(
+            [hash_token_ids(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows])}
+    manifest = {"format_version": 1, "complete": True, "tokenizer": {"fingerprint": tokenizer_fp}, "splits": counts}
+    manifest["fingerprint"] = hash_json(manifest)
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    return data_dir
+
+
+def clean_env(**extra: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def recipe_text(run_dir: Path, model: Path, **train) -> str:
+    t = {"micro_batch_size": 2, "grad_accum": 2, "max_steps": 6, "lr": 1.0e-3, "warmup_ratio": 0.2,
+         "schedule": "cosine", "eval_every": 3, "save_every": 3, "keep_last": 2, "ds_config": "zero3_cpu_fp32",
+         "peak_flops": 1.0e11}
+    t.update(train)
+    lines = [f"run_dir: {run_dir}", "model:", f"  policy: {model}", "  dtype: fp32", "  attn_implementation: sdpa",
+             "ref:", "  rows_per_shard: 64", "  micro_batch_tokens: 256", "loss:", "  prior: dpo", "  beta: 0.1",
+             "train:"] + [f"  {k}: {v}" for k, v in t.items()]
+    return "\n".join(lines) + "\n"
+
+
+def make_run(root: Path, *, n_train: int = 24, n_eval: int = 10, **train) -> Path:
+    """Model, data, reference cache; returns the recipe path. The cache is built by the real stage 2."""
+    from pipeline.train import tokenizer_fp
+
+    root.mkdir(parents=True, exist_ok=True)
+    model = make_model(root / "model")
+    run = root / "run"
+    write_data(run / "data", {"train": make_rows(n_train, 1), "eval": make_rows(n_eval, 2)},
+               tokenizer_fp(model))
+    recipe = root / "recipe.yaml"
+    recipe.write_text(recipe_text(run, model, **train))
+    build_cache(recipe)
+    return recipe
+
+
+def build_cache(recipe: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.reference", "--config", str(recipe)], env=clean_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"reference stage failed:\n{proc.stderr[-4000:]}"
+
+
+def train_cmd(recipe: Path, nproc: int, *overrides: str) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return (launcher if nproc > 1 else [sys.executable]) + ["-m", "pipeline.train", "--config", str(recipe),
+                                                            *overrides]
+
+
+def run_train(recipe: Path, nproc: int = 1, *overrides: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(recipe, nproc, *overrides), env=clean_env(**env), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def losses(run_dir: Path) -> np.ndarray:
+    return np.array([r["loss"] for r in read_jsonl(run_dir / "logs" / "train_metrics.jsonl")])
+
+
+def export_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (from /proc). torchrun starts its workers in their own sessions, so
+    killing the launcher's process group alone would leave the ranks running."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it (what a node failure does to a job)."""
+    import signal
+
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
