@@ -22,12 +22,24 @@ from dataclasses import dataclass
 import torch
 
 LAYOUTS = ("packed", "padded")
+# Packed row length when attention needs a dense block mask (sdpa/eager): long enough that padding
+# stays small, short enough that the quadratic mask/attention cost stays small next to the MLPs.
+DENSE_MASK_ROW_TOKENS = 512
+
+
+def row_tokens_for(model) -> int | None:
+    """The packed-row budget for `model` (an HF model or a DeepSpeed engine wrapping one): one row
+    under flash-attn (varlen kernels, no mask), DENSE_MASK_ROW_TOKENS otherwise."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "model", inner) if not hasattr(inner, "config") else inner
+    attn = getattr(getattr(inner, "config", None), "_attn_implementation", None) or ""
+    return None if "flash" in attn else DENSE_MASK_ROW_TOKENS
 
 
 @dataclass
 class PairBatch:
     layout: str  # "packed" | "padded"
-    input_ids: torch.Tensor  # (R, T) long; R = 1 packed, 2B padded
+    input_ids: torch.Tensor  # (R, T) long; R = 2B padded, 1 packed (or more with max_row_tokens)
     position_ids: torch.Tensor  # (R, T) long; restarts at 0 for every sequence
     attention_mask: torch.Tensor | None  # (2B, T) long, padded only; None when packed
     seq_lens: torch.Tensor  # (2B,) long, prompt + response tokens of each sequence
@@ -56,26 +68,34 @@ class PairBatch:
         """(R, T) long: sequence id of every token; padding gets id 2B (its own block)."""
         n_seq = self.seq_lens.numel()
         if self.layout == "packed":
-            total = int(self.seq_lens.sum())
-            seg = torch.full((self.input_ids.shape[1],), n_seq, dtype=torch.long, device=self.input_ids.device)
-            seg[:total] = torch.repeat_interleave(torch.arange(n_seq, device=seg.device), self.seq_lens)
-            return seg[None]  # (1, T)
+            seg = torch.full(self.input_ids.shape, n_seq, dtype=torch.long, device=self.input_ids.device)
+            flat = seg.view(-1)
+            # token k of sequence s sits at flat index start_s + k; start_s = target_index of its first
+            # response token minus its prompt length (every sequence has >= 1 response token)
+            first = torch.cumsum(self.response_lens, 0) - self.response_lens  # (2B,) index into target_index
+            starts = self.target_index[first] - self.prompt_lens  # (2B,)
+            seq_of_tok = torch.repeat_interleave(torch.arange(n_seq, device=seg.device), self.seq_lens)
+            tok_starts = torch.repeat_interleave(starts, self.seq_lens)
+            k = torch.arange(int(self.seq_lens.sum()), device=seg.device) - torch.repeat_interleave(
+                torch.cumsum(self.seq_lens, 0) - self.seq_lens, self.seq_lens)
+            flat[tok_starts + k] = seq_of_tok
+            return seg  # (R, T)
         rows = torch.arange(n_seq, device=self.input_ids.device)[:, None].expand_as(self.input_ids)
         return torch.where(self.attention_mask.bool(), rows, n_seq)  # (2B, T)
 
     def block_causal_mask(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-        """(1, 1, T, T) block-diagonal causal mask of the packed row. bool: True = may attend (sdpa);
+        """(R, 1, T, T) block-diagonal causal mask of the packed rows. bool: True = may attend (sdpa);
         a float dtype gives the additive form 0 / finfo.min (eager ignores bool 4-D masks)."""
         if self.layout != "packed":
             raise ValueError("block_causal_mask is only defined for the packed layout")
-        seg = self.segment_ids[0]  # (T,)
-        T = seg.numel()
+        seg = self.segment_ids  # (R, T)
+        T = seg.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
-        allowed = (seg[:, None] == seg[None, :]) & causal  # (T, T)
+        allowed = (seg[:, :, None] == seg[:, None, :]) & causal  # (R, T, T)
         if dtype == torch.bool:
-            return allowed[None, None]
+            return allowed[:, None]
         zero = torch.zeros((), dtype=dtype, device=seg.device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
+        return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
     def model_inputs(self, attn_implementation: str | None = "sdpa", dtype: torch.dtype = torch.float32) -> dict:
         """Keyword arguments for a transformers decoder forward with the right mask for this layout.
@@ -107,9 +127,15 @@ def collate_pairs(
     layout: str = "packed",
     pad_id: int,
     pad_to_multiple: int = 1,
+    max_row_tokens: int | None = None,
 ) -> PairBatch:
     """Rows with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of int; responses end in EOS)
-    -> one :class:`PairBatch` holding 2B sequences (prompt+chosen, then prompt+rejected)."""
+    -> one :class:`PairBatch` holding 2B sequences (prompt+chosen, then prompt+rejected).
+
+    ``max_row_tokens`` (packed only): fill rows of at most this many tokens (at least the longest
+    sequence) in sequence order instead of one row. With a dense block mask (sdpa/eager on CPU)
+    attention costs grow with the square of the row length, so a micro-batch of 2000 tokens in one
+    row pays ~16x the attention of 125-token rows; flash-attn has no such cost (use None)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not rows:
@@ -143,15 +169,28 @@ def collate_pairs(
     response_pos = torch.arange(int(response_lens.sum())) - resp_starts[response_seq]  # (N,)
 
     if layout == "packed":
-        T = round_up(num_tokens)
-        flat = torch.tensor([tok for s in seqs for tok in s], dtype=torch.long)  # (num_tokens,)
-        input_ids = torch.full((1, T), pad_id, dtype=torch.long)
-        input_ids[0, :num_tokens] = flat
-        starts = torch.cumsum(seq_lens, 0) - seq_lens  # (2B,)
-        pos = torch.arange(num_tokens) - torch.repeat_interleave(starts, seq_lens)  # (num_tokens,)
-        # Tail padding restarts at 0 so flash-attn's position_ids splitting sees it as its own sequence.
-        position_ids = torch.cat([pos, torch.arange(T - num_tokens)])[None]  # (1, T)
-        cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(seq_lens, 0)]).to(torch.int32)
+        # Assign sequences to rows in order (next-fit): row_of[s], offset[s] inside that row.
+        cap = num_tokens if not max_row_tokens else max(int(max_row_tokens), int(seq_lens.max()))
+        row_of, offset, fill = [], [], [0]
+        for n in seq_lens.tolist():
+            if fill[-1] + n > cap:
+                fill.append(0)
+            row_of.append(len(fill) - 1)
+            offset.append(fill[-1])
+            fill[-1] += n
+        R, T = len(fill), round_up(max(fill))
+        input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+        position_ids = torch.arange(T).repeat(R, 1)  # tail padding counts from 0: its own "sequence" for flash-attn
+        for s_, seq in enumerate(seqs):
+            r, o = row_of[s_], offset[s_]
+            input_ids[r, o : o + len(seq)] = torch.tensor(seq, dtype=torch.long)
+            position_ids[r, o : o + len(seq)] = torch.arange(len(seq))
+        for r, f in enumerate(fill):
+            position_ids[r, f:] = torch.arange(T - f)
+        starts = torch.tensor(row_of, dtype=torch.long) * T + torch.tensor(offset, dtype=torch.long)  # (2B,) flat
+        cu_seqlens = (
+            torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(seq_lens, 0)]).to(torch.int32) if R == 1 else None
+        )
         target_index = starts[response_seq] + prompt_lens[response_seq] + response_pos  # (N,)
         attention_mask = None
     else:

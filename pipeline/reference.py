@@ -165,10 +165,11 @@ def plan_micro_batches(idx: Sequence[int], costs: Sequence[int], budget: int, pa
 
 def score_reference_rows(model, rows: list[dict], *, packing: bool, pad_id: int, topk: int = 0) -> list[dict]:
     """Per-row reference columns for one micro-batch of pairs (the trainer's forward, no grad)."""
-    from pipeline.batching import collate_pairs
+    from pipeline.batching import collate_pairs, row_tokens_for
     from pipeline.logprobs import response_logps, topk_logprobs
 
-    batch = collate_pairs(rows, layout="packed" if packing else "padded", pad_id=pad_id).to(_model_device(model))
+    batch = collate_pairs(rows, layout="packed" if packing else "padded", pad_id=pad_id,
+                          max_row_tokens=row_tokens_for(model)).to(_model_device(model))
     with torch.no_grad():
         out = response_logps(model, batch, return_logits=topk > 0)  # logits (B, L, V) only for top-k
         tk = {}

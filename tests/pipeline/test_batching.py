@@ -62,3 +62,18 @@ def test_rejects_bad_rows():
         collate_pairs([ROWS[0], {**ROWS[1], "prompt_ids": []}], pad_id=PAD)
     with pytest.raises(ValueError, match="layout"):
         collate_pairs(ROWS, layout="ragged", pad_id=PAD)
+
+
+def test_packed_rows_respect_the_budget_and_keep_every_token():
+    b = collate_pairs(ROWS, layout="packed", pad_id=PAD, max_row_tokens=11)
+    lens = b.seq_lens.tolist()  # [6, 4, 5, 6]: rows {6, 4} {5, 6}
+    assert b.input_ids.shape == (2, 11) and b.cu_seqlens is None
+    seg = b.segment_ids
+    assert seg[0].tolist() == [0] * 6 + [1] * 4 + [4] and seg[1].tolist() == [2] * 5 + [3] * 6
+    assert b.position_ids[0].tolist() == list(range(6)) + list(range(4)) + [0]
+    # every response token is found where collate put it: compare with the one-row pack's tokens
+    one = collate_pairs(ROWS, layout="packed", pad_id=PAD)
+    assert torch.equal(b.input_ids.view(-1)[b.target_index], one.input_ids.view(-1)[one.target_index])
+    m = b.block_causal_mask()  # (R, 1, T, T)
+    assert m.shape == (2, 1, 11, 11) and not m[0, 0, 6, 5] and m[0, 0, 5, 0] and m[1, 0, 10, 5]
+    assert sum(lens) == b.num_tokens and b.num_pad_tokens == 1

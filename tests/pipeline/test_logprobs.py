@@ -74,10 +74,13 @@ def test_chunked_helpers_equal_naive():
     assert selective_log_softmax(logits.bfloat16(), idx).dtype == torch.float32
 
 
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_response_logps_equals_single_sequence_forward(model, layout):
+@pytest.mark.parametrize("layout,row_tokens", [("packed", None), ("packed", 1), ("packed", 24), ("padded", None)])
+def test_response_logps_equals_single_sequence_forward(model, layout, row_tokens):
+    """row_tokens: packed into one row (None), one sequence per row (1), or several rows of <= 24 tokens."""
     rows = make_rows()
-    b = collate_pairs(rows, layout=layout, pad_id=PAD, pad_to_multiple=8)
+    b = collate_pairs(rows, layout=layout, pad_id=PAD, pad_to_multiple=8, max_row_tokens=row_tokens)
+    if row_tokens == 24:
+        assert 1 < b.input_ids.shape[0] < 2 * len(rows)  # really several multi-sequence rows
     with torch.no_grad():
         out = response_logps(model, b, chunk_size=5)  # chunks straddle sequences
         want_c, want_r = naive_side(model, rows, "chosen"), naive_side(model, rows, "rejected")
@@ -89,12 +92,14 @@ def test_response_logps_equals_single_sequence_forward(model, layout):
         assert torch.all(out.chosen[i, n_c:] == 0) and torch.all(out.rejected[i, n_r:] == 0)
 
 
-def test_packed_equals_padded_values_and_gradients(model):
+@pytest.mark.parametrize("row_tokens", [None, 24])
+def test_packed_equals_padded_values_and_gradients(model, row_tokens):
     rows = make_rows(1)
     res = {}
     for layout in ("packed", "padded"):
         model.zero_grad()
-        out = response_logps(model, collate_pairs(rows, layout=layout, pad_id=PAD), chunk_size=4)
+        batch = collate_pairs(rows, layout=layout, pad_id=PAD, max_row_tokens=row_tokens if layout == "packed" else None)
+        out = response_logps(model, batch, chunk_size=4)
         wc = torch.randn(out.chosen.shape, generator=torch.Generator().manual_seed(2))
         loss = (out.chosen * wc).sum() - out.rejected.sum()
         loss.backward()
@@ -113,15 +118,16 @@ def test_packed_equals_padded_values_and_gradients(model):
     model.zero_grad()
 
 
-def test_packed_sequences_cannot_see_each_other(model):
+@pytest.mark.parametrize("row_tokens", [None, 24])
+def test_packed_sequences_cannot_see_each_other(model, row_tokens):
     """Perturb the first sequence of the pack (chosen of pair 0): every other sequence's log-probs stay
     the same with the block mask, and change without it when a KV cache is built (see the control)."""
     rows = make_rows(2)
     bumped = [dict(r) for r in rows]
     bumped[0]["chosen_ids"] = [(t + 17) % (V - 3) + 3 for t in rows[0]["chosen_ids"][:-1]] + [EOS]
     with torch.no_grad():
-        a = response_logps(model, collate_pairs(rows, layout="packed", pad_id=PAD))
-        b = response_logps(model, collate_pairs(bumped, layout="packed", pad_id=PAD))
+        a = response_logps(model, collate_pairs(rows, layout="packed", pad_id=PAD, max_row_tokens=row_tokens))
+        b = response_logps(model, collate_pairs(bumped, layout="packed", pad_id=PAD, max_row_tokens=row_tokens))
     assert not torch.allclose(a.chosen[0], b.chosen[0])
     torch.testing.assert_close(a.chosen[1:], b.chosen[1:], rtol=0, atol=1e-6)
     torch.testing.assert_close(a.rejected, b.rejected, rtol=0, atol=1e-6)
