@@ -102,3 +102,12 @@ def device() -> torch.device:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """Collective AND of a per-rank flag (every rank must call it: it is a collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=device())
+    dist.all_reduce(t)
+    return int(t.item()) == 0
