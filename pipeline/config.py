@@ -97,6 +97,10 @@ class SftConfig:
     lr: float = 1e-3
     warmup_steps: int = 20
     weight_decay: float = 0.0
+    # torch intra-op threads of this single-process stage (and of `midpo run`'s generation eval); 0 =
+    # torch's default (all cores). 1 by default: a tiny model gains little from a second thread, and
+    # with any other process on the cores OpenMP's spin-waiting makes 2 threads up to ~20x slower.
+    num_threads: int = 1
 
 
 @dataclass

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from pipeline import dist as pdist
 from pipeline.config import Config, PriorNetConfig
@@ -55,14 +54,6 @@ log = logging.getLogger(__name__)
 CKPT_TAG = "prior"
 METRIC_NAMES = ("prior/kl_policy", "prior/nll", "prior/entropy", "mi/estimate", "prior/lr", "prior/loss",
                 "prior/skipped")
-
-
-def _all_ranks_true(flag: bool) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=pdist.device())
-    dist.all_reduce(t)
-    return int(t.item()) == 0
 
 
 class TorchEngine:
@@ -191,7 +182,7 @@ class MIDPOHook:
                                        anchor_weight=self.cfg.anchor_weight)
             self._micro += 1
             self._updating = True
-            if _all_ranks_true(bool(torch.isfinite(loss)) and not self._bad):
+            if pdist.all_ranks_true(bool(torch.isfinite(loss)) and not self._bad):
                 self.engine.backward(loss)
                 if self._micro < self.grad_accum:
                     self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step

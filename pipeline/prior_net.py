@@ -141,6 +141,8 @@ def side_getter(chosen: torch.Tensor, rejected: torch.Tensor, batch: PairBatch) 
     seq, pos = batch.response_seq, batch.response_pos
 
     def get(s: int, e: int) -> torch.Tensor:
+        if e <= s:  # an empty chunk (chunk counts are equalized over ranks, see _ranges)
+            return chosen.detach()[:0, 0]
         side = chosen if int(seq[s]) < B else rejected
         rows = seq[s:e] - (0 if side is chosen else B)
         return side.detach()[rows, pos[s:e]]
@@ -169,12 +171,41 @@ def _chunk_terms(head, softcap, h, targets, getters, s, e):
     return (logp, ent, *kls)
 
 
-def _ranges(batch: PairBatch, chunk_size: int) -> list[tuple[int, int]]:
-    """Chunks of the flat response tokens that never straddle the chosen/rejected boundary."""
+def _side_token_counts(batch: PairBatch) -> tuple[int, int]:
     B = batch.num_pairs
     nc = int(batch.response_lens[:B].sum())
-    n = int(batch.response_lens.sum())
-    return [(s, min(s + chunk_size, hi)) for lo, hi in ((0, nc), (nc, n)) for s in range(lo, hi, chunk_size)]
+    return nc, int(batch.response_lens.sum()) - nc
+
+
+def _all_ranks_max(values: tuple[int, ...]) -> tuple[int, ...]:
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    from pipeline import dist as pdist
+
+    t = torch.tensor(values, dtype=torch.long, device=pdist.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(int(x) for x in t.tolist())
+
+
+def _ranges(batch: PairBatch, chunk_size: int, max_counts: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """Chunks of the flat response tokens that never straddle the chosen/rejected boundary.
+
+    ``max_counts``: the (chosen, rejected) token counts of the largest micro-batch over ranks. Each side is
+    then cut into exactly ceil(max / chunk_size) chunks on EVERY rank (sizes vary, some may be empty): under
+    ZeRO-3 each output-head call gathers the head (and reduce-scatters its gradient in backward), so ranks
+    with different chunk counts issue different collectives and hang (as engine.equal_chunk_size)."""
+    nc, nr = _side_token_counts(batch)
+    out = []
+    for lo, m, mx in ((0, nc, None if max_counts is None else max_counts[0]),
+                      (nc, nr, None if max_counts is None else max_counts[1])):
+        k = -(-(m if mx is None else mx) // chunk_size)
+        if k == 0:
+            continue
+        size = -(-m // k)
+        out += [(lo + min(j * size, m), lo + min((j + 1) * size, m)) for j in range(k)]
+    return out
 
 
 class PriorLM(torch.nn.Module):
@@ -206,7 +237,7 @@ class PriorLM(torch.nn.Module):
             return ((torch.tanh(logits / softcap) * softcap) if softcap else logits,)
         targets = batch.input_ids.reshape(-1).index_select(0, batch.target_index)  # (N,)
         parts = []
-        for s, e in _ranges(batch, self.chunk_size):
+        for s, e in _ranges(batch, self.chunk_size, _all_ranks_max(_side_token_counts(batch))):
             args = (head, softcap, h[s:e], targets[s:e], getters, s, e)
             if torch.is_grad_enabled() and h.requires_grad:
                 # recomputed in backward: one chunk of full-vocab fp32 values alive at a time

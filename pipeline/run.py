@@ -128,6 +128,10 @@ def run_pipeline(cfg: Config, nproc: int = 2, eval_prompts: int = 200) -> dict:
     if prompts.exists():
         _stage(f"eval (generation on {eval_prompts} held-out prompts, scored by the task checker)")
         t = time.time()
+        if cfg.sft.num_threads > 0:
+            import torch
+
+            torch.set_num_threads(cfg.sft.num_threads)
         before = evaluate_model(cfg.model.reference, prompts, n=eval_prompts, sampled=True, seed=cfg.seed)
         after = evaluate_model(root / "export", prompts, n=eval_prompts, sampled=True, seed=cfg.seed)
         timings["eval"] = time.time() - t
@@ -152,10 +156,14 @@ def run_pipeline(cfg: Config, nproc: int = 2, eval_prompts: int = 200) -> dict:
 def verdict(paired: dict, mode: str = "greedy") -> str:
     """One line: the paired gain on the same prompts and whether its 95% interval excludes 0."""
     d = paired[mode]
-    word = "BEATS" if d["significant"] else "does NOT beat"
+    if d["significant"]:
+        word = "BEATS the reference (the interval is above 0)"
+    elif d["upper"] < 0:
+        word = "is WORSE than the reference (the interval is below 0)"
+    else:
+        word = "does NOT beat the reference beyond noise (the interval includes 0)"
     return (f"{mode} task accuracy gain {d['diff']:+.3f} (95% paired interval [{d['lower']:+.3f}, {d['upper']:+.3f}], "
-            f"n={d['n']}: {d['gained']} prompts gained, {d['lost']} lost): the trained policy {word} the reference"
-            + (" beyond seed/sampling noise" if d["significant"] else " beyond noise (the interval includes 0)"))
+            f"n={d['n']}: {d['gained']} prompts gained, {d['lost']} lost): the trained policy {word}")
 
 
 def print_summary(summary: dict) -> None:

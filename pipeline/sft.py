@@ -72,12 +72,14 @@ def train_sft(cfg: Config, data_dir: Path, init_dir: Path, out_dir: Path) -> dic
 
     sc = cfg.sft
     fingerprint = hash_json({"data": read_manifest(data_dir)["fingerprint"], "init": model_fingerprint(init_dir),
-                             "sft": vars(sc), "seed": cfg.seed})
+                             "sft": {k: v for k, v in vars(sc).items() if k != "num_threads"}, "seed": cfg.seed})
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         log.info("sft: %s is up to date (fingerprint %s), skipping", out_dir, fingerprint[:12])
         return json.loads(manifest_path.read_text())
 
+    if sc.num_threads > 0:
+        torch.set_num_threads(sc.num_threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tok = load_tokenizer(init_dir)

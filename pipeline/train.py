@@ -11,6 +11,11 @@ On a CPU-only machine the same code runs with DeepSpeed's `cpu` accelerator and 
 
 Inputs: `<run_dir>/data/{train,eval}` (stage 1), `<run_dir>/ref/{train,eval}` (stage 2; refused when
 its data/tokenizer/reference fingerprints differ), the policy (`model.policy`, else the tiny default).
+With `train.online_reference=true` no cache is read: the frozen reference runs on its own ZeRO-3
+inference engine (pipeline.engine.OnlineReference) beside the policy on every micro-batch, and also
+serves what no cache stores (full-vocab logits: TDPO exactly, SparsePO; per-layer hidden states:
+SparsePO). A prior with parameters (SparsePO's mask network) is optimized and checkpointed inside the
+policy engine (pipeline.engine.PolicyLogps, keys `prior.*`).
 Outputs: `<run_dir>/checkpoints/step-NNNNNNN/` + `latest`, `<run_dir>/tensorboard/`,
 `<run_dir>/logs/{train_metrics,consumed_rows}.jsonl`, `<run_dir>/export/` (HF folder) at the end.
 A run resumes automatically from `checkpoints/latest`. SIGTERM/SIGUSR1 (Slurm preemption) make the
@@ -18,9 +23,10 @@ run checkpoint at the next step boundary and exit 0.
 
 Step anatomy (every rank, same order, same number of collectives):
   sampler -> micro-batches (pairs stay whole on one rank) -> per micro-step: collate (packed by
-  default), policy forward via the engine, hook.before_loss, prior -> generalized loss (fp32),
-  all-ranks finiteness vote, backward -> optimizer step at the accumulation boundary (or a skipped
-  step when any micro-step was non-finite) -> hook.after_step -> one all-reduce of metric sums/counts.
+  default), [online reference forward, no grad], policy forward via the engine, hook.before_loss,
+  prior -> generalized loss (fp32), all-ranks finiteness vote, backward -> optimizer step at the
+  accumulation boundary (or a skipped step when any micro-step was non-finite) -> hook.after_step ->
+  one all-reduce of metric sums/counts.
 
 Test hooks: MIDPO_TEST_PAUSE_AFTER_STEP=n (rank 0 sleeps after step n, for SIGKILL tests);
 MIDPO_TEST_NAN_STEPS=3,4 (rank 1, or 0 in one process, makes those steps' first loss NaN).
@@ -29,6 +35,7 @@ MIDPO_TEST_NAN_STEPS=3,4 (rank 1, or 0 in one process, makes those steps' first 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -46,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import dist as pdist
+from pipeline.batching import DENSE_MASK_ROW_TOKENS, collate_pairs
 from pipeline.config import Config, load_config, save_config
 from pipeline.fingerprint import atomic_write_text
 
@@ -106,12 +114,12 @@ class MicroBatch:
     real: bool = True  # False: a dummy batch that keeps ranks in lockstep (eval tail); its metrics are dropped
 
 
-def make_micro_batch(rows: list[dict], layout: str, pad_id: int, device: torch.device, real: bool = True) -> MicroBatch:
-    from pipeline.batching import collate_pairs
+def make_micro_batch(rows: list[dict], collate, device: torch.device, real: bool = True) -> MicroBatch:
+    """`collate`: rows -> PairBatch with the run's layout, pad id and packed-row budget (built once in _train)."""
     from pipeline.logprobs import ResponseLogps
     from pipeline.priors import SidePair, TopK
 
-    batch = collate_pairs(rows, layout=layout, pad_id=pad_id).to(device)
+    batch = collate(rows).to(device)
     ref = None  # online reference: filled per forward by forward_loss
     if "chosen_ref_logps" in rows[0]:
         ref = ResponseLogps.from_lists([r["chosen_ref_logps"] for r in rows], [r["rejected_ref_logps"] for r in rows],
@@ -162,14 +170,14 @@ def forward_loss(engine, prior, mb: MicroBatch, cfg: Config, hook, *, need_logit
 # start-of-run probe: policy == reference must reproduce the cache
 
 
-def probe_reference(engine, split, cfg: Config, layout: str, pad_id: int, cache_manifest: dict) -> dict:
+def probe_reference(engine, split, cfg: Config, collate, cache_manifest: dict) -> dict:
     """Re-score `train.probe_rows` cached rows with the policy (which starts as the reference); stop
     with a diagnosis when they differ. Every rank scores the same rows (same collectives)."""
     from pipeline.engine import policy_logps
     from pipeline.models import resolve_attn, resolve_dtype
 
     n = min(cfg.train.probe_rows, len(split))
-    mb = make_micro_batch(split.rows(range(n)), layout, pad_id, pdist.device())
+    mb = make_micro_batch(split.rows(range(n)), collate, pdist.device())
     engine.eval()
     with torch.no_grad():
         pol = policy_logps(engine, mb.batch)
@@ -213,7 +221,7 @@ def eval_plan(n_rows: int, micro: int, world: int, rank: int) -> list[tuple[list
     return plan
 
 
-def evaluate(engine, prior, split, cfg: Config, hook, layout: str, pad_id: int, need_logits: bool,
+def evaluate(engine, prior, split, cfg: Config, hook, collate, need_logits: bool,
              reference=None) -> dict[str, float]:
     from pipeline.metrics import MetricSums
 
@@ -221,7 +229,7 @@ def evaluate(engine, prior, split, cfg: Config, hook, layout: str, pad_id: int, 
     engine.eval()
     with torch.no_grad():
         for idx, real in eval_plan(len(split), cfg.train.micro_batch_size, pdist.world_size(), pdist.rank()):
-            mb = make_micro_batch(split.rows(idx), layout, pad_id, pdist.device(), real)
+            mb = make_micro_batch(split.rows(idx), collate, pdist.device(), real)
             _, out = forward_loss(engine, prior, mb, cfg, hook, need_logits=need_logits, reference=reference)
             if real:
                 for k, v in out.metrics().items():
@@ -280,15 +288,6 @@ def _zero3_loading(ds_config: dict):
 def _nan_steps() -> set[int]:
     raw = os.environ.get(NAN_ENV, "")
     return {int(x) for x in raw.split(",") if x.strip()}
-
-
-def _all_ranks_true(flag: bool) -> bool:
-    """Collective AND of a per-rank flag."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=pdist.device())
-    dist.all_reduce(t)
-    return int(t.item()) == 0
 
 
 def _local_params_finite(engine) -> bool:
@@ -407,7 +406,9 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
                                  total_steps=total_steps, warmup_ratio=tc.warmup_ratio, schedule=tc.schedule)
     pad_id = pad_id_of(model)
     reference = None
-    if online:  # collective: the frozen reference on its own ZeRO-3 inference engine (policy config - optimizer)
+    if online and not prior.needs.needs_reference:
+        log.info("train.online_reference=true but prior %r uses no reference: none is loaded", prior.name)
+    elif online:  # collective: the frozen reference on its own ZeRO-3 inference engine (policy config - optimizer)
         from pipeline.engine import build_reference_engine
 
         reference = build_reference_engine(load_model(paths["reference"], cfg.model, device=pdist.device()),
@@ -425,6 +426,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     layout = "packed" if tc.packing else "padded"
     dtype = resolve_dtype(cfg.model.dtype)
     attn = resolve_attn(cfg.model.attn_implementation)
+    collate = functools.partial(collate_pairs, layout=layout, pad_id=pad_id,
+                                max_row_tokens=None if "flash" in attn else DENSE_MASK_ROW_TOKENS)
 
     # --- resume or probe ---
     state = RunState()
@@ -447,7 +450,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     elif online:
         log.info("start-of-run probe skipped (online reference: no cache to check)")
     elif tc.probe_rows > 0 and model_fingerprint(paths["policy"]) == ref_fp:
-        stats = probe_reference(engine, train_split, cfg, layout, pad_id, cache_manifest)
+        stats = probe_reference(engine, train_split, cfg, collate, cache_manifest)
         log.info("start-of-run probe passed: %s", stats)
     else:
         log.info("start-of-run probe skipped (%s)", "train.probe_rows=0" if tc.probe_rows <= 0
@@ -479,14 +482,14 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
                 "eval_history": state.eval_history, "hook": hook.state_dict(), "total_steps": total_steps}
 
     def checkpoint_now() -> None:
-        if not _all_ranks_true(_local_params_finite(engine)):
+        if not pdist.all_ranks_true(_local_params_finite(engine)):
             raise TrainError(f"step {state.step}: parameters are not finite; refusing to checkpoint this state")
         save_checkpoint(paths["ckpt"], state.step, engine, trainer_state(), cfg, hook, keep_last=tc.keep_last)
 
     def run_eval() -> dict | None:
         if eval_split is None or len(eval_split) == 0:
             return None
-        res = evaluate(engine, prior, eval_split, cfg, hook, layout, pad_id, need_logits, reference)
+        res = evaluate(engine, prior, eval_split, cfg, hook, collate, need_logits, reference)
         tb.scalars(res, state.step, prefix="eval/")
         state.eval_history.append({"step": state.step, **res})
         if pdist.is_main():
@@ -520,13 +523,13 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
         engine_steps = 0  # DeepSpeed micro-step counter advances only through engine.step()
         policy = mb = None
         for k, idx in enumerate(micro_rows):
-            mb = make_micro_batch(train_split.rows(idx), layout, pad_id, pdist.device())
+            mb = make_micro_batch(train_split.rows(idx), collate, pdist.device())
             step_ids.append(mb.ids)
             policy, out = forward_loss(engine, prior, mb, cfg, hook, need_logits=need_logits, reference=reference)
             loss = out.losses.mean()
             if state.step + 1 in nan_steps and rank == nan_rank and k == 0:
                 loss = loss * float("nan")
-            ok = _all_ranks_true(bool(torch.isfinite(loss)) and not step_bad)
+            ok = pdist.all_ranks_true(bool(torch.isfinite(loss)) and not step_bad)
             if not ok:
                 step_bad = True  # every rank agrees: no backward for the rest of this step
                 continue
@@ -634,14 +637,10 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
 
 
 def tokenizer_fp(path: Path) -> str:
-    """The tokenizer fingerprint exactly as stage 1 computes it (its manifest records this value)."""
-    try:
-        from data_prep.prep import tokenizer_fingerprint
-    except ImportError:  # stage 1 not installed: the shared definition in pipeline.models
-        from pipeline.models import tokenizer_fingerprint as fp
+    """The tokenizer fingerprint exactly as stage 1 records it (one file list, pipeline.fingerprint)."""
+    from pipeline.models import tokenizer_fingerprint
 
-        return fp(path)
-    return tokenizer_fingerprint(path)["fingerprint"]
+    return tokenizer_fingerprint(path)
 
 
 # ---------------------------------------------------------------------------------------------

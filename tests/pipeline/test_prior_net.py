@@ -366,3 +366,25 @@ def test_unconditioned_layout_is_bos_plus_response():
         assert prior_batch(b, condition_on_prompt=True, bos_id=None, pad_id=PAD) is b
         with pytest.raises(ValueError, match="bos_token_id"):
             prior_batch(b, condition_on_prompt=False, bos_id=None, pad_id=PAD)
+
+
+def test_prior_chunks_are_equalized_over_ranks():
+    """Under ZeRO-3 every head call is a collective: given the largest rank's per-side token counts, each side
+    is cut into exactly ceil(max / chunk) chunks (some may be empty), covering its tokens once, in order,
+    never straddling chosen/rejected; the prior's values do not depend on the cut."""
+    from pipeline.prior_net import PriorLM, _ranges, _side_token_counts
+
+    batch = collate_pairs(rows(3, seed=5), layout="packed", pad_id=PAD)
+    nc, nr = _side_token_counts(batch)
+    for mx in ((nc, nr), (nc + 9, nr + 17), (3 * nc, 1)):
+        r = _ranges(batch, 4, (max(mx[0], nc), max(mx[1], nr)))
+        kc, kr = -(-max(mx[0], nc) // 4), -(-max(mx[1], nr) // 4)
+        assert len(r) == kc + kr
+        assert r[:kc][0][0] == 0 and r[kc - 1][1] == nc and r[kc][0] == nc and r[-1][1] == nc + nr
+        assert all(a[1] == b[0] for a, b in zip(r, r[1:]))  # contiguous, in order
+        assert all(0 <= e - s <= 4 for s, e in r)  # never above chunk_size: memory stays bounded
+    model = llama(0)
+    a = PriorLM(model, chunk_size=4)(prior_batch(batch, condition_on_prompt=True, bos_id=1, pad_id=PAD))
+    b = PriorLM(model, chunk_size=1024)(prior_batch(batch, condition_on_prompt=True, bos_id=1, pad_id=PAD))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)

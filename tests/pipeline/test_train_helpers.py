@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,3 +170,16 @@ def kill_tree(pid: int) -> None:
         except ProcessLookupError:
             pass
 
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """One gloo group for every in-process training run of the session (import it into the module and mark
+    the module `usefixtures("process_group")`). DeepSpeed keeps module-level references to the group, so a
+    second init after destroy_process_group fails: init is idempotent and the group is destroyed only at
+    session end, whichever modules use it and in whatever order."""
+    from pipeline import dist as pdist
+
+    pdist.init_distributed()
+    yield
+    pdist.cleanup()

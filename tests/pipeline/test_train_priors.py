@@ -16,24 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train_helpers import make_model, make_run, read_jsonl, recipe_text
+from test_train_helpers import make_model, make_run, process_group, read_jsonl, recipe_text  # noqa: F401
 
 from pipeline.config import load_config
+
+# one gloo group for all in-process runs (shared with test_train_online; `main` leaves a caller's group alone)
+pytestmark = pytest.mark.usefixtures("process_group")
 
 
 def _softplus(x):
     return np.logaddexp(0.0, x)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """One gloo group for all in-process runs: DeepSpeed keeps module-level references to the group, so a
-    second init after destroy_process_group would fail; `main` leaves a caller's group alone."""
-    from pipeline import dist as pdist
-
-    pdist.init_distributed()
-    yield
-    pdist.cleanup()
 
 
 @pytest.fixture(scope="module")
