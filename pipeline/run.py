@@ -33,11 +33,19 @@ def _stage(name: str) -> None:
     print(f"\n=== midpo run: {name} ===", flush=True)
 
 
+_LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                  "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"}
+
+
 def _launch(command: str, cfg_path: Path, nproc: int) -> None:
     """Run `midpo COMMAND --config CFG --nproc N` as a child process; fail loudly with its exit code."""
     cmd = [sys.executable, "-m", "pipeline.cli", command, "--config", str(cfg_path), "--nproc", str(nproc)]
     log.info("running %s", " ".join(cmd))
-    rc = subprocess.run(cmd, env=os.environ.copy()).returncode
+    # `midpo run` launches its own process groups on this machine: rank/rendezvous variables inherited
+    # from a surrounding launcher or process group (e.g. a MASTER_PORT still held by the parent) would
+    # make the stage skip torchrun or collide on the port.
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
+    rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise SystemExit(f"midpo run: stage `{command}` failed with exit code {rc} (command: {' '.join(cmd)})")
 

@@ -9,7 +9,7 @@ import pytest
 from prep_helpers import write_jsonl
 
 from pipeline import cli
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, load_config
 
 
 def _help(capsys, *argv) -> str:
@@ -50,7 +50,9 @@ def test_cli_synth_then_prep_from_recipe(tmp_path, capsys):
                      "--max-length", "120", "--no-dedup"]) == 0
     m = json.loads((run_dir / "data" / "manifest.json").read_text())
     assert m["settings"]["eval_fraction"] == 0.3 and m["settings"]["max_length"] == 120
-    assert m["settings"]["max_prompt_tokens"] == 96 and m["settings"]["dedup"] is False  # from tiny.yaml / flag
+    tiny = load_config("tiny")
+    assert m["settings"]["max_prompt_tokens"] == tiny.data.max_prompt_tokens  # from tiny.yaml
+    assert m["settings"]["dedup"] is False and tiny.data.dedup is True  # the flag wins over the recipe
     assert m["rows"]["read"] == 60
     assert m["tokenizer"]["path"] == str(run_dir / "synth" / "model")
     out = capsys.readouterr().out
