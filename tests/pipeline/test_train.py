@@ -17,7 +17,6 @@ import math
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,11 @@ from test_train_helpers import (
     REPO,
     clean_env,
     export_weights,
-    kill_tree,
     losses,
     make_run,
     read_jsonl,
     recipe_text,
+    run_then_kill_after_step,
     run_train,
     train_cmd,
 )
@@ -102,22 +101,7 @@ def test_packed_equals_padded(base):
 def test_resume_after_sigkill_matches_uninterrupted(base):
     recipe, run = _fresh_run(base, "resume", grad_accum=1)
     rows_file = run / "logs" / "consumed_rows.jsonl"
-    proc = subprocess.Popen(train_cmd(recipe, 2), env=clean_env(MIDPO_TEST_PAUSE_AFTER_STEP="4"), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if rows_file.exists() and len(read_jsonl(rows_file)) >= 4:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"training exited early ({proc.returncode}): {proc.stderr.read().decode()[-4000:]}")
-            time.sleep(0.5)
-        else:
-            pytest.fail("training did not reach step 4")
-        time.sleep(0.5)
-    finally:
-        kill_tree(proc.pid)
-        proc.wait()
+    run_then_kill_after_step(train_cmd(recipe, 2), clean_env(MIDPO_TEST_PAUSE_AFTER_STEP="4"), run, 4)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     assert not (run / "export").exists()
     assert len(read_jsonl(rows_file)) == 4  # step 4 ran but was never checkpointed

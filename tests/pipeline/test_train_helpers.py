@@ -160,6 +160,30 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def run_then_kill_after_step(cmd: list[str], env: dict, run_dir: Path, step: int, timeout: float = 240) -> None:
+    """Start training in its own session, wait until `step` steps are recorded, then SIGKILL the whole
+    process tree (the launcher and every rank): a real crash, not a clean exit."""
+    import time
+
+    rows_file = run_dir / "logs" / "consumed_rows.jsonl"
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if rows_file.exists() and len(read_jsonl(rows_file)) >= step:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training exited early ({proc.returncode}): {proc.stderr.read().decode()[-4000:]}")
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"training did not reach step {step}")
+        time.sleep(0.5)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a launcher and every process under it (what a node failure does to a job)."""
     import signal

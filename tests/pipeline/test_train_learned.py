@@ -16,7 +16,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +25,10 @@ from test_train_helpers import (
     REPO,
     clean_env,
     export_weights,
-    kill_tree,
     make_run,
     read_jsonl,
     recipe_text,
+    run_then_kill_after_step,
     run_train,
     train_cmd,
 )
@@ -96,24 +95,8 @@ def test_learned_prior_resume_after_sigkill_matches_uninterrupted(learned):
         shutil.copytree(learned["run1"] / sub, d / "run" / sub)
     recipe, run = d / "recipe.yaml", d / "run"
     recipe.write_text(recipe_text(run, learned["model"], **TRAIN))  # accum 2, 1 process: as run1
-    rows_file = run / "logs" / "consumed_rows.jsonl"
-    proc = subprocess.Popen(train_cmd(recipe, 1, *LEARNED),
-                            env=clean_env(MIDPO_TEST_PAUSE_AFTER_STEP="4", MIDPO_LOGIT_CHUNK="8"), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if rows_file.exists() and len(read_jsonl(rows_file)) >= 4:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"training exited early ({proc.returncode}): {proc.stderr.read().decode()[-4000:]}")
-            time.sleep(0.5)
-        else:
-            pytest.fail("training did not reach step 4")
-        time.sleep(0.5)
-    finally:
-        kill_tree(proc.pid)
-        proc.wait()
+    run_then_kill_after_step(train_cmd(recipe, 1, *LEARNED),
+                             clean_env(MIDPO_TEST_PAUSE_AFTER_STEP="4", MIDPO_LOGIT_CHUNK="8"), run, 4)
     ckpt = run / "checkpoints" / "step-0000003"
     assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.name
     assert (ckpt / "prior").is_dir() and not (run / "export").exists()
