@@ -70,8 +70,12 @@ def test_chain_with_requeue_resumes_to_the_uninterrupted_result(slurm_cluster, t
     info = slurm_cluster.wait(train, timeout=120,
                               until=lambda i: int(i["Restarts"]) >= 1 or i["JobState"] in ("COMPLETED", "FAILED"))
     assert int(info["Restarts"]) == 1, (info, read_log(logs["train"]))
-    for _ in range(20):
-        if slurm_cluster.show(train)["JobState"] == "PENDING":
+    # Release it only once both nodes finished cleaning up the killed allocation (no longer COMPLETING):
+    # Slurm's own hold exists for that, and skipping it early can make the restart fail to launch.
+    for _ in range(120):
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=slurm_cluster.env(), capture_output=True,
+                               text=True).stdout.split()
+        if slurm_cluster.show(train)["JobState"] == "PENDING" and nodes and all(n == "idle" for n in nodes):
             subprocess.run(["scontrol", "update", f"JobId={train}", "StartTime=now"], env=slurm_cluster.env(),
                            capture_output=True)
             break
