@@ -10,7 +10,8 @@ What it checks, in one process on one GPU (world size 1, NCCL; the ZeRO-3 engine
    log-probs unchanged within 1e-3);
 2. step 0 == ln 2: "cached" reference log-probs taken from the same engine, no grad, then the DPO loss of
    the first training micro-batch must be ln 2 (the policy/reference same-code-path property);
-3. throughput and MFU of ZeRO-3 bf16 training steps (packed, DPO from cached reference log-probs):
+3. throughput and MFU of ZeRO-3 bf16 training steps (DPO from cached reference log-probs), for the packed
+   layout as training packs it (rows capped by `row_tokens_for`) and for the padded layout:
    model FLOPs (pipeline.metrics.train_flops_per_token) / time / peak, against both a measured bf16 GEMM
    peak and the nominal dense bf16 peak given by --nominal-peak (H100 SXM: 989e12).
 Prints one JSON object; exits 1 when a check fails.
@@ -64,7 +65,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from pipeline import dist as pdist
-    from pipeline.batching import collate_pairs
+    from pipeline.batching import collate_pairs, row_tokens_for
     from pipeline.config import load_config
     from pipeline.engine import PolicyLogps, build_policy_engine, policy_logps, resolve_ds_config
     from pipeline.logprobs import ResponseLogps
@@ -118,50 +119,57 @@ def main() -> int:
     if not (diffs.mean() < 2e-2 and diffs.max() < 0.25 and iso_diff < 1e-3):
         report["ok"] = False
 
-    # --- 2. step 0 == ln 2 with "cached" reference log-probs from the same engine ---
+    # --- 2./3. step 0 == ln 2 with "cached" reference log-probs from the same engine, then timed ZeRO-3 steps.
+    # Timed per layout: "packed" as training packs (rows capped by row_tokens_for: one row under flash-attn,
+    # DENSE_MASK_ROW_TOKENS under sdpa's 4-D mask) and "padded" (2B rows, sdpa's own causal kernels).
     cfg_loss = load_config(None, ["loss.prior=dpo", "loss.beta=0.1"]).loss
     prior = build_prior(cfg_loss)
-    batches = []
-    for _ in range(a.steps + 2):
-        r = random_rows(a.micro, a.vocab, gen)
-        b = collate_pairs(r, layout="packed", pad_id=0).to(dev)
-        with torch.no_grad():
-            ref = policy_logps(engine, b)
-        batches.append((b, ResponseLogps(ref.chosen.float(), ref.chosen_mask, ref.rejected.float(), ref.rejected_mask)))
-    engine.train()
-
-    # --- 3. timed ZeRO-3 bf16 training steps ---
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times, tokens, first_loss = [], [], None
-    ctx = 0.0
-    for i, (b, ref) in enumerate(batches):
-        sync()
-        t0 = time.perf_counter()
-        pol = policy_logps(engine, b)
-        out = compute_loss(prior, PriorInputs(policy=pol, ref=ref), cfg_loss)
-        loss = out.losses.mean()
-        engine.backward(loss)
-        engine.step()
-        sync()
-        if i == 0:
-            first_loss = loss.item()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-            tokens.append(b.num_tokens)
-            ctx += float((b.seq_lens.double() ** 2).sum() / b.seq_lens.sum() / 2)
-    report["step0_loss"] = first_loss
-    if not abs(first_loss - math.log(2)) < 1e-3:
-        report["ok"] = False
     emb = model.get_input_embeddings().weight
     emb_n = getattr(emb, "ds_numel", emb.numel())
-    fpt = train_flops_per_token(n_params, emb_n, a.layers, a.hidden, ctx / len(times))
-    dt, tok = sum(times), sum(tokens)
     measured_peak = measure_peak_flops(dtype, dev, n=1024 if a.cpu_smoke else 8192, seconds=2.0)
-    report["throughput"] = {
-        "pairs_per_s": a.micro * len(times) / dt, "tokens_per_s": tok / dt, "step_s": dt / len(times),
-        "measured_bf16_peak": measured_peak, "mfu_vs_measured": fpt * tok / dt / measured_peak,
-        "mfu_vs_nominal": fpt * tok / dt / a.nominal_peak, "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-    }
+    report["measured_bf16_peak"] = measured_peak
+    row_tokens = row_tokens_for(engine)
+    report["packed_row_tokens"] = row_tokens
+    for layout in ("packed", "padded"):
+        batches = []
+        for _ in range(a.steps + 2):
+            r = random_rows(a.micro, a.vocab, gen)
+            b = collate_pairs(r, layout=layout, pad_id=0, max_row_tokens=row_tokens if layout == "packed" else None)
+            b = b.to(dev)
+            engine.eval()
+            with torch.no_grad():
+                ref = policy_logps(engine, b)
+            batches.append((b, ResponseLogps(ref.chosen.float(), ref.chosen_mask, ref.rejected.float(),
+                                             ref.rejected_mask)))
+        engine.train()
+        torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+        times, tokens, first_loss, ctx = [], [], None, 0.0
+        for i, (b, ref) in enumerate(batches):
+            sync()
+            t0 = time.perf_counter()
+            pol = policy_logps(engine, b)
+            out = compute_loss(prior, PriorInputs(policy=pol, ref=ref), cfg_loss)
+            loss = out.losses.mean()
+            engine.backward(loss)
+            engine.step()
+            sync()
+            if i == 0:
+                first_loss = loss.item()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+                tokens.append(int(b.seq_lens.sum()))  # real tokens: padding is not work done
+                ctx += float((b.seq_lens.double() ** 2).sum() / b.seq_lens.sum() / 2)
+        report[f"step0_loss_{layout}"] = first_loss  # references are re-scored by the current policy: ln 2 both
+        if not abs(first_loss - math.log(2)) < 1e-3:
+            report["ok"] = False
+        fpt = train_flops_per_token(n_params, emb_n, a.layers, a.hidden, ctx / len(times))
+        dt, tok = sum(times), sum(tokens)
+        report[f"throughput_{layout}"] = {
+            "pairs_per_s": a.micro * len(times) / dt, "tokens_per_s": tok / dt, "step_s": dt / len(times),
+            "mfu_vs_measured": fpt * tok / dt / measured_peak, "mfu_vs_nominal": fpt * tok / dt / a.nominal_peak,
+            "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        }
     print(json.dumps(report, indent=1))
     pdist.cleanup()
     return 0 if report["ok"] else 1
