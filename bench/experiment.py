@@ -3,7 +3,8 @@
     python bench/experiment.py --out runs/experiment                       # recipe `tiny`, 3 seeds
     python bench/experiment.py --out runs/exp --seeds 0 1 2 --methods dpo mi_dpo-marginal train.max_steps=40
 
-One shared base (synth -> prep -> sft -> ref with a top-k cache for TDPO) is built once in
+One shared base (synth -> prep -> sft -> on-policy pairs -> prep -> ref with a top-k cache for TDPO,
+as `midpo run` builds it) is built once in
 `<out>/base`; each method x seed gets `<out>/runs/<method>-s<seed>` whose synth/data/sft/ref are
 symlinks to the base (their fingerprints match, so the training stage accepts them), then trains
 with `midpo train --nproc N` and is scored by generation on the held-out prompts. Writes
@@ -34,7 +35,7 @@ METHODS: dict[str, list[str]] = {
     "mi_dpo-marginal": ["loss.prior=learned", "prior_net.objective=marginal"],
     "mi_dpo-joint": ["loss.prior=learned", "prior_net.objective=joint", "prior_net.anchor=nll"],
 }
-SHARED = ("synth", "data", "sft", "ref")
+SHARED = ("synth", "sft_data", "sft", "onpolicy", "data", "ref")
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
 
@@ -183,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--eval-prompts", type=int, default=200)
+    p.add_argument("--eval-prompts", type=int, default=500)
     p.add_argument("--topk", type=int, default=8, help="reference top-k cache for TDPO (ref.topk)")
     p.add_argument("--sampled", action="store_true", help="also score sampled answers")
-    p.add_argument("--base-from", help="a finished `midpo run` folder of the same recipe: copy its synth/data/sft "
-                   "into <out>/base (fingerprints match, so those stages are skipped; ref is rebuilt with top-k)")
+    p.add_argument("--base-from", help="a finished `midpo run` folder of the same recipe: copy its synth, data, SFT "
+                   "and on-policy pairs into <out>/base (fingerprints match, so those stages are skipped; ref is "
+                   "rebuilt with top-k)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out).resolve()
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     torch.set_num_threads(1)  # generation eval of a tiny model: 1 thread (see SftConfig.num_threads)
     if args.base_from:
-        for name in ("synth", "data", "sft"):
+        for name in ("synth", "sft_data", "sft", "onpolicy", "data"):
             src, dst = Path(args.base_from) / name, out / "base" / name
             if src.exists() and not dst.exists():
                 shutil.copytree(src, dst, symlinks=True)

@@ -216,9 +216,10 @@ def generate_pairs(n: int, seed: int, tasks: list[str], min_items: int, max_item
 
 
 def generate_eval_prompts(n: int, seed: int, tasks: list[str], min_items: int, max_items: int,
-                          exclude_prompts: set[str]) -> Iterator[dict[str, Any]]:
-    """`n` held-out prompts (with their task records) never equal to a prompt in `exclude_prompts`."""
-    rng = random.Random(f"eval-{seed}")  # a different stream from the training pairs
+                          exclude_prompts: set[str], stream: str = "eval") -> Iterator[dict[str, Any]]:
+    """`n` prompts (with their task records and answers) never equal to a prompt in `exclude_prompts`,
+    from the random stream named `stream` (held-out "eval" prompts; fresh "onpolicy" prompts)."""
+    rng = random.Random(f"{stream}-{seed}")  # a different stream from the training pairs
     seen = set(exclude_prompts)
     made, tries = 0, 0
     while made < n:

@@ -53,6 +53,7 @@ def _paths(root: Path) -> dict[str, Path]:
         "root": root,
         "pairs": root / "pairs.jsonl",
         "eval_prompts": root / "eval_prompts.jsonl",
+        "onpolicy_prompts": root / "onpolicy_prompts.jsonl",
         "tokenizer": root / "tokenizer",
         "model": root / "model",
         "manifest": root / MANIFEST,
@@ -170,9 +171,14 @@ def build_tiny_default(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]
         log.info("synth: generating %d pairs (seed %d)", cfg.n_pairs, cfg.seed)
         pairs = list(generate_pairs(cfg.n_pairs, cfg.seed, cfg.tasks, cfg.min_items, cfg.max_items))
         _write_jsonl(p["pairs"], pairs)
-        evals = generate_eval_prompts(cfg.n_eval_prompts, cfg.seed, cfg.tasks, cfg.min_items, cfg.max_items,
-                                      exclude_prompts={r["prompt"] for r in pairs})
+        evals = list(generate_eval_prompts(cfg.n_eval_prompts, cfg.seed, cfg.tasks, cfg.min_items, cfg.max_items,
+                                           exclude_prompts={r["prompt"] for r in pairs}))
         _write_jsonl(p["eval_prompts"], evals)
+        # prompts for on-policy sampling (`midpo sample`): unseen by SFT and disjoint from the eval prompts
+        fresh = generate_eval_prompts(cfg.n_onpolicy_prompts, cfg.seed, cfg.tasks, cfg.min_items, cfg.max_items,
+                                      exclude_prompts={r["prompt"] for r in pairs} | {r["prompt"] for r in evals},
+                                      stream="onpolicy")
+        _write_jsonl(p["onpolicy_prompts"], fresh)
         texts = [t for r in pairs for t in (r["prompt"], r["chosen"], r["rejected"])]
         log.info("synth: training a sentencepiece tokenizer (vocab <= %d)", cfg.vocab_size)
         train_tokenizer(texts, p["tokenizer"], cfg.vocab_size, tmp)
@@ -184,6 +190,7 @@ def build_tiny_default(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]
             "synth": dataclasses.asdict(cfg),
             "n_pairs": len(pairs),
             "n_eval_prompts": cfg.n_eval_prompts,
+            "n_onpolicy_prompts": cfg.n_onpolicy_prompts,
         })
         publish_dir(tmp, root)
     except BaseException:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("data_prep.synthetic", "build the embedded tiny default: verifiable task data, tokenizer, tiny Llama"),
     "prep": ("data_prep.prep", "stage 1: raw preference files -> validated, tokenized, sharded Arrow + manifest"),
     "sft": ("pipeline.sft", "a minimal supervised warm start on the chosen responses (the tiny default needs it)"),
+    "sample": ("pipeline.onpolicy", "on-policy pairs: the model's own answers, labelled by the task checker"),
     "ref": ("pipeline.reference", "stage 2: offline per-token reference log-prob cache (resumable, multi-process)"),
     "weights": ("pipeline.token_weights", "TIS-DPO per-token weights from a forward and a reverse DPO model"),
     "train": ("pipeline.train", "stage 3: DeepSpeed ZeRO-3 training from the reference cache (auto-resume, export)"),

@@ -44,6 +44,7 @@ class SynthConfig:
     num_kv_heads: int = 2
     max_position_embeddings: int = 512
     n_eval_prompts: int = 200  # held-out prompts (disjoint seed) for generation-based evaluation
+    n_onpolicy_prompts: int = 0  # fresh prompts (unseen by SFT, disjoint from eval) for on-policy sampling
 
 
 @dataclass
@@ -195,6 +196,30 @@ class PriorNetConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy pairs (`midpo sample`): the start model answers the training prompts, the task checker
+    labels the answers, and its wrong answers become the rejected responses. Needs a verifiable task
+    (the embedded default); `midpo run` uses it when `enabled`."""
+
+    enabled: bool = False
+    prompts: str | None = None  # JSONL of prompt + task record; None = <run_dir>/synth/onpolicy_prompts.jsonl
+    samples: int = 4  # answers per prompt
+    temperature: float = 1.0
+    pairs_per_prompt: int = 1  # distinct wrong answers kept per prompt (most frequent first)
+    chosen: str = "sample"  # sample (a correct sample; prompts without one skipped) | sample_or_gold | gold (the solution)
+    max_prompts: int = 0  # 0 = every prompt of the input file
+    batch_size: int = 64  # prompts per generate call
+
+    def __post_init__(self) -> None:
+        if self.chosen not in ("sample", "sample_or_gold", "gold"):
+            raise ConfigError(f"onpolicy.chosen must be sample, sample_or_gold or gold, got {self.chosen!r}")
+        if self.samples < 1 or self.pairs_per_prompt < 1:
+            raise ConfigError("onpolicy.samples and onpolicy.pairs_per_prompt must be >= 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"onpolicy.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/tiny"
     seed: int = 0
@@ -202,6 +227,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ref: RefConfig = field(default_factory=RefConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

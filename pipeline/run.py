@@ -4,7 +4,8 @@
     midpo run --config RECIPE --nproc 2 train.max_steps=50
 
 Stages, each skipped when its output's fingerprint already matches (so a re-run resumes):
-synth (when data.inputs is empty) -> prep -> sft (when sft.steps > 0) -> ref (N processes)
+synth (when data.inputs is empty) -> prep -> sft (when sft.steps > 0) -> [sample on-policy pairs -> prep
+them, when onpolicy.enabled] -> ref (N processes)
 -> train (N processes, DeepSpeed ZeRO-3) -> generation eval of the reference vs the trained policy
 on held-out prompts of the verifiable task -> summary table (and `<run_dir>/summary.json`).
 
@@ -110,17 +111,30 @@ def prepare_base(cfg: Config, nproc: int, timings: dict[str, float]) -> Path:
         _timed(timings, "synth", "synth (embedded tiny default)", build_tiny_default, synth_dir, cfg.synth)
         inputs = [str(synth_dir / "pairs.jsonl")]
     init_model = Path(cfg.model.policy) if cfg.model.policy else synth_dir / "model"
-    _timed(timings, "prep", "prep", prepare, cfg.data, inputs, cfg.data.tokenizer or init_model, root / "data")
+    tokenizer = cfg.data.tokenizer or init_model
+    # with on-policy pairs the given pairs only feed SFT (<run_dir>/sft_data); <run_dir>/data, which the
+    # ref and train stages read, is then made from the sampled pairs
+    sft_data = root / "sft_data" if cfg.onpolicy.enabled else root / "data"
+    if cfg.sft.steps > 0 or not cfg.onpolicy.enabled:
+        _timed(timings, "prep", "prep", prepare, cfg.data, inputs, tokenizer, sft_data)
     if cfg.sft.steps > 0:
         _timed(timings, "sft", f"sft ({cfg.sft.steps} steps, batch {cfg.sft.batch_size}, 1 process)",
-               train_sft, cfg, root / "data", init_model, root / "sft")
+               train_sft, cfg, sft_data, init_model, root / "sft")
     _resolve_models(cfg)
+    if cfg.onpolicy.enabled:
+        from pipeline.onpolicy import PAIRS, default_paths, sample_pairs
+
+        model, prompts, out = default_paths(cfg)
+        _timed(timings, "sample", f"sample (on-policy pairs: {cfg.onpolicy.samples} answers per prompt, checked)",
+               sample_pairs, model, prompts, out, cfg.onpolicy, cfg.seed, cfg.sft.num_threads)
+        _timed(timings, "prep_onpolicy", "prep (on-policy pairs)", prepare, cfg.data, [str(out / PAIRS)], tokenizer,
+               root / "data")
     cfg_path = save_config(cfg, root / "config.yaml")
     _timed(timings, "ref", f"ref ({nproc} processes)", _launch, "ref", cfg_path, nproc)
     return cfg_path
 
 
-def run_pipeline(cfg: Config, nproc: int = 2, eval_prompts: int = 200) -> dict:
+def run_pipeline(cfg: Config, nproc: int = 2, eval_prompts: int = 500) -> dict:
     from pipeline.evaluate import evaluate_model, paired_difference
 
     root = cfg.run_path
@@ -208,7 +222,8 @@ def print_summary(summary: dict) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", help="recipe YAML or a name in recipes/ (default: tiny)")
     parser.add_argument("--nproc", type=int, default=2, help="processes for the ref and train stages (default 2)")
-    parser.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts for the generation eval")
+    parser.add_argument("--eval-prompts", type=int, default=500,
+                        help="held-out prompts for the generation eval (at most synth.n_eval_prompts; default 500)")
 
 
 def run(args) -> int:

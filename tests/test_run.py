@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["synth.n_pairs=200", "synth.n_eval_prompts=20", "sft.steps=30", "train.max_steps=4",
-         "train.micro_batch_size=4", "train.probe_rows=4"]
+# a 30-step SFT model rarely answers right, so the on-policy stage falls back to the solution as chosen
+SMALL = ["synth.n_pairs=200", "synth.n_eval_prompts=20", "synth.n_onpolicy_prompts=60", "sft.steps=30",
+         "onpolicy.samples=2", "onpolicy.chosen=sample_or_gold", "train.max_steps=4", "train.micro_batch_size=4",
+         "train.probe_rows=4"]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,15 @@ def test_every_stage_wrote_its_outputs(run_dir: Path) -> None:
     assert (synth / "model" / "config.json").is_file() and (synth / "tokenizer").is_dir()
     assert len((synth / "pairs.jsonl").read_text().splitlines()) == 200
 
+    # SFT reads the synthetic pairs; ref and train read the on-policy pairs sampled from the SFT model
+    sft_data = json.loads((run_dir / "sft_data" / "manifest.json").read_text())
+    assert sft_data["rows"]["read"] == 200
+    onpolicy = json.loads((run_dir / "onpolicy" / "onpolicy_manifest.json").read_text())
+    pairs = (run_dir / "onpolicy" / "pairs.jsonl").read_text().splitlines()
+    assert onpolicy["counts"]["prompts"] == 60 and onpolicy["counts"]["pairs"] == len(pairs) > 0
+    assert onpolicy["model"] == str(run_dir / "sft")
     data = json.loads((run_dir / "data" / "manifest.json").read_text())
-    assert data["fingerprint"]
+    assert data["fingerprint"] and data["rows"]["read"] == len(pairs)
     assert (run_dir / "data" / "train").is_dir() and (run_dir / "data" / "eval").is_dir()
 
     sft = json.loads((run_dir / "sft" / "sft_manifest.json").read_text())
@@ -84,7 +93,7 @@ def test_summary_has_before_after_metrics_and_timings(run_dir: Path) -> None:
         assert d["diff"] == pytest.approx(summary["policy"][f"{mode}/accuracy"] - summary["reference"][f"{mode}/accuracy"])
         assert isinstance(d["significant"], bool)
     assert "rewards/accuracies" in summary["train_eval"]
-    for stage in ("synth", "prep", "sft", "ref", "train", "eval", "total"):
+    for stage in ("synth", "prep", "sft", "sample", "prep_onpolicy", "ref", "train", "eval", "total"):
         assert summary["seconds"][stage] >= 0
     out = (run_dir / "_stdout.txt").read_text()
     assert "midpo run summary" in out and "task accuracy, greedy" in out and "stage seconds" in out
