@@ -10,7 +10,6 @@ losses and exported weights must equal those of an uninterrupted run on the same
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -44,9 +43,6 @@ def exported(run) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.skipif(os.environ.get("CI") == "true", reason=(
-    "OPEN BUG (issue 7): in 2 of 4 clean-clone CI runs the requeued training job ended FAILED without running "
-    "its restart; passes when run alone. Kept out of CI until the restart failure is understood."))
 def test_chain_with_requeue_resumes_to_the_uninterrupted_result(slurm_cluster, tmp_path):
     run = tmp_path / "run"
     jobs = submit(slurm_cluster, "tiny", [f"run_dir={run}", *OVERRIDES], tmp_path, time_min=10,
@@ -70,20 +66,28 @@ def test_chain_with_requeue_resumes_to_the_uninterrupted_result(slurm_cluster, t
     assert info["JobState"] == "RUNNING", read_log(logs["train"])
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(train)], check=True, env=slurm_cluster.env())
 
-    # The job requeues itself; Slurm then holds it (BeginTime, ~2 min): release it now.
+    # The job requeues itself; Slurm then holds it (BeginTime, ~2 min): release it early, but safely.
     info = slurm_cluster.wait(train, timeout=120,
                               until=lambda i: int(i["Restarts"]) >= 1 or i["JobState"] in ("COMPLETED", "FAILED"))
     assert int(info["Restarts"]) == 1, (info, read_log(logs["train"]))
-    # Release it only once both nodes finished cleaning up the killed allocation (no longer COMPLETING):
-    # Slurm's own hold exists for that, and skipping it early can make the restart fail to launch.
+    # Slurm's hold exists because the requeue revokes the job's credential on the nodes with a timestamp in
+    # whole seconds, and slurmd refuses any credential of the same job that is not strictly newer. A restart
+    # launched within the same second as the requeue is refused ("Job N already killed, do not launch batch
+    # job"; slurmctld: "Killing non-startable batch JobId=N: Job credential revoked") and ends FAILED without
+    # running. So: once the killed allocation is cleaned up (job PENDING, both nodes idle), wait until the
+    # clock is past the second in which that was seen (the requeue happened no later), then release.
     for _ in range(120):
         nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=slurm_cluster.env(), capture_output=True,
                                text=True).stdout.split()
         if slurm_cluster.show(train)["JobState"] == "PENDING" and nodes and all(n == "idle" for n in nodes):
-            subprocess.run(["scontrol", "update", f"JobId={train}", "StartTime=now"], env=slurm_cluster.env(),
-                           capture_output=True)
+            time.sleep(1.1 - time.time() % 1)
+            r = subprocess.run(["scontrol", "update", f"JobId={train}", "StartTime=now"], env=slurm_cluster.env(),
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stdout + r.stderr
             break
         time.sleep(0.5)
+    else:
+        raise AssertionError(f"requeued job {train} never PENDING on idle nodes: {slurm_cluster.show(train)}")
     info = slurm_cluster.wait(train, timeout=240)
     log = read_log(logs["train"])
     assert info["JobState"] == "COMPLETED", log
