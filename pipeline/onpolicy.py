@@ -33,7 +33,7 @@ import torch
 from data_prep.synth_task import check_answer, render_answer, solve
 from pipeline.config import Config, OnPolicyConfig, load_config
 from pipeline.evaluate import answer_token_budget, generate_answers, read_prompts
-from pipeline.fingerprint import atomic_write_json, hash_json
+from pipeline.fingerprint import atomic_write_json, hash_file, hash_json
 from pipeline.models import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,13 @@ def build_pairs(records: list[dict], answers: list[list[str]], cfg: OnPolicyConf
     counts: Counter = Counter()
     for rec, samples in zip(records, answers):
         gold = render_answer(solve(rec))
-        right = [s for s in samples if check_answer(rec, s)]
+        labels = [check_answer(rec, s) for s in samples]
+        right = [s for s, ok in zip(samples, labels) if ok]
         # distinct wrong answers, most frequent first: the model's most probable mistakes
-        wrong = [s for s, _ in Counter(s for s in samples if not check_answer(rec, s) and s.strip()).most_common()]
+        wrong = [s for s, _ in Counter(s for s, ok in zip(samples, labels) if not ok and s.strip()).most_common()]
         empty = sum(1 for s in samples if not s.strip())
         counts["empty_answers"] += empty
+        counts["correct_answers"] += len(right)
         if not wrong:
             counts["skipped_all_correct" if right else "skipped_only_empty_answers"] += 1
             continue
@@ -80,7 +82,7 @@ def sample_pairs(model_dir: str | Path, prompts_path: str | Path, out_dir: str |
     from pipeline.models import load_model, load_tokenizer
 
     model_dir, prompts_path, out_dir = Path(model_dir), Path(prompts_path), Path(out_dir)
-    key = hash_json({"model": model_fingerprint(model_dir), "prompts": _file_hash(prompts_path),
+    key = hash_json({"model": model_fingerprint(model_dir), "prompts": hash_file(prompts_path),
                      "cfg": vars(cfg), "seed": seed})
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists() and (out_dir / PAIRS).exists():
@@ -111,7 +113,7 @@ def sample_pairs(model_dir: str | Path, prompts_path: str | Path, out_dir: str |
         for i, a in enumerate(outs):
             per_prompt[i].append(a)
     rows, counts = build_pairs(records, per_prompt, cfg, seed)
-    sample_acc = sum(check_answer(r, a) for r, s in zip(records, per_prompt) for a in s) / max(1, len(records) * cfg.samples)
+    sample_acc = counts["correct_answers"] / max(1, len(records) * cfg.samples)
     if not rows:
         raise ValueError(f"sample: no pairs from {len(records)} prompts of {prompts_path} (the model answered every "
                          f"sample correctly or not at all: {dict(counts)}); raise onpolicy.temperature or samples")
@@ -129,23 +131,14 @@ def sample_pairs(model_dir: str | Path, prompts_path: str | Path, out_dir: str |
     return manifest
 
 
-def _file_hash(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def default_paths(cfg: Config) -> tuple[Path, Path, Path]:
     """(model, prompts file, output folder) of a run: the SFT model (else model.policy) answers
     `onpolicy.prompts` (default: the embedded default's fresh prompts, unseen by SFT), into <run_dir>/onpolicy."""
+    from pipeline.sft import start_model
+
     root = cfg.run_path
-    model = root / "sft" if cfg.sft.steps > 0 else Path(cfg.model.policy or root / "synth" / "model")
     prompts = Path(cfg.onpolicy.prompts) if cfg.onpolicy.prompts else root / "synth" / "onpolicy_prompts.jsonl"
-    return model, prompts, root / "onpolicy"
+    return start_model(cfg), prompts, root / "onpolicy"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -53,8 +53,9 @@ def _launch(command: str, cfg_path: Path, nproc: int) -> None:
 
 def _resolve_models(cfg: Config) -> None:
     """Point model.policy / model.reference at what the earlier stages produced (SFT output if any)."""
-    root = cfg.run_path
-    start = root / "sft" if cfg.sft.steps > 0 else Path(cfg.model.policy or root / "synth" / "model")
+    from pipeline.sft import start_model
+
+    start = start_model(cfg)
     cfg.model.policy = str(start)
     cfg.model.reference = cfg.model.reference or str(start)
 

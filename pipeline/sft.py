@@ -39,6 +39,11 @@ def default_init_model(cfg: Config) -> Path:
     return Path(cfg.model.policy) if cfg.model.policy else cfg.run_path / "synth" / "model"
 
 
+def start_model(cfg: Config) -> Path:
+    """The model preference training starts from: this stage's output when it runs, else its input."""
+    return cfg.run_path / "sft" if cfg.sft.steps > 0 else default_init_model(cfg)
+
+
 def collate_sft(rows: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels), right-padded; labels are -100 on prompt and padding."""
     seqs = [list(r["prompt_ids"]) + list(r["chosen_ids"]) for r in rows]
