@@ -83,6 +83,7 @@ def plain_loop(model_dir: Path, rows: list[dict], batch: int) -> float:
 def stage(model_dir: Path, data_dir: Path, out_root: Path, *, packing: bool, budget: int) -> float:
     """Seconds of the whole single-process stage (`pipeline.reference.main`)."""
     from pipeline.config import load_config
+    from pipeline.dist import free_port
     from pipeline.reference import main
 
     run = out_root / f"run-{'packed' if packing else 'padded'}-{budget}"
@@ -92,7 +93,7 @@ def stage(model_dir: Path, data_dir: Path, out_root: Path, *, packing: bool, bud
     cfg = load_config(None, [f"run_dir={run}", f"model.reference={model_dir}", "model.dtype=fp32",
                              "model.attn_implementation=sdpa", f"ref.packing={str(packing).lower()}",
                              f"ref.micro_batch_tokens={budget}", "ref.rows_per_shard=256"])
-    os.environ["MASTER_PORT"] = str(29500 + (os.getpid() + budget + packing) % 10000)
+    os.environ["MASTER_PORT"] = str(free_port())
     t0 = time.perf_counter()
     main(cfg)
     return time.perf_counter() - t0

@@ -9,6 +9,7 @@ code path as on GPUs, which is what the tests exercise.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from datetime import timedelta
 
@@ -46,6 +47,14 @@ def env_from_slurm() -> None:
         os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free now. A guessed port (e.g. from the pid) can already be taken by another
+    process or an ephemeral client socket, which fails rendezvous with EADDRINUSE."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -60,7 +69,8 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 10000))
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(free_port())
     if not dist.is_initialized():
         import deepspeed  # lazy: math modules must not pull deepspeed in
 
