@@ -299,6 +299,11 @@ def test_schedule_update_every_start_step_warmup(models):
         changed.append(any(not torch.equal(a, p) for a, p in zip(before, prior.parameters())))
         lrs.append(mean(m, "prior/lr") if "prior/lr" in m else None)
     assert changed == [False, True, False, True, False, True]  # steps 2, 4, 6
+    # the trainer asks the policy forward for logits exactly on the marginal objective's update steps
+    assert [hook.policy_logits_due(s) for s in range(1, 7)] == [False, True, False, True, False, True]
+    joint = torch_hook(prior_from_model(models["ref"], num_layers=1), PriorNetConfig(objective="joint", anchor="nll"),
+                       beta=BETA, pad_id=PAD)
+    assert not any(joint.policy_logits_due(s) for s in range(1, 7))
     assert lrs == [None, pytest.approx(5e-3), None, pytest.approx(1e-2), None, pytest.approx(1e-2)]
     assert hook.state_dict() == {"step": 6, "updates": 3}
     # eval (grad disabled): log zeta only, no update, no metrics
