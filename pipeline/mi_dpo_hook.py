@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from pipeline import dist as pdist
+from pipeline.batching import row_tokens_for
 from pipeline.config import Config, PriorNetConfig
 from pipeline.logprobs import ResponseLogps
 from pipeline.prior_net import (
@@ -157,7 +158,7 @@ class MIDPOHook:
 
     def prior_batch(self, batch):
         return prior_batch(batch, condition_on_prompt=self.cfg.condition_on_prompt, bos_id=self.bos_id,
-                           pad_id=self.pad_id)
+                           pad_id=self.pad_id, max_row_tokens=row_tokens_for(self.module))
 
     # -- TrainHook -----------------------------------------------------------------------------
 
@@ -184,7 +185,7 @@ class MIDPOHook:
                 (init_logits,) = self.init_engine(pb, return_logits=True)
             getters.append(flat_getter(init_logits))
         with torch.set_grad_enabled(update):
-            logp, ent, *kls = self.engine(pb, tuple(getters))
+            logp, ent, *kls = self.engine(pb, tuple(getters), fused=self.cfg.objective == "marginal")
 
         if update:
             if self.cfg.objective == "marginal":
