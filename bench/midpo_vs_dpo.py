@@ -5,12 +5,17 @@ Not a test; prints a table. The model and data are bench/train_bench.py's (Llama
 (prior_net.num_layers = 1 of 4) with the default `marginal` objective (it needs the policy logits, so the
 learned run also pays for them). One process, ZeRO-3 (CPU: zero3_cpu_fp32). The runs are interleaved
 (dpo, learned, dpo, learned, ...) so that load from other users of a shared machine hits both alike; every
-round is reported, with the ratio of medians and of the fastest runs. Goal: learned / dpo <= 1.15.
+round is reported, with the ratio of medians and of the fastest runs. Goal: learned / dpo <= 1.15 (at the
+default prior_net.update_every=1; `--update-every k` measures the speed knob: the prior is then updated,
+and the policy logits computed, on every k-th step only, log zeta still on every step).
 
-    PYTHONPATH=. python bench/midpo_vs_dpo.py [--steps 12] [--rounds 2] [--threads 2]
+    PYTHONPATH=. python bench/midpo_vs_dpo.py [--steps 12] [--rounds 2] [--threads 2] [--update-every 1]
 
 Step time = seconds per optimizer step from the trainer's own logs (train_metrics.jsonl: global batch /
 pairs_per_s; the window includes the prior hook's work), averaged over steps after `--warmup`.
+CPU time per step (with psutil): the trainer process's CPU seconds between consecutive metric lines (10 ms
+ticks), same steps. On a machine shared with other jobs, wall time also counts the waits for a core; CPU
+time does not (cache and memory contention still move both).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,26 +37,62 @@ from train_bench import MICRO, N_PAIRS, REPO, build_model, env, sorting_pairs, w
 LAYERS = 4
 
 
-def run(root: Path, model: Path, name: str, prior: str, steps: int, threads: int, warmup: int, tag: str) -> float:
+def _cpu_per_step(proc: subprocess.Popen, metrics: Path, warmup: int) -> tuple[list[float], str]:
+    """Wait for `proc`, sampling its CPU time whenever train_metrics.jsonl gains a line -> CPU s per step
+    after `warmup` steps ([] without psutil), and its stderr."""
+    import threading
+
+    try:
+        import psutil
+    except ImportError:
+        return [], proc.communicate()[1]
+    err: list[str] = []
+    t = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # keep the pipe drained
+    t.start()
+    ps, marks, size = psutil.Process(proc.pid), [], -1
+    while proc.poll() is None:
+        try:
+            st = metrics.stat().st_size if metrics.exists() else -1
+            if st != size:
+                size = st
+                lines = metrics.read_text().count("\n")
+                c = ps.cpu_times()
+                if lines > len(marks):
+                    marks += [c.user + c.system] * (lines - len(marks))
+        except (psutil.NoSuchProcess, FileNotFoundError):
+            break
+        time.sleep(0.01)
+    proc.wait()
+    t.join()
+    return [b - a for a, b in zip(marks[warmup:], marks[warmup + 1:])], "".join(err)
+
+
+def run(root: Path, model: Path, name: str, prior: str, steps: int, threads: int, warmup: int, tag: str,
+        update_every: int = 1) -> tuple[float, float]:
+    """-> (wall s per step from the trainer's log, CPU s per step or nan)."""
     run_dir = root / f"{name}_{tag}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     for sub in ("data", "ref"):
         shutil.copytree(root / "base" / sub, run_dir / sub)
-    extra = f"prior_net:\n  num_layers: {LAYERS // 4}\n" if prior == "learned" else ""
+    extra = (f"prior_net:\n  num_layers: {LAYERS // 4}\n  update_every: {update_every}\n"
+             if prior == "learned" else "")
     recipe = run_dir / "recipe.yaml"
     recipe.write_text(
         f"run_dir: {run_dir}\nmodel:\n  policy: {model}\n  dtype: fp32\n  attn_implementation: sdpa\n"
         f"loss:\n  prior: {prior}\n  beta: 0.1\n{extra}train:\n  micro_batch_size: {MICRO}\n  grad_accum: 1\n"
         f"  max_steps: {steps}\n  lr: 1.0e-4\n  export_at_end: false\n  ds_config: zero3_cpu_fp32\n"
         f"  keep_last: 1\n  save_every: 0\n  eval_every: 0\n  log_every: 1\n  peak_flops: 1.0e11\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(recipe)], env=env(threads),
-                          cwd=REPO, capture_output=True, text=True)
+    metrics = run_dir / "logs" / "train_metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--config", str(recipe)], env=env(threads),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cpu, stderr = _cpu_per_step(proc, metrics, warmup)
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-4000:])
-    rows = [json.loads(x) for x in (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()][warmup:]
-    return float(np.mean([MICRO / r["pairs_per_s"] for r in rows]))
+        raise RuntimeError(stderr[-4000:])
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()][warmup:]
+    # means over steps (with update_every > 1, update and other steps alternate: the mean is the cost per step)
+    return float(np.mean([MICRO / r["pairs_per_s"] for r in rows])), float(np.mean(cpu)) if cpu else float("nan")
 
 
 def main() -> None:
@@ -59,6 +101,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--update-every", type=int, default=1, help="prior_net.update_every of the learned runs")
     ap.add_argument("--root", default=None)
     a = ap.parse_args()
 
@@ -73,22 +116,29 @@ def main() -> None:
                       f"  attn_implementation: sdpa\nref:\n  micro_batch_tokens: 4096\n")
     subprocess.run([sys.executable, "-m", "pipeline.reference", "--config", str(recipe)], env=env(a.threads),
                    cwd=REPO, check=True, capture_output=True)
-    print(f"model: Llama h256 L{LAYERS} vocab 2048, prior = first {LAYERS // 4} layer(s); micro-batch {MICRO}; "
-          f"{a.steps} steps ({a.warmup} warm-up dropped); {a.threads} threads; 1 process, ZeRO-3")
+    print(f"model: Llama h256 L{LAYERS} vocab 2048, prior = first {LAYERS // 4} layer(s), update_every "
+          f"{a.update_every}; micro-batch {MICRO}; {a.steps} steps ({a.warmup} warm-up dropped); {a.threads} threads; "
+          "1 process, ZeRO-3")
     times: dict[str, list[float]] = {"dpo": [], "learned": []}
+    cpus: dict[str, list[float]] = {"dpo": [], "learned": []}
     for r in range(a.rounds):
         for prior in ("dpo", "learned"):
-            t = run(root, model, prior, prior, a.steps, a.threads, a.warmup, f"r{r}")
+            t, c = run(root, model, prior, prior, a.steps, a.threads, a.warmup, f"r{r}", a.update_every)
             times[prior].append(t)
-            print(f"round {r}: {prior:8s} {t * 1000:8.1f} ms/step", flush=True)
+            cpus[prior].append(c)
+            print(f"round {r}: {prior:8s} {t * 1000:8.1f} ms/step wall {c * 1000:8.1f} ms/step CPU", flush=True)
     ratio = float(np.median(times["learned"]) / np.median(times["dpo"]))
     per_round = [lt / dt for lt, dt in zip(times["learned"], times["dpo"])]
     # On a shared machine outside load only adds time: the fastest run of each is the least disturbed.
     ratio_min = float(min(times["learned"]) / min(times["dpo"]))
+    cpu_ratio = float(np.median(cpus["learned"]) / np.median(cpus["dpo"]))
     print(f"learned / dpo step time: {ratio:.3f} (median of rounds), {ratio_min:.3f} (fastest of each); per round: "
-          f"{', '.join(f'{x:.3f}' for x in per_round)}; goal <= 1.15")
+          f"{', '.join(f'{x:.3f}' for x in per_round)}; CPU time per step: {cpu_ratio:.3f} (median of rounds); "
+          "goal <= 1.15")
     print(json.dumps({"ms_per_step": {k: [round(x * 1000, 2) for x in v] for k, v in times.items()},
-                      "ratio_median": ratio, "ratio_min": ratio_min, "ratio_per_round": per_round}))
+                      "cpu_ms_per_step": {k: [round(x * 1000, 2) for x in v] for k, v in cpus.items()},
+                      "ratio_median": ratio, "ratio_min": ratio_min, "ratio_per_round": per_round,
+                      "cpu_ratio_median": cpu_ratio, "update_every": a.update_every, "threads": a.threads}))
 
 
 if __name__ == "__main__":

@@ -185,7 +185,10 @@ class PriorNetConfig:
     num_layers: int = 0  # 0 = all of the init model's layers, k = its first k layers
     condition_on_prompt: bool = False
     lr: float = 1e-5
-    update_every: int = 1  # update the prior on every k-th policy step
+    # Update the prior on every k-th policy step. A speed knob: the other steps only run the prior's no-grad
+    # forward for log zeta, and (marginal) the policy forward skips its logits. The prior then trails the
+    # policy by up to k steps (fewer alternating steps toward the marginal); bench/midpo_vs_dpo.py --update-every.
+    update_every: int = 1
     warmup_steps: int = 0  # linear lr warmup over the prior's first updates
     anchor: str = "kl_init"  # joint objective's anchor: kl_init | nll
     anchor_weight: float = 1.0

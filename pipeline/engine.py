@@ -117,6 +117,11 @@ class TrainHook(Protocol):
     """Called by the training loop on EVERY rank, in the same order and the same number of times
     (a hook may run collectives, e.g. its own ZeRO-3 engine)."""
 
+    def policy_logits_due(self, step: int) -> bool:
+        """Policy step ``step`` (1-based) must hand before_loss the policy's flat detached logits
+        (``return_flat_logits``). A function of the step only: every rank must answer alike."""
+        ...
+
     def before_loss(self, batch: Any, policy_out: Any) -> dict[str, Any]:
         """Extra inputs for the prior (e.g. prior per-token log-probs), merged into the loss inputs."""
         ...
@@ -136,6 +141,9 @@ class TrainHook(Protocol):
 
 class NoOpHook:
     """The default hook: fixed priors need nothing beyond the batch and the cache."""
+
+    def policy_logits_due(self, step) -> bool:
+        return False
 
     def before_loss(self, batch, policy_out) -> dict[str, Any]:
         return {}
@@ -178,7 +186,8 @@ class PolicyLogps(torch.nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, batch, return_logits: bool = False, return_hidden: bool = False) -> tuple:
+    def forward(self, batch, return_logits: bool = False, return_hidden: bool = False,
+                return_flat_logits: bool = False) -> tuple:
         """A tuple of tensors (ZeRO-3's hooks find tensors in tuples, not in dataclasses); see `policy_logps`.
         Also the online reference's forward (`OnlineReference`): the same chunk equalization serves both."""
         import dataclasses
@@ -189,7 +198,7 @@ class PolicyLogps(torch.nn.Module):
         base = int(os.environ.get(CHUNK_ENV, LOGIT_CHUNK))  # tests force many uneven chunks
         chunk = equal_chunk_size(n_local, _all_max(n_local), base)
         out = response_logps(self.model, batch, return_logits=return_logits, return_hidden=return_hidden,
-                             chunk_size=chunk)
+                             return_flat_logits=return_flat_logits, chunk_size=chunk)
         return tuple(getattr(out, f.name) for f in dataclasses.fields(out))
 
 
@@ -224,11 +233,13 @@ def _all_max(value: int) -> int:
     return int(t.item())
 
 
-def policy_logps(engine, batch, return_logits: bool = False):
-    """engine(batch) -> pipeline.logprobs.ResponseLogps (per-token policy log-probs, with grad in training)."""
+def policy_logps(engine, batch, return_logits: bool = False, return_flat_logits: bool = False):
+    """engine(batch) -> pipeline.logprobs.ResponseLogps (per-token policy log-probs, with grad in training).
+    return_logits / return_flat_logits: see pipeline.logprobs.response_logps. Every rank must pass the same
+    flags (they change the number of output-head calls, each a ZeRO-3 gather)."""
     from pipeline.logprobs import ResponseLogps
 
-    return ResponseLogps(*engine(batch, return_logits=return_logits))
+    return ResponseLogps(*engine(batch, return_logits=return_logits, return_flat_logits=return_flat_logits))
 
 
 def build_policy_engine(model: torch.nn.Module, ds_config: dict, *, total_steps: int, warmup_ratio: float,

@@ -36,6 +36,9 @@ class ResponseLogps:
         None  # (B, Lc, n_layers, H) per-layer hidden states at the predicting positions
     )
     rejected_hidden: torch.Tensor | None = None  # (B, Lr, n_layers, H)
+    # (N, V) DETACHED logits predicting each response token, flat in ``batch.target_index`` order (the MI-DPO
+    # hook's marginal objective reads the policy distribution without taking gradients through it).
+    logits: torch.Tensor | None = None
 
     @property
     def chosen_sum(self) -> torch.Tensor:
@@ -222,12 +225,15 @@ def per_token_kl_topk(
 # model forwards
 
 
-def _chunk_logps(head: torch.nn.Module, softcap: float | None, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    logits = head(h)  # (m, V)
-    logits = logits.to(_fdtype(logits))
+def _logps_from_logits(softcap: float | None, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    logits = logits.to(_fdtype(logits))  # (m, V)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits.gather(-1, t[:, None])[:, 0] - torch.logsumexp(logits, -1)  # (m,)
+
+
+def _chunk_logps(head: torch.nn.Module, softcap: float | None, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return _logps_from_logits(softcap, head(h), t)  # (m,)
 
 
 def _attn_implementation(model) -> str | None:
@@ -241,6 +247,7 @@ def response_logps(
     chunk_size: int = 1024,
     return_hidden: bool = False,
     return_logits: bool = False,
+    return_flat_logits: bool = False,
 ) -> ResponseLogps:
     """Forward ``batch`` through a transformers causal LM and return per-token response log-probs.
 
@@ -251,9 +258,14 @@ def response_logps(
     ``config.final_logit_softcapping`` (Gemma); models with other logit post-processing are not
     supported (``sequence_logps_naive`` is the check).
 
-    return_logits: also ``chosen_logits``/``rejected_logits`` (B, L, V) in the head's dtype
-    (TDPO/SparsePO KL; memory N x V). return_hidden: also per-layer hidden states (B, L, n_layers, H)
-    at the predicting positions (SparsePO's mask network; ``hidden_states[1:]``, one per layer).
+    return_logits: also ``chosen_logits``/``rejected_logits`` (B, L, V) in the head's dtype, with grad
+    (TDPO/SparsePO KL; memory N x V), and ``logits`` (below). return_flat_logits: only ``logits``, the
+    (N, V) logits DETACHED and flat (the MI-DPO hook's marginal objective). Either way the head then runs
+    ONCE over all N positions and the log-probs are taken from slices of those same logits (no second
+    head pass, no recomputed head matmul in backward; the logits are kept anyway). Values equal the
+    chunked path's (same ops per slice).
+    return_hidden: also per-layer hidden states (B, L, n_layers, H) at the predicting positions
+    (SparsePO's mask network; ``hidden_states[1:]``, one per layer).
     Pass the bare HF module (under DeepSpeed, ``engine.module``): ZeRO-3 gathers through module hooks.
     """
     decoder = model.get_decoder()
@@ -265,20 +277,36 @@ def response_logps(
     h = hid.reshape(-1, hid.shape[-1]).index_select(0, batch.logit_index)  # (N, H)
     targets = batch.input_ids.reshape(-1).index_select(0, batch.target_index)  # (N,)
 
+    grad = torch.is_grad_enabled() and h.requires_grad
     parts = []
-    for s in range(0, h.shape[0], chunk_size):
-        hc, tc = h[s : s + chunk_size], targets[s : s + chunk_size]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            parts.append(checkpoint(_chunk_logps, head, softcap, hc, tc, use_reentrant=False))
-        else:
-            parts.append(_chunk_logps(head, softcap, hc, tc))
+    if return_logits or return_flat_logits:
+        raw = head(h)  # (N, V): the one head pass, kept (it is returned)
+        # Slices come from ONE split so that backward assembles the logits' gradient once, not per chunk.
+        sizes = [min(chunk_size, h.shape[0] - s) for s in range(0, h.shape[0], chunk_size)]
+        # A slice's saved tensors are views of `raw` unless a cast/softcap makes new ones: then recompute those.
+        light = not softcap and _fdtype(raw) == raw.dtype
+        for zc, tc in zip(raw.split(sizes), targets.split(sizes)):
+            if grad and not light:
+                parts.append(checkpoint(_logps_from_logits, softcap, zc, tc, use_reentrant=False))
+            else:
+                parts.append(_logps_from_logits(softcap, zc, tc))
+        with torch.set_grad_enabled(grad and return_logits):  # the flat copy alone is detached: no graph
+            logits = torch.tanh(raw / softcap) * softcap if softcap else raw  # (N, V)
+        if return_logits:
+            (res_cl, _), (res_rl, _) = split_flat(logits, batch)
+    else:
+        for s in range(0, h.shape[0], chunk_size):
+            hc, tc = h[s : s + chunk_size], targets[s : s + chunk_size]
+            if grad:
+                parts.append(checkpoint(_chunk_logps, head, softcap, hc, tc, use_reentrant=False))
+            else:
+                parts.append(_chunk_logps(head, softcap, hc, tc))
     res = ResponseLogps.from_flat(torch.cat(parts), batch)
 
+    if return_logits or return_flat_logits:
+        res.logits = logits.detach()
     if return_logits:
-        logits = head(h)  # (N, V)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        (res.chosen_logits, _), (res.rejected_logits, _) = split_flat(logits, batch)
+        res.chosen_logits, res.rejected_logits = res_cl, res_rl
     if return_hidden:
         layers = torch.stack(out.hidden_states[1:], dim=2)  # (R, T, n_layers, H)
         per = layers.reshape(-1, *layers.shape[2:]).index_select(0, batch.logit_index)  # (N, n_layers, H)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from pipeline import dist as pdist
+from pipeline.batching import row_tokens_for
 from pipeline.config import Config, PriorNetConfig
 from pipeline.logprobs import ResponseLogps
 from pipeline.prior_net import (
@@ -127,8 +128,15 @@ class MIDPOHook:
 
     @property
     def needs_policy_logits(self) -> bool:
-        """The trainer must run the policy forward with return_logits when this is true."""
+        """The prior's objective reads the policy's logits (on update steps, see policy_logits_due)."""
         return self.cfg.objective == "marginal"
+
+    def policy_logits_due(self, step: int) -> bool:
+        """The trainer runs the policy forward of policy step ``step`` (1-based) with return_flat_logits when
+        true: the marginal objective at an update step. Other steps (and eval) need no policy logits; the
+        ``prior/kl_policy`` metric is then logged on update steps only. Depends on the step alone, so every
+        rank makes the same choice (it changes the number of head calls, each a ZeRO-3 gather)."""
+        return self.needs_policy_logits and self.update_due(step)
 
     @property
     def module(self) -> PriorLM:
@@ -150,7 +158,7 @@ class MIDPOHook:
 
     def prior_batch(self, batch):
         return prior_batch(batch, condition_on_prompt=self.cfg.condition_on_prompt, bos_id=self.bos_id,
-                           pad_id=self.pad_id)
+                           pad_id=self.pad_id, max_row_tokens=row_tokens_for(self.module))
 
     # -- TrainHook -----------------------------------------------------------------------------
 
@@ -160,18 +168,24 @@ class MIDPOHook:
         training = torch.is_grad_enabled() and policy_out.chosen.requires_grad
         update = training and self.update_due(self.step + 1)
         pb = self.prior_batch(batch)
-        has_logits = policy_out.chosen_logits is not None and policy_out.rejected_logits is not None
+        flat = policy_out.logits  # (N, V) detached, in the policy batch's token order == the prior batch's
+        has_logits = flat is not None or (policy_out.chosen_logits is not None
+                                          and policy_out.rejected_logits is not None)
         if update and self.cfg.objective == "marginal" and not has_logits:
             raise ValueError("prior_net.objective=marginal needs the policy logits: run the policy forward with "
-                             "return_logits=True (MIDPOHook.needs_policy_logits)")
-        getters = [side_getter(policy_out.chosen_logits, policy_out.rejected_logits, pb)] if has_logits else []
+                             "return_flat_logits=True (MIDPOHook.policy_logits_due)")
+        has_logits = has_logits and training  # eval: log zeta only, no KL to compute
+        getters = []
+        if has_logits:
+            getters.append(flat_getter(flat) if flat is not None
+                           else side_getter(policy_out.chosen_logits, policy_out.rejected_logits, pb))
         use_init = update and self.cfg.objective == "joint" and self.cfg.anchor == "kl_init" and self.cfg.anchor_weight
         if use_init:
             with torch.no_grad():
                 (init_logits,) = self.init_engine(pb, return_logits=True)
             getters.append(flat_getter(init_logits))
         with torch.set_grad_enabled(update):
-            logp, ent, *kls = self.engine(pb, tuple(getters))
+            logp, ent, *kls = self.engine(pb, tuple(getters), fused=self.cfg.objective == "marginal")
 
         if update:
             if self.cfg.objective == "marginal":

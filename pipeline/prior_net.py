@@ -10,8 +10,9 @@ the policy's batch, so the N per-token values line up one to one with the policy
 Update objectives (pure functions below, on flat per-token tensors):
 - ``marginal``: sum_t KL(sg pi(.|x,y<t) || zeta(.|y<t[,x])) on the batch's responses, the alternating
   (Blahut-Arimoto) step toward the policy's marginal. Computed chunk by chunk from the policy
-  logits of the policy's own forward; the prior's full-vocab logits exist one chunk at a time
-  (recomputed in backward).
+  logits of the policy's own forward (flat, detached: ``ResponseLogps.logits``); the prior's
+  full-vocab values exist one chunk at a time, and the logits' gradient is formed in closed form
+  (``_HeadTerms``). The ``joint`` objective differentiates checkpointed chunks with autograd.
 - ``joint``: the MI-DPO loss w.r.t. zeta (policy detached) + anchor_weight * anchor, anchor =
   ``kl_init`` (sum_t KL(zeta_init || zeta)) or ``nll`` (sum_t -log zeta(y_t)), both responses.
   Why the anchor: J alone lowers log zeta(y_w) and raises log zeta(y_l) without limit (collapse).
@@ -27,6 +28,7 @@ The engine hook that runs all this under DeepSpeed is in pipeline/mi_dpo_hook.py
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import torch
@@ -118,15 +120,19 @@ def response_rows(batch: PairBatch) -> list[dict]:
     return [{"chosen_ids": seqs[i], "rejected_ids": seqs[B + i]} for i in range(B)]
 
 
-def prior_batch(batch: PairBatch, *, condition_on_prompt: bool, bos_id: int | None, pad_id: int) -> PairBatch:
-    """The prior's batch: the policy's own (conditioned) or [BOS] + response (unconditioned)."""
+def prior_batch(batch: PairBatch, *, condition_on_prompt: bool, bos_id: int | None, pad_id: int,
+                max_row_tokens: int | None = None) -> PairBatch:
+    """The prior's batch: the policy's own (conditioned) or [BOS] + response (unconditioned).
+    ``max_row_tokens``: packed-row budget of the unconditioned batch (batching.row_tokens_for: under a dense
+    block mask one row of every response costs quadratic attention; the trainer packs the policy's the same way)."""
     if condition_on_prompt:
         return batch
     if bos_id is None:
         raise ValueError("the unconditioned prior needs a BOS token: set prior_net.bos_token_id (the init model's "
                          "config has no bos_token_id)")
     rows = [{"prompt_ids": [bos_id], **r} for r in response_rows(batch)]
-    return collate_pairs(rows, layout=batch.layout, pad_id=pad_id).to(batch.input_ids.device)
+    return collate_pairs(rows, layout=batch.layout, pad_id=pad_id,
+                         max_row_tokens=max_row_tokens).to(batch.input_ids.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,21 +160,96 @@ def flat_getter(logits: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
     return lambda s, e: logits.detach()[s:e]
 
 
-def _chunk_terms(head, softcap, h, targets, getters, s, e):
-    logits = head(h)  # (m, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+def _cap(raw: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Head output -> fp32 logits (Gemma's final_logit_softcapping when set)."""
+    logits = raw.to(torch.promote_types(raw.dtype, torch.float32))  # (m, V)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _terms(logits, targets, tgts, keep: list | None = None):
+    """(logp (m,), entropy (m,), *KL(target || zeta) (m,) one per target) from fp32 logits (m, V).
+    ``keep``: a list that receives q = softmax(logits) and each target's p (m, V), for a backward."""
     lse = torch.logsumexp(logits, -1)  # (m,)
     # Same ops as logprobs._chunk_logps, so a prior equal to the reference gives bit-equal log-probs.
     logp = logits.gather(-1, targets[:, None])[:, 0] - lse
     logq = logits - lse[:, None]  # (m, V)
-    ent = -(logq.exp() * logq).sum(-1)
-    kls = []
-    for get in getters:
-        lp = torch.log_softmax(get(s, e).to(logq.dtype), -1)  # (m, V) target, no grad
-        kls.append((lp.exp() * (lp - logq)).sum(-1))
+    q = logq.exp()
+    ent = -(q * logq).sum(-1)
+    kls, ps = [], []
+    for x in tgts:
+        lp = torch.log_softmax(x.to(logq.dtype), -1)  # (m, V) target, no grad
+        p = lp.exp()
+        kls.append((p * (lp - logq)).sum(-1))
+        ps.append(p)
+    if keep is not None:
+        keep += [q, *ps]
     return (logp, ent, *kls)
+
+
+def _chunk_terms(head, softcap, h, targets, tgts):
+    """``_terms`` of head(h). ``tgts``: (m, V) target logits (detached), or a function () -> them (called
+    here, so that a checkpoint keeps no full-vocab copies)."""
+    return _terms(_cap(head(h), softcap), targets, tgts() if callable(tgts) else tgts)
+
+
+class _HeadTerms(torch.autograd.Function):
+    """``_terms`` of the head's output with a hand-written backward, for the prior's update:
+    ``_HeadTerms.apply(head(h), head, softcap, h.detach(), targets, keep, *tgts)``.
+
+    Forward computes the values without an autograd graph (the same ops, so the same values as the no-grad
+    path). Backward returns the gradient of the head's output in closed form, with q = softmax(logits),
+    p_g = softmax(target_g) (the forward's own intermediates, bit for bit):
+        d logp_t / d logits = onehot(y_t) - q
+        d KL(p_g || q) / d logits = q - p_g
+    (entropy is a metric: no gradient; sum_v p_g = 1 is used where autograd carried the computed sum, 1 up
+    to rounding). ``keep=True`` keeps q and the p_g from forward to backward; otherwise nothing full-vocab
+    is kept and backward recomputes head(h) without grad (as activation checkpointing recomputed the chunk).
+    The caller keeps only the LAST chunk: backward runs it first, so its q, p_g replace the tensors a
+    recompute would allocate at that moment, and the peak memory stays one chunk's. Versus autograd through
+    a checkpointed chunk this skips the recomputed forward and the backward of every elementwise op (~20
+    full-vocab passes per chunk; the kept chunk also its head matmul). The head's own backward stays in the
+    caller's graph (head(h) is this function's input), so under ZeRO-3 its weight gradient is reduced once
+    per backward, as for any layer."""
+
+    @staticmethod
+    def forward(ctx, raw, head, softcap, h, targets, keep, *tgts):
+        ctx.set_materialize_grads(False)
+        logits = _cap(raw, softcap)
+        kept = [] if keep else None
+        outs = _terms(logits, targets, tgts, kept)
+        if keep and softcap:
+            kept.append(logits)
+        ctx.kept, ctx.head, ctx.softcap, ctx.n, ctx.raw_dtype = kept, head, softcap, len(tgts), raw.dtype
+        ctx.save_for_backward(h, targets, *tgts)
+        ctx.mark_non_differentiable(outs[1])
+        return outs
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, *g_kls):
+        h, targets, *tgts = ctx.saved_tensors
+        with torch.no_grad():
+            if ctx.kept is not None:
+                q, *ps = ctx.kept
+                logits = ps.pop() if ctx.softcap else None
+                ctx.kept = None  # freed as soon as this chunk is done
+            else:  # recompute (the same ops as _terms)
+                logits = _cap(ctx.head(h), ctx.softcap)  # (m, V)
+                q = (logits - torch.logsumexp(logits, -1)[:, None]).exp_()
+                ps = [torch.log_softmax(x.to(q.dtype), -1).exp_() for x in tgts]
+            grad = None
+            for g, p in zip(g_kls, ps):
+                if g is not None:
+                    d = (q - p).mul_(g[:, None])  # (q - p) g, (m, V)
+                    grad = d if grad is None else grad.add_(d)
+            if g_logp is not None:
+                gl = g_logp[:, None].to(q.dtype)
+                grad = q.mul_(-gl) if grad is None else grad.addcmul_(q, gl, value=-1)
+                grad.scatter_add_(-1, targets[:, None], gl)
+            if ctx.softcap:  # logits = c tanh(raw / c): d logits / d raw = 1 - tanh^2
+                grad.mul_(1 - (logits / ctx.softcap) ** 2)
+        return (grad.to(ctx.raw_dtype), None, None, None, None, None, *([None] * ctx.n))
 
 
 def _side_token_counts(batch: PairBatch) -> tuple[int, int]:
@@ -214,7 +295,11 @@ class PriorLM(torch.nn.Module):
 
     forward(batch, getters) -> (logp (N,), entropy (N,), *kl (N,) one per getter), flat in
     ``batch.target_index`` order, fp32; kl_g = KL(target_g || zeta) per token.
-    forward(batch, return_logits=True) -> ((N, V) logits,) (the frozen init of the kl_init anchor)."""
+    forward(batch, return_logits=True) -> ((N, V) logits,) (the frozen init of the kl_init anchor).
+    With grad, ``fused=True`` differentiates the chunks through ``_HeadTerms`` (closed-form logits gradient:
+    the marginal objective), else through autograd on checkpointed chunks (the joint objective: at the
+    prior's init its kl_init anchor's gradient is 0 up to rounding, and Adam turns whatever the rounding
+    gives into full-size steps, so that path keeps its exact rounding)."""
 
     def __init__(self, model: torch.nn.Module, chunk_size: int = 1024):
         super().__init__()
@@ -225,7 +310,7 @@ class PriorLM(torch.nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, batch: PairBatch, getters: tuple = (), return_logits: bool = False) -> tuple:
+    def forward(self, batch: PairBatch, getters: tuple = (), return_logits: bool = False, fused: bool = False) -> tuple:
         model = self.model
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -237,13 +322,17 @@ class PriorLM(torch.nn.Module):
             return ((torch.tanh(logits / softcap) * softcap) if softcap else logits,)
         targets = batch.input_ids.reshape(-1).index_select(0, batch.target_index)  # (N,)
         parts = []
-        for s, e in _ranges(batch, self.chunk_size, _all_ranks_max(_side_token_counts(batch))):
-            args = (head, softcap, h[s:e], targets[s:e], getters, s, e)
-            if torch.is_grad_enabled() and h.requires_grad:
-                # recomputed in backward: one chunk of full-vocab fp32 values alive at a time
-                parts.append(checkpoint(_chunk_terms, *args, use_reentrant=False))
-            else:
-                parts.append(_chunk_terms(*args))
+        ranges = _ranges(batch, self.chunk_size, _all_ranks_max(_side_token_counts(batch)))
+        for i, (s, e) in enumerate(ranges):
+            tgts = functools.partial(lambda s, e: tuple(get(s, e) for get in getters), s, e)  # (m, V) each
+            if not (torch.is_grad_enabled() and h.requires_grad):
+                parts.append(_chunk_terms(head, softcap, h[s:e], targets[s:e], tgts))
+            elif fused:
+                # one chunk of full-vocab fp32 values alive at a time; the head matmul is recomputed in backward
+                hc, last = h[s:e], i == len(ranges) - 1
+                parts.append(_HeadTerms.apply(head(hc), head, softcap, hc.detach(), targets[s:e], last, *tgts()))
+            else:  # autograd through the chunk, recomputed in backward (activation checkpointing)
+                parts.append(checkpoint(_chunk_terms, head, softcap, h[s:e], targets[s:e], tgts, use_reentrant=False))
         return tuple(torch.cat([p[i] for p in parts]) for i in range(2 + len(getters)))
 
 

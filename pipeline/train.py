@@ -154,13 +154,16 @@ def _pad3(lists, dtype) -> torch.Tensor:
 # one forward + loss (shared by train, eval and the probe: one code path)
 
 
-def forward_loss(engine, prior, mb: MicroBatch, cfg: Config, hook, *, need_logits: bool, reference=None):
-    """`reference`: the online reference (pipeline.engine.OnlineReference), else the cache in `mb.ref`."""
+def forward_loss(engine, prior, mb: MicroBatch, cfg: Config, hook, *, need_logits: bool, reference=None,
+                 flat_logits: bool = False):
+    """`reference`: the online reference (pipeline.engine.OnlineReference), else the cache in `mb.ref`.
+    `need_logits`: the loss's prior reads the policy logits (with grad); `flat_logits`: the hook does (detached)."""
     from pipeline.engine import policy_logps
     from pipeline.priors import PriorInputs, compute_loss
 
     ref = mb.ref if reference is None else reference(mb.batch)  # same PairBatch, no grad
-    policy = policy_logps(engine, mb.batch, return_logits=need_logits)  # ResponseLogps (B, L) fp32, with grad in training
+    # ResponseLogps (B, L) fp32, with grad in training
+    policy = policy_logps(engine, mb.batch, return_logits=need_logits, return_flat_logits=flat_logits)
     extra = hook.before_loss(mb.batch, policy) or {}
     inputs = PriorInputs(policy=policy, ref=ref, token_weights=mb.token_weights, ref_topk=mb.ref_topk, **extra)
     return policy, compute_loss(prior, inputs, cfg.loss)
@@ -422,7 +425,6 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
 
         hook = build_midpo_hook(cfg, reference_path=paths["reference"], policy_config=hf_config, world_size=world,
                                 pad_id=pad_id, beta=prior.beta)
-        need_logits = need_logits or hook.needs_policy_logits
     layout = "packed" if tc.packing else "padded"
     dtype = resolve_dtype(cfg.model.dtype)
     attn = resolve_attn(cfg.model.attn_implementation)
@@ -522,10 +524,13 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
         lr = engine.get_lr()[0]
         engine_steps = 0  # DeepSpeed micro-step counter advances only through engine.step()
         policy = mb = None
+        # the hook reads the policy logits only on its update steps (same answer on every rank: same head calls)
+        flat_logits = hook.policy_logits_due(state.step + 1)
         for k, idx in enumerate(micro_rows):
             mb = make_micro_batch(train_split.rows(idx), collate, pdist.device())
             step_ids.append(mb.ids)
-            policy, out = forward_loss(engine, prior, mb, cfg, hook, need_logits=need_logits, reference=reference)
+            policy, out = forward_loss(engine, prior, mb, cfg, hook, need_logits=need_logits, reference=reference,
+                                       flat_logits=flat_logits)
             loss = out.losses.mean()
             if state.step + 1 in nan_steps and rank == nan_rank and k == 0:
                 loss = loss * float("nan")

@@ -14,6 +14,7 @@ from pipeline.logprobs import (
     response_logps,
     selective_log_softmax,
     sequence_logps_naive,
+    split_flat,
     topk_logprobs,
 )
 
@@ -179,6 +180,52 @@ def test_logits_and_hidden_extras(model):
     torch.testing.assert_close(
         selective_log_softmax(out.chosen_logits[0, : ids0.numel()], ids0), out.chosen[0, : ids0.numel()]
     )
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32),
+                                          pytest.param("cuda", torch.float32, marks=pytest.mark.gpu),
+                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_logits_path_equals_chunked_path_values_and_gradients(softcap, device, dtype):
+    """return_logits / return_flat_logits run the head ONCE over all positions and take the log-probs from
+    slices of those logits: the same values and gradients as the chunked path (chunks of 4, recomputed in
+    backward); the flat logits are the per-side ones, detached, in target order. softcap: the Gemma-style
+    final_logit_softcapping, forced onto the tiny Llama's config (both paths read it from there).
+    CUDA: the head once over N rows vs per chunk may pick other GEMM kernels, so values/gradients are
+    compared within rounding (bf16: 2e-2) instead of 1e-6."""
+    model = tiny_llama(seed=3).to(device=device, dtype=dtype)
+    model.config.final_logit_softcapping = softcap
+    batch = collate_pairs(make_rows(5), layout="packed", pad_id=PAD).to(device)
+    wc = torch.randn(batch.num_pairs, int(batch.response_lens[: batch.num_pairs].max()),
+                     generator=torch.Generator().manual_seed(4)).to(device)
+    tol = 1e-6 if device == "cpu" else (1e-4 if dtype == torch.float32 else 2e-2)
+    res = {}
+    for name, kw in (("chunked", {}), ("logits", {"return_logits": True}), ("flat", {"return_flat_logits": True})):
+        model.zero_grad(set_to_none=True)
+        out = response_logps(model, batch, chunk_size=4, **kw)
+        ((out.chosen * wc).sum() - out.rejected.sum()).backward()
+        res[name] = (out, {n: p.grad.clone() for n, p in model.named_parameters()})
+    (base, g0) = res["chunked"]
+    assert base.logits is None and base.chosen_logits is None
+    for name in ("logits", "flat"):
+        out, g = res[name]
+        torch.testing.assert_close(out.chosen, base.chosen, rtol=0, atol=tol)
+        torch.testing.assert_close(out.rejected, base.rejected, rtol=0, atol=tol)
+        for n in g0:
+            torch.testing.assert_close(g[n], g0[n], rtol=10 * tol, atol=tol * max(1.0, float(g0[n].abs().max())),
+                                       msg=f"{name}: {n}")
+        assert out.logits.shape == (int(batch.response_lens.sum()), V) and not out.logits.requires_grad
+        # log-probs recomputed from the returned logits: they are the logits the log-probs came from
+        targets = batch.input_ids.reshape(-1)[batch.target_index]
+        flat = torch.log_softmax(out.logits.double(), -1).gather(-1, targets[:, None])[:, 0]
+        torch.testing.assert_close(ResponseLogps.from_flat(flat, batch).chosen.float(), base.chosen, rtol=0,
+                                   atol=max(tol, 1e-5))
+    out = res["logits"][0]
+    assert out.chosen_logits.requires_grad and res["flat"][0].chosen_logits is None
+    (c, _), (r, _) = split_flat(out.logits, batch)
+    assert torch.equal(c, out.chosen_logits.detach()) and torch.equal(r, out.rejected_logits.detach())
+    if softcap:
+        assert float(out.logits.abs().max()) <= softcap
 
 
 def test_from_lists_left_aligns():

@@ -299,6 +299,11 @@ def test_schedule_update_every_start_step_warmup(models):
         changed.append(any(not torch.equal(a, p) for a, p in zip(before, prior.parameters())))
         lrs.append(mean(m, "prior/lr") if "prior/lr" in m else None)
     assert changed == [False, True, False, True, False, True]  # steps 2, 4, 6
+    # the trainer asks the policy forward for logits exactly on the marginal objective's update steps
+    assert [hook.policy_logits_due(s) for s in range(1, 7)] == [False, True, False, True, False, True]
+    joint = torch_hook(prior_from_model(models["ref"], num_layers=1), PriorNetConfig(objective="joint", anchor="nll"),
+                       beta=BETA, pad_id=PAD)
+    assert not any(joint.policy_logits_due(s) for s in range(1, 7))
     assert lrs == [None, pytest.approx(5e-3), None, pytest.approx(1e-2), None, pytest.approx(1e-2)]
     assert hook.state_dict() == {"step": 6, "updates": 3}
     # eval (grad disabled): log zeta only, no update, no metrics
@@ -353,6 +358,90 @@ def test_learned_prior_contract(models):
     assert torch.equal(out.chosen, z.chosen) and not out.chosen.requires_grad
     with pytest.raises(ValueError, match="not aligned"):
         learned(PriorInputs(policy=pol, prior_logps=SidePair(pol.chosen[:, :1], pol.rejected)))
+
+
+def _autograd_terms(head, softcap, h, targets, tgts):
+    """The prior's per-chunk terms as plain autograd ops (what a checkpointed chunk differentiated)."""
+    logits = head(h).float()  # (m, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    lse = torch.logsumexp(logits, -1)
+    logp = logits.gather(-1, targets[:, None])[:, 0] - lse
+    logq = logits - lse[:, None]
+    ent = -(logq.exp() * logq).sum(-1)
+    kls = []
+    for x in tgts:
+        lp = torch.log_softmax(x.float(), -1)
+        kls.append((lp.exp() * (lp - logq)).sum(-1))
+    return (logp, ent, *kls)
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32),
+                                          pytest.param("cuda", torch.float32, marks=pytest.mark.gpu),
+                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("objective", ["marginal", "logp_and_kl"])
+def test_fused_head_terms_equal_autograd(softcap, objective, device, dtype):
+    """prior_net._HeadTerms (values without a graph, closed-form logits gradient, head recomputed in backward;
+    the marginal objective's path) == autograd through the same ops (the checkpointed path it replaced):
+    values bit-equal, gradients of the hidden states and of the head weight within 1e-6 relative.
+    marginal: a weighted sum of KL(policy || zeta); logp_and_kl: log zeta and a second target's KL together
+    (the general case the function supports). bf16 (CUDA): the head's output is bf16, the terms fp32."""
+    from pipeline.prior_net import _HeadTerms
+
+    g = torch.Generator().manual_seed(0)
+    m, H = 23, 16
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    head.to(device=device, dtype=dtype)
+    h0 = torch.randn(m, H, generator=g).to(device=device, dtype=dtype)
+    targets = torch.randint(0, V, (m,), generator=g).to(device)
+    tgts = tuple((torch.randn(m, V, generator=g) * 4).to(device, dtype) for _ in range(1 if objective == "marginal"
+                                                                                       else 2))
+    w = [torch.randn(m, generator=g).to(device) for _ in range(3)]
+
+    def run(fn):
+        head.zero_grad(set_to_none=True)
+        h = h0.clone().requires_grad_(True)
+        logp, ent, *kls = fn(head, softcap, h, targets, *tgts)
+        loss = (w[0] * kls[0]).sum() if objective == "marginal" else (w[1] * logp).sum() + (w[2] * kls[1]).sum()
+        loss.backward()
+        return (logp, ent, *kls), h.grad, head.weight.grad
+
+    (v_ref, gh_ref, gw_ref) = run(lambda hd, sc, h, t, *x: _autograd_terms(hd, sc, h, t, x))
+    assert float(gw_ref.abs().max()) > 0 and float(gh_ref.abs().max()) > 0
+    fused = {}
+    for keep in (False, True):  # recompute head(h) in backward / keep softmax(logits) and the targets' p
+        fused[keep] = v, gh, gw = run(
+            lambda hd, sc, h, t, *x, keep=keep: _HeadTerms.apply(hd(h), hd, sc, h.detach(), t, keep, *x))
+        for a, b in zip(v, v_ref):
+            assert torch.equal(a.detach(), b.detach())
+        assert not v[1].requires_grad  # entropy: a metric, no gradient
+        tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the head's backward rounds its input gradient
+        torch.testing.assert_close(gh, gh_ref, rtol=tol, atol=tol * float(gh_ref.abs().max()))
+        torch.testing.assert_close(gw, gw_ref, rtol=tol, atol=tol * float(gw_ref.abs().max()))
+    assert torch.equal(fused[True][1], fused[False][1]) and torch.equal(fused[True][2], fused[False][2])
+
+
+def test_prior_values_do_not_depend_on_the_row_budget(models):
+    """The hook packs the unconditioned batch into rows of at most batching.row_tokens_for(prior) tokens
+    (quadratic dense-mask attention otherwise): log zeta, entropy and KL equal the one-row layout's."""
+    from pipeline.batching import row_tokens_for
+    from pipeline.prior_net import PriorLM, flat_getter
+
+    prior = PriorLM(prior_from_model(models["ref"], num_layers=1))
+    batch = collate_pairs(rows(8, seed=4), layout="packed", pad_id=PAD)
+    with torch.no_grad():
+        pol = response_logps(models["policy"], batch, return_flat_logits=True)
+        outs = []
+        for cap in (None, 12):
+            pb = prior_batch(batch, condition_on_prompt=False, bos_id=BOS, pad_id=PAD, max_row_tokens=cap)
+            outs.append(prior(pb, (flat_getter(pol.logits),)))
+    assert pb.input_ids.shape[0] > 1  # really several rows
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert row_tokens_for(prior) == 512  # sdpa: the trainer's packed-row budget
 
 
 def test_unconditioned_layout_is_bos_plus_response():
