@@ -13,7 +13,10 @@ What it checks, in one process on one GPU (world size 1, NCCL; the ZeRO-3 engine
 3. throughput and MFU of ZeRO-3 bf16 training steps (DPO from cached reference log-probs), for the packed
    layout as training packs it (rows capped by `row_tokens_for`) and for the padded layout:
    model FLOPs (pipeline.metrics.train_flops_per_token) / time / peak, against both a measured bf16 GEMM
-   peak and the nominal dense bf16 peak given by --nominal-peak (H100 SXM: 989e12).
+   peak and the nominal dense bf16 peak given by --nominal-peak (H100 SXM: 989e12);
+4. with --prior-layers K: MI-DPO proper (loss.prior=learned, the marginal objective, a prior network of the
+   policy's first K layers on its own ZeRO-3 engine, updated every step) on the same packed batches as the
+   DPO timing: step time learned / dpo (issue goal <= 1.15 with a quarter of the layers).
 Prints one JSON object; exits 1 when a check fails.
 """
 
@@ -23,6 +26,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +56,8 @@ def main() -> int:
     ap.add_argument("--micro", type=int, default=8, help="pairs per micro-batch")
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after 2 warm-up steps)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--layouts", default="packed,padded", help="layouts to time (comma-separated)")
+    ap.add_argument("--prior-layers", type=int, default=0, help="also time MI-DPO with a prior of K layers")
     ap.add_argument("--nominal-peak", type=float, default=989e12, help="dense bf16 FLOP/s of the GPU")
     ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # logic check on CPU, fp32, tiny
     a = ap.parse_args()
@@ -67,11 +73,11 @@ def main() -> int:
     from pipeline import dist as pdist
     from pipeline.batching import collate_pairs, row_tokens_for
     from pipeline.config import load_config
-    from pipeline.engine import PolicyLogps, build_policy_engine, policy_logps, resolve_ds_config
+    from pipeline.engine import PolicyLogps, build_policy_engine, ds_config_path, policy_logps, resolve_ds_config
     from pipeline.logprobs import ResponseLogps
     from pipeline.metrics import measure_peak_flops, train_flops_per_token
     from pipeline.models import resolve_attn
-    from pipeline.priors import PriorInputs, build_prior, compute_loss
+    from pipeline.priors import build_prior
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     pdist.init_distributed()
@@ -92,12 +98,20 @@ def main() -> int:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params = sum(p.numel() for p in model.parameters())
     report["params"] = n_params
+    if a.prior_layers:
+        # the prior network loads its first K layers from a model folder, as in training (before ZeRO-3 partitions)
+        ref_dir = Path(tempfile.mkdtemp(prefix="gpu_check_ref_"))
+        model.save_pretrained(ref_dir, safe_serialization=True)
 
-    cfg = load_config(None, [f"model.dtype={'fp32' if a.cpu_smoke else 'bf16'}", f"train.ds_config={ds_name}",
+    # torch's AdamW for the policy and the prior engine: FusedAdam's JIT build (nvcc) costs minutes of a short check
+    ds_json = json.loads(ds_config_path(ds_name).read_text())
+    ds_json["optimizer"]["params"]["torch_adam"] = True
+    ds_file = Path(tempfile.mkdtemp(prefix="gpu_check_ds_")) / f"{ds_name}_torch_adam.json"
+    ds_file.write_text(json.dumps(ds_json))
+    cfg = load_config(None, [f"model.dtype={'fp32' if a.cpu_smoke else 'bf16'}", f"train.ds_config={ds_file}",
                              f"train.micro_batch_size={a.micro}", "train.grad_accum=1", "train.lr=1e-5",
                              f"train.max_steps={a.steps + 2}"])
     ds = resolve_ds_config(cfg, world_size=1, hidden_size=a.hidden)
-    ds["optimizer"]["params"]["torch_adam"] = True  # no FusedAdam JIT build (needs nvcc) for a short check
     engine = build_policy_engine(PolicyLogps(model), ds, total_steps=a.steps + 2, warmup_ratio=0.0,
                                  schedule="constant")
     gen = torch.Generator().manual_seed(0)
@@ -131,7 +145,8 @@ def main() -> int:
     report["measured_bf16_peak"] = measured_peak
     row_tokens = row_tokens_for(engine)
     report["packed_row_tokens"] = row_tokens
-    for layout in ("packed", "padded"):
+    dpo_batches = {}
+    for layout in a.layouts.split(","):
         batches = []
         for _ in range(a.steps + 2):
             r = random_rows(a.micro, a.vocab, gen)
@@ -142,24 +157,9 @@ def main() -> int:
                 ref = policy_logps(engine, b)
             batches.append((b, ResponseLogps(ref.chosen.float(), ref.chosen_mask, ref.rejected.float(),
                                              ref.rejected_mask)))
-        engine.train()
         torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-        times, tokens, first_loss, ctx = [], [], None, 0.0
-        for i, (b, ref) in enumerate(batches):
-            sync()
-            t0 = time.perf_counter()
-            pol = policy_logps(engine, b)
-            out = compute_loss(prior, PriorInputs(policy=pol, ref=ref), cfg_loss)
-            loss = out.losses.mean()
-            engine.backward(loss)
-            engine.step()
-            sync()
-            if i == 0:
-                first_loss = loss.item()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-                tokens.append(int(b.seq_lens.sum()))  # real tokens: padding is not work done
-                ctx += float((b.seq_lens.double() ** 2).sum() / b.seq_lens.sum() / 2)
+        times, tokens, ctx, first_loss = dpo_steps(engine, batches, prior, cfg_loss, sync)
+        dpo_batches[layout] = batches
         report[f"step0_loss_{layout}"] = first_loss  # references are re-scored by the current policy: ln 2 both
         if not abs(first_loss - math.log(2)) < 1e-3:
             report["ok"] = False
@@ -169,10 +169,92 @@ def main() -> int:
             "pairs_per_s": a.micro * len(times) / dt, "tokens_per_s": tok / dt, "step_s": dt / len(times),
             "mfu_vs_measured": fpt * tok / dt / measured_peak, "mfu_vs_nominal": fpt * tok / dt / a.nominal_peak,
             "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "step_s_each": [round(t, 4) for t in times],
         }
+    if a.prior_layers:
+        layout = "packed" if "packed" in dpo_batches else next(iter(dpo_batches))
+        try:
+            mi = report["mi_dpo"] = time_mi_dpo(a, engine, cfg, hf, ref_dir, dpo_batches[layout], sync)
+            # DPO again on the same batches after MI-DPO: the first DPO timing includes the process's warm-up
+            # (allocator growth, kernel selection), which would flatter MI-DPO; the ratio uses both DPO timings.
+            after = dpo_steps(engine, dpo_batches[layout], prior, cfg_loss, sync)[0]
+            before = report[f"throughput_{layout}"]["step_s"]
+            mi["dpo_after_step_s"] = sum(after) / len(after)
+            mi["dpo_after_step_s_each"] = [round(t, 4) for t in after]
+            mi["step_ratio_vs_dpo_before"] = mi["step_s"] / before
+            mi["step_ratio_vs_dpo_after"] = mi["step_s"] / mi["dpo_after_step_s"]
+            mi["layout"] = layout
+        except Exception as e:  # keep the DPO numbers of a short device run
+            report["mi_dpo"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            report["ok"] = False
     print(json.dumps(report, indent=1))
     pdist.cleanup()
     return 0 if report["ok"] else 1
+
+
+def dpo_steps(engine, batches: list, prior, cfg_loss, sync) -> tuple[list[float], list[int], float, float]:
+    """DPO training steps from the batches' "cached" reference log-probs -> (seconds of each step after the
+    first 2, real tokens of those steps, their mean attention context sum, the first step's loss)."""
+    from pipeline.engine import policy_logps
+    from pipeline.priors import PriorInputs, compute_loss
+
+    engine.train()
+    times, tokens, first_loss, ctx = [], [], None, 0.0
+    for i, (b, ref) in enumerate(batches):
+        sync()
+        t0 = time.perf_counter()
+        pol = policy_logps(engine, b)
+        out = compute_loss(prior, PriorInputs(policy=pol, ref=ref), cfg_loss)
+        loss = out.losses.mean()
+        engine.backward(loss)
+        engine.step()
+        sync()
+        if i == 0:
+            first_loss = loss.item()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+            tokens.append(int(b.seq_lens.sum()))  # real tokens: padding is not work done
+            ctx += float((b.seq_lens.double() ** 2).sum() / b.seq_lens.sum() / 2)
+    return times, tokens, ctx, first_loss
+
+
+def time_mi_dpo(a, engine, cfg, hf, ref_dir: Path, batches: list, sync) -> dict:
+    """Training steps of loss.prior=learned on `batches` (the DPO timing's): policy forward (flat detached
+    logits on the prior's update steps), hook.before_loss (log zeta), loss, backward, step, hook.after_step
+    (the prior's own update) -- the order pipeline.train uses."""
+    import dataclasses
+
+    from pipeline.config import load_config
+    from pipeline.engine import policy_logps
+    from pipeline.mi_dpo_hook import build_midpo_hook
+    from pipeline.priors import PriorInputs, build_prior, compute_loss
+
+    lcfg = load_config(None, ["loss.prior=learned", "loss.beta=0.1", f"prior_net.num_layers={a.prior_layers}"])
+    cfg = dataclasses.replace(cfg, prior_net=lcfg.prior_net)
+    prior = build_prior(lcfg.loss)
+    hook = build_midpo_hook(cfg, reference_path=ref_dir, policy_config=hf, world_size=1, pad_id=0, beta=0.1)
+    engine.train()
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    times, first_loss = [], None
+    for i, (b, ref) in enumerate(batches):
+        sync()
+        t0 = time.perf_counter()
+        pol = policy_logps(engine, b, return_flat_logits=hook.policy_logits_due(i + 1))
+        extra = hook.before_loss(b, pol) or {}
+        out = compute_loss(prior, PriorInputs(policy=pol, ref=ref, **extra), lcfg.loss)
+        loss = out.losses.mean()
+        engine.backward(loss)
+        engine.step()
+        hook.after_step(i + 1, b, pol)
+        sync()
+        if i == 0:
+            first_loss = loss.item()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return {"prior_layers": a.prior_layers, "objective": cfg.prior_net.objective, "step0_loss": first_loss,
+            "step_s": sum(times) / len(times), "step_s_each": [round(t, 4) for t in times],
+            "pairs_per_s": a.micro * len(times) / sum(times),
+            "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
 
 
 if __name__ == "__main__":

@@ -182,9 +182,8 @@ def test_logits_and_hidden_extras(model):
     )
 
 
-@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32),
-                                          pytest.param("cuda", torch.float32, marks=pytest.mark.gpu),
-                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+# CPU fp32 only: the suite runs where CI runs (no GPU); CUDA/bf16 runs of the same path: bench/gpu_check.py
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32)])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_logits_path_equals_chunked_path_values_and_gradients(softcap, device, dtype):
     """return_logits / return_flat_logits run the head ONCE over all positions and take the log-probs from

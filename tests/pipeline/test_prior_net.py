@@ -376,9 +376,8 @@ def _autograd_terms(head, softcap, h, targets, tgts):
     return (logp, ent, *kls)
 
 
-@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32),
-                                          pytest.param("cuda", torch.float32, marks=pytest.mark.gpu),
-                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+# CPU fp32 only: the suite runs where CI runs (no GPU); CUDA/bf16 runs of the same path: bench/gpu_check.py
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32)])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("objective", ["marginal", "logp_and_kl"])
 def test_fused_head_terms_equal_autograd(softcap, objective, device, dtype):
