@@ -75,14 +75,17 @@ def resolve_ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict:
                 f"use a ds_config that matches (zero3_bf16 for bf16, zero3_cpu_fp32 for fp32) or set model.dtype")
 
     zo = ds.setdefault("zero_optimization", {})
-    if zo.get("stage", 3) != 3:
-        log.warning("ds_config uses ZeRO stage %s; midpo is tested with stage 3", zo.get("stage"))
+    stage = int(zo.get("stage", 3))
+    if stage not in (2, 3):
+        log.warning("ds_config uses ZeRO stage %s; midpo is tested with stages 2 and 3", stage)
     # HF's sizing rule (hidden^2), floored: for small hidden sizes hidden^2 makes dozens of tiny
     # reduce-scatters per step, and each costs a fixed launch/latency overhead.
     # These are tuning knobs, not recipe facts: an explicit value in the JSON wins.
     bucket = max(hidden_size * hidden_size, MIN_BUCKET)
-    for key, value in (("reduce_bucket_size", bucket), ("stage3_prefetch_bucket_size", int(0.9 * bucket)),
-                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+    knobs = ((("stage3_prefetch_bucket_size", int(0.9 * bucket)), ("stage3_param_persistence_threshold",
+                                                                     10 * hidden_size)) if stage == 3
+             else (("allgather_bucket_size", bucket),))
+    for key, value in (("reduce_bucket_size", bucket), *knobs):
         if zo.get(key, "auto") == "auto":
             zo[key] = value
 
@@ -263,9 +266,15 @@ def build_policy_engine(model: torch.nn.Module, ds_config: dict, *, total_steps:
 
 
 def inference_ds_config(ds_config: dict) -> dict:
-    """A resolved engine config (resolve_ds_config) minus the optimizer: a frozen ZeRO-3 engine of the same
-    dtype, stage and bucket sizes. Derived, never re-resolved, so there is one place that fills configs."""
-    return {k: v for k, v in copy.deepcopy(ds_config).items() if k != "optimizer"}
+    """A resolved engine config (resolve_ds_config) minus the optimizer: a frozen engine of the same dtype,
+    ZeRO-3 stage and bucket sizes. Derived, never re-resolved, so there is one place that fills configs.
+    Under a ZeRO-1/2 policy the frozen copy gets stage 0: those stages partition optimizer state and
+    gradients, which a model without an optimizer does not have (DeepSpeed refuses them without one)."""
+    out = {k: v for k, v in copy.deepcopy(ds_config).items() if k != "optimizer"}
+    zo = out.get("zero_optimization") or {}
+    if int(zo.get("stage", 0)) in (1, 2):
+        out["zero_optimization"] = {"stage": 0}
+    return out
 
 
 class OnlineReference:

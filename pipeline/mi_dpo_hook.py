@@ -349,6 +349,7 @@ def build_midpo_hook(cfg: Config, *, reference_path: str | Path, policy_config, 
     wrap it in its own DeepSpeed engine; for joint + kl_init also a frozen engine of the init."""
     import deepspeed
 
+    from pipeline.engine import inference_ds_config
     from pipeline.models import load_model
 
     pn = cfg.prior_net
@@ -371,8 +372,8 @@ def build_midpo_hook(cfg: Config, *, reference_path: str | Path, policy_config, 
     init_engine = None
     if pn.objective == "joint" and pn.anchor == "kl_init" and pn.anchor_weight:
         frozen = load().requires_grad_(False).eval()
-        ds_inf = {k: v for k, v in ds.items() if k != "optimizer"}
-        init_engine, _, _, _ = deepspeed.initialize(model=PriorLM(frozen, pn.chunk_size), config=ds_inf)
+        init_engine, _, _, _ = deepspeed.initialize(model=PriorLM(frozen, pn.chunk_size),
+                                                    config=inference_ds_config(ds))
         init_engine.eval()
     log.info("prior network: %s, %d layers, objective %s, ZeRO stage %d", init_path, model.config.num_hidden_layers,
              pn.objective, pn.zero_stage)

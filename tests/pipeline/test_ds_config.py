@@ -7,13 +7,13 @@ import json
 import pytest
 
 from pipeline.config import DS_CONFIGS_DIR, ConfigError, load_config
-from pipeline.engine import _walk, resolve_ds_config
+from pipeline.engine import _walk, inference_ds_config, resolve_ds_config
 
 SHIPPED = sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json"))
 
 
 def test_the_required_configs_ship():
-    assert {"zero3_bf16", "zero3_offload", "zero3_cpu_fp32"} <= set(SHIPPED)
+    assert {"zero3_bf16", "zero3_offload", "zero3_cpu_fp32", "zero2_bf16", "zero2_cpu_fp32"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -26,8 +26,17 @@ def test_every_shipped_config_resolves(name):
     assert ds["train_batch_size"] == 3 * 5 * 4
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 2e-5
-    assert ds["zero_optimization"]["stage"] == 3
+    zo = ds["zero_optimization"]
+    assert zo["stage"] == int(name[4])  # zero2_* / zero3_*
+    # the stage's own bucket knobs are filled, the other stage's are not added
+    assert ("stage3_prefetch_bucket_size" in zo) == (zo["stage"] == 3)
+    assert ("allgather_bucket_size" in zo) == (zo["stage"] == 2)
     assert not [k for k, v in _walk(ds) if v == "auto"]
+    # the frozen engines' (online reference, prior init) config: no optimizer; ZeRO-3 stays, ZeRO-2 -> 0
+    inf = inference_ds_config(ds)
+    assert "optimizer" not in inf and "optimizer" in ds
+    assert inf["zero_optimization"]["stage"] == (3 if zo["stage"] == 3 else 0)
+    assert inf["train_batch_size"] == ds["train_batch_size"]
 
 
 def test_contradicting_batch_size_is_refused(tmp_path):

@@ -117,6 +117,27 @@ def test_resume_after_sigkill_matches_uninterrupted(base):
     assert ckpts == ["step-0000003", "step-0000006"]  # keep_last 2
 
 
+def test_zero2_matches_zero3_through_a_sigkill_resume(base):
+    """ds_config zero2_cpu_fp32 (the one-device pick: ZeRO-3 partitions nothing there and pays its gathers) on
+    2 processes, killed after step 4 and resumed from step 3: same losses, weights and rows as ZeRO-3 straight.
+    Stage 2 keeps whole parameters on every rank; only the gradient reduction and optimizer state differ."""
+    recipe, run = _fresh_run(base, "zero2", grad_accum=1, ds_config="zero2_cpu_fp32")
+    run_then_kill_after_step(train_cmd(recipe, 2), clean_env(MIDPO_TEST_PAUSE_AFTER_STEP="4"), run, 4)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    proc = run_train(recipe, 2)
+    assert "ZeRO stage" not in proc.stderr  # no "untested stage" warning for stage 2
+    # ZeRO-2's checkpoint layout: one whole-model file, optimizer state per rank (ZeRO-3: model states per rank)
+    ckpt = run / "checkpoints" / "step-0000006"
+    assert (ckpt / "mp_rank_00_model_states.pt").exists() and not list(ckpt.glob("zero_pp_rank_*_model_states.pt"))
+    np.testing.assert_allclose(losses(run), losses(base["run2"]), atol=LOSS_ATOL_DIST, rtol=0)
+    a, b = export_weights(run / "export"), export_weights(base["run2"] / "export")
+    assert a.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    assert [r["ids"] for r in read_jsonl(run / "logs" / "consumed_rows.jsonl")] == \
+        [r["ids"] for r in read_jsonl(base["run2"] / "logs" / "consumed_rows.jsonl")]
+
+
 def test_export_reloads_and_equals_zero3_weights(base):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
