@@ -8,8 +8,9 @@ data (512 sorting pairs, ~120 tokens per sequence), micro-batch 8, same step cou
 
 midpo numbers come from its own logs (<run>/logs/train_metrics.jsonl: pairs/s, tokens/s, MFU against a
 measured fp32 GEMM peak), averaged over steps after the first `--warmup` ones; world size 1 uses
-`--threads` threads, world size 2 one thread per process (same cores). TRL numbers are timed around
-`trainer.train()` after one warm-up step run.
+`--threads` threads, world size 2 one thread per process (same cores). TRL numbers are per-step times
+from a callback (end of step to end of step), over the same steps. Neither side's number includes its
+reference pass (midpo: the `midpo ref` stage; TRL precompute: DPOTrainer.__init__).
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ def env(threads: int) -> dict:
     return e
 
 
-def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, packing: bool, warmup: int,
+def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, layout: str, warmup: int,
               ds_config: str = "zero3_cpu_fp32") -> dict:
-    run = root / f"midpo_w{world}_{'packed' if packing else 'padded'}_{ds_config}"
+    """layout: packed | padded | shared (train.share_prompt: the prompt once per pair)."""
+    run = root / f"midpo_w{world}_{layout}_{ds_config}"
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
@@ -101,7 +103,8 @@ def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, pac
     recipe.write_text(
         f"run_dir: {run}\nmodel:\n  policy: {model}\n  dtype: fp32\n  attn_implementation: sdpa\n"
         f"loss:\n  prior: dpo\n  beta: 0.1\ntrain:\n  micro_batch_size: {MICRO}\n  grad_accum: 1\n"
-        f"  max_steps: {steps}\n  lr: 1.0e-4\n  packing: {str(packing).lower()}\n  export_at_end: false\n"
+        f"  max_steps: {steps}\n  lr: 1.0e-4\n  packing: {str(layout == 'packed').lower()}\n"
+        f"  share_prompt: {str(layout == 'shared').lower()}\n  export_at_end: false\n"
         f"  ds_config: {ds_config}\n  keep_last: 1\n")
     per_proc = threads if world == 1 else max(1, threads // world)
     launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -118,11 +121,21 @@ def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, pac
     return mean
 
 
-def run_trl(root: Path, model_dir: Path, rows: list[dict], steps: int, threads: int, precompute: bool) -> dict:
+def run_trl(root: Path, model_dir: Path, rows: list[dict], steps: int, threads: int, precompute: bool,
+            warmup: int) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    class StepClock(TrainerCallback):
+        """Time at the end of every optimizer step: per-step durations, as midpo's logs give them."""
+
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
 
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -138,21 +151,24 @@ def run_trl(root: Path, model_dir: Path, rows: list[dict], steps: int, threads: 
                      learning_rate=1e-4, logging_steps=10 ** 6, report_to="none", save_strategy="no", bf16=False,
                      fp16=False, use_cpu=True, gradient_checkpointing=False, precompute_ref_log_probs=precompute,
                      max_length=512, dataloader_num_workers=0, beta=0.1)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    clock = StepClock()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock])
     t0 = time.perf_counter()
-    out = trainer.train()
+    trainer.train()
     wall = time.perf_counter() - t0
     n_tok = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
-    pairs = steps * MICRO
-    # train() includes the reference precompute pass when precompute=True (as a user pays it).
-    return {"pairs_per_s": pairs / wall, "tokens_per_s": pairs * n_tok / len(rows) / wall, "wall_s": wall,
-            "train_runtime": out.metrics.get("train_runtime")}
+    # Steps after the first `warmup` ones, like midpo's averages (its first steps pay one-time costs too).
+    # precompute=True: TRL 1.16 computes the reference log-probs in DPOTrainer.__init__, outside these steps --
+    # as midpo's numbers exclude its reference stage (`midpo ref`): training vs training.
+    step_s = float(np.mean(np.diff(clock.ends)[warmup - 1:]))
+    return {"pairs_per_s": MICRO / step_s, "tokens_per_s": MICRO * n_tok / len(rows) / step_s, "wall_s": wall,
+            "wall_pairs_per_s": steps * MICRO / wall}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--warmup", type=int, default=2, help="midpo steps excluded from the averages")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps excluded from the averages (midpo and TRL)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--root", default=None)
@@ -176,14 +192,18 @@ def main() -> None:
     results = {}
     # ZeRO-3 (the multi-device default) and ZeRO-2 (the one-device pick: ZeRO-3 partitions nothing on one
     # process and still pays its per-parameter gathers); padded = the CPU recipes' layout (sdpa's 4-D packing
-    # mask has no fast CPU kernel), packed for reference.
-    for world, packing, ds in ((1, True, "zero3_cpu_fp32"), (1, False, "zero3_cpu_fp32"), (1, False, "zero2_cpu_fp32"),
-                               (2, False, "zero3_cpu_fp32"), (2, False, "zero2_cpu_fp32")):
-        results[f"midpo world={world} {'packed' if packing else 'padded'} {ds.split('_')[0]}"] = run_midpo(
-            root, model, a.steps, world, a.threads, packing, a.warmup, ds)
+    # mask has no fast CPU kernel), packed for reference, shared = train.share_prompt (the prompt computed once
+    # per pair: 2P+C+R -> P+C+R tokens).
+    for world, layout, ds in ((1, "packed", "zero3_cpu_fp32"), (1, "padded", "zero3_cpu_fp32"),
+                              (1, "padded", "zero2_cpu_fp32"), (1, "shared", "zero2_cpu_fp32"),
+                              (2, "padded", "zero3_cpu_fp32"), (2, "padded", "zero2_cpu_fp32"),
+                              (2, "shared", "zero2_cpu_fp32")):
+        results[f"midpo world={world} {layout} {ds.split('_')[0]}"] = run_midpo(
+            root, model, a.steps, world, a.threads, layout, a.warmup, ds)
     if not a.skip_trl:
         for pre in (False, True):
-            results[f"TRL DPOTrainer precompute_ref={pre}"] = run_trl(root, model, rows, a.steps, a.threads, pre)
+            results[f"TRL DPOTrainer precompute_ref={pre}"] = run_trl(root, model, rows, a.steps, a.threads, pre,
+                                                                       a.warmup)
 
     print(f"{'run':40s} {'pairs/s':>9s} {'tokens/s':>10s} {'MFU':>6s} {'pad':>6s}")
     for k, v in results.items():

@@ -1,6 +1,6 @@
 """Collate preference pairs into one forward: chosen and rejected of a pair always share a batch.
 
-Two layouts, same sequence order (sequence s = chosen of pair s for s < B, rejected of pair s - B
+Three layouts, same sequence order (sequence s = chosen of pair s for s < B, rejected of pair s - B
 for s >= B):
 
 - ``padded``: 2B rows, right padding, a 2-D ``attention_mask`` (2B, T).
@@ -9,6 +9,12 @@ for s >= B):
   splits the row from the position_ids alone; with ``sdpa`` (CPU) that does NOT isolate the
   sequences (docs/environment.md), so :meth:`PairBatch.model_inputs` builds a 4-D block-diagonal
   causal mask on demand (bool for sdpa, additive float for eager).
+
+- ``shared``: one row per pair, ``prompt + chosen + rejected``, the prompt computed ONCE for both
+  responses (prefix sharing): the rejected tokens' ``position_ids`` continue from the prompt's end
+  and a 4-D mask keeps them from seeing the chosen tokens, so every response token sees exactly
+  what it sees in its own sequence. Saves the second prompt forward (2P+C+R -> P+C+R tokens per
+  pair); needs a dense mask (sdpa/eager), so not for flash-attn.
 
 Response tokens are located by flat index tensors into ``input_ids.view(-1)``, so extracting
 per-token log-probs is one gather, never a Python loop over tokens.
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-LAYOUTS = ("packed", "padded")
+LAYOUTS = ("packed", "padded", "shared")
 # Packed row length when attention needs a dense block mask (sdpa/eager): long enough that padding
 # stays small, short enough that the quadratic mask/attention cost stays small next to the MLPs.
 DENSE_MASK_ROW_TOKENS = 512
@@ -38,9 +44,9 @@ def row_tokens_for(model) -> int | None:
 
 @dataclass
 class PairBatch:
-    layout: str  # "packed" | "padded"
-    input_ids: torch.Tensor  # (R, T) long; R = 2B padded, 1 packed (or more with max_row_tokens)
-    position_ids: torch.Tensor  # (R, T) long; restarts at 0 for every sequence
+    layout: str  # "packed" | "padded" | "shared"
+    input_ids: torch.Tensor  # (R, T) long; R = 2B padded, 1 packed (or more with max_row_tokens), B shared
+    position_ids: torch.Tensor  # (R, T) long; restarts at 0 for every sequence (shared: rejected continue the prompt)
     attention_mask: torch.Tensor | None  # (2B, T) long, padded only; None when packed
     seq_lens: torch.Tensor  # (2B,) long, prompt + response tokens of each sequence
     cu_seqlens: (
@@ -54,14 +60,17 @@ class PairBatch:
     response_seq: torch.Tensor  # (N,) long, sequence s of each response token (sorted by s, then t)
     response_pos: torch.Tensor  # (N,) long, position t of the token inside its response (0 = first)
     num_pairs: int
-    num_tokens: int  # real tokens (prompt + response, both sides), padding excluded
+    num_tokens: int  # real tokens in input_ids (prompt + response, both sides; shared: the prompt once), no padding
     num_pad_tokens: int  # padding tokens in input_ids; padding fraction = num_pad_tokens / input_ids.numel()
+    # (N,) explicit predicting positions where "one to the left" is wrong (shared: the first rejected token is
+    # predicted by the prompt's last token, not by the chosen response's EOS); None = target_index - 1
+    predict_index: torch.Tensor | None = None
 
     @property
     def logit_index(self) -> torch.Tensor:
         """(N,) flat index of the position whose output predicts each response token (one to the left;
-        always inside the same sequence because prompts are non-empty)."""
-        return self.target_index - 1
+        always inside the same sequence because prompts are non-empty; shared layout: see predict_index)."""
+        return self.target_index - 1 if self.predict_index is None else self.predict_index
 
     @property
     def segment_ids(self) -> torch.Tensor:
@@ -97,15 +106,40 @@ class PairBatch:
         zero = torch.zeros((), dtype=dtype, device=seg.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
+    def shared_prompt_mask(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """(B, 1, T, T) mask of the shared layout: causal, and a token sees the prompt plus its own part
+        (prompt / chosen / rejected / padding): the rejected response never sees the chosen one."""
+        if self.layout != "shared":
+            raise ValueError("shared_prompt_mask is only defined for the shared layout")
+        B, T = self.input_ids.shape
+        p, c, r = self.prompt_lens[:B], self.response_lens[:B], self.response_lens[B:]
+        j = torch.arange(T, device=self.input_ids.device)[None, :]
+        # part of every slot: 0 prompt, 1 chosen, 2 rejected, 3 padding
+        part = (j >= p[:, None]).long() + (j >= (p + c)[:, None]).long() + (j >= (p + c + r)[:, None]).long()
+        causal = torch.ones(T, T, dtype=torch.bool, device=part.device).tril()
+        allowed = causal & ((part[:, :, None] == part[:, None, :])
+                            | ((part[:, None, :] == 0) & (part[:, :, None] != 3)))  # (B, T, T)
+        if dtype == torch.bool:
+            return allowed[:, None]
+        zero = torch.zeros((), dtype=dtype, device=part.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
     def model_inputs(self, attn_implementation: str | None = "sdpa", dtype: torch.dtype = torch.float32) -> dict:
         """Keyword arguments for a transformers decoder forward with the right mask for this layout.
 
         packed + flash_attention_2*: position_ids only (transformers derives cu_seqlens from them);
-        packed + sdpa/other: bool block mask; packed + eager: additive mask in the model dtype."""
+        packed + sdpa/other: bool block mask; packed + eager: additive mask in the model dtype.
+        shared: its 4-D mask (bool for sdpa, additive for eager); flash-attn cannot express it."""
         kw = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        flash = bool(attn_implementation and "flash" in attn_implementation)
         if self.layout == "padded":
             kw["attention_mask"] = self.attention_mask
-        elif attn_implementation and "flash" in attn_implementation:
+        elif self.layout == "shared":
+            if flash:
+                raise ValueError("the shared-prompt layout needs a dense 4-D mask, which flash-attn cannot take: "
+                                 "use attn_implementation sdpa, or the packed layout (train.share_prompt=false)")
+            kw["attention_mask"] = self.shared_prompt_mask(dtype if attn_implementation == "eager" else torch.bool)
+        elif flash:
             pass
         elif attn_implementation == "eager":
             kw["attention_mask"] = self.block_causal_mask(dtype)
@@ -193,6 +227,27 @@ def collate_pairs(
         )
         target_index = starts[response_seq] + prompt_lens[response_seq] + response_pos  # (N,)
         attention_mask = None
+    elif layout == "shared":
+        # row b: prompt, chosen, rejected; the rejected positions continue from the prompt's end
+        pl, cl, rl = prompt_lens[:B], response_lens[:B], response_lens[B:]
+        row_lens = pl + cl + rl
+        T = round_up(int(row_lens.max()))
+        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+        position_ids = torch.zeros((B, T), dtype=torch.long)
+        for b, r in enumerate(rows):
+            P, C, R = int(pl[b]), int(cl[b]), int(rl[b])
+            input_ids[b, : P + C + R] = torch.tensor(list(r["prompt_ids"]) + list(r["chosen_ids"])
+                                                     + list(r["rejected_ids"]), dtype=torch.long)
+            position_ids[b, : P + C] = torch.arange(P + C)
+            position_ids[b, P + C : P + C + R] = torch.arange(P, P + R)
+        pair = response_seq % B  # (N,)
+        rejected = response_seq >= B
+        target_index = pair * T + pl[pair] + rejected * cl[pair] + response_pos  # (N,)
+        # the first rejected token is predicted by the prompt's last token (shared), every other one by its left
+        # neighbour in the same part
+        predict_index = torch.where(rejected & (response_pos == 0), pair * T + pl[pair] - 1, target_index - 1)
+        num_tokens = int(row_lens.sum())  # the prompt once per pair: what the forward really computes
+        attention_mask, cu_seqlens = None, None
     else:
         T = round_up(int(seq_lens.max()))
         input_ids = torch.full((n_seq, T), pad_id, dtype=torch.long)
@@ -218,4 +273,5 @@ def collate_pairs(
         num_pairs=B,
         num_tokens=num_tokens,
         num_pad_tokens=input_ids.numel() - num_tokens,
+        predict_index=predict_index if layout == "shared" else None,
     )

@@ -154,6 +154,9 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     max_grad_norm: float = 1.0
     packing: bool = True
+    # One row per pair, prompt + chosen + rejected: the prompt is computed once for both responses (saves
+    # P of 2P+C+R tokens per pair); a dense 4-D mask, so sdpa/eager only. Takes precedence over `packing`.
+    share_prompt: bool = False
     eval_every: int = 0  # steps; 0 = only at the end
     save_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 2

@@ -425,9 +425,13 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
 
         hook = build_midpo_hook(cfg, reference_path=paths["reference"], policy_config=hf_config, world_size=world,
                                 pad_id=pad_id, beta=prior.beta)
-    layout = "packed" if tc.packing else "padded"
+    layout = "shared" if tc.share_prompt else "packed" if tc.packing else "padded"
     dtype = resolve_dtype(cfg.model.dtype)
     attn = resolve_attn(cfg.model.attn_implementation)
+    if layout == "shared" and "flash" in attn:
+        raise TrainError(f"train.share_prompt needs a dense attention mask; attention resolves to {attn}, which "
+                          "cannot take one: set model.attn_implementation=sdpa, or train.share_prompt=false "
+                          "(flash-attn's packed layout is padding-free already)")
     collate = functools.partial(collate_pairs, layout=layout, pad_id=pad_id,
                                 max_row_tokens=None if "flash" in attn else DENSE_MASK_ROW_TOKENS)
 

@@ -32,6 +32,31 @@ def test_index_tensors_locate_every_response_token(layout):
     assert b.seq_lens.tolist() == [6, 4, 5, 6]
 
 
+def test_shared_layout_rows_positions_indices_and_mask():
+    b = collate_pairs(ROWS, layout="shared", pad_id=PAD, pad_to_multiple=5)
+    assert b.input_ids.shape == (2, 10)  # rows of 3+3+2 and 2+2+4 tokens, padded to a multiple of 5
+    assert b.input_ids[0, :8].tolist() == [1, 5, 6, 7, 8, 2, 9, 2] and b.input_ids[0, 8:].tolist() == [PAD] * 2
+    # rejected positions continue from the prompt's end, as in their own sequence
+    assert b.position_ids[0, :8].tolist() == [0, 1, 2, 3, 4, 5, 3, 4]
+    assert b.position_ids[1, :8].tolist() == [0, 1, 2, 3, 2, 3, 4, 5]
+    flat = b.input_ids.reshape(-1)
+    seqs = [r["chosen_ids"] for r in ROWS] + [r["rejected_ids"] for r in ROWS]
+    for s, resp in enumerate(seqs):
+        sel = b.response_seq == s
+        assert flat[b.target_index[sel]].tolist() == resp
+    # every response token is predicted by its predecessor in its own sequence: for t = 0 the last prompt token
+    first = b.logit_index[b.response_pos == 0]
+    assert flat[first].tolist() == [6, 4, 6, 4]
+    later = b.response_pos > 0
+    assert torch.equal(b.logit_index[later], b.target_index[later] - 1)
+    assert b.num_tokens == 8 + 8 and b.num_pad_tokens == 20 - 16
+    m = b.shared_prompt_mask()[:, 0]  # (2, 10, 10)
+    assert m[0, 6, :3].all() and not m[0, 6, 3:6].any() and m[0, 6, 6]  # rejected: prompt + itself, no chosen
+    assert m[0, 5, :6].all() and not m[0, 5, 6:].any()  # chosen EOS: prompt + chosen, causal
+    assert m[0, 9, 8:10].all() and not m[0, 9, :8].any()  # padding sees only padding
+    assert torch.equal(m, m & torch.ones(10, 10, dtype=torch.bool).tril())
+
+
 def test_packed_layout_positions_and_block_mask():
     b = collate_pairs(ROWS, layout="packed", pad_id=PAD, pad_to_multiple=8)
     assert b.input_ids.shape == (1, 24) and b.attention_mask is None

@@ -75,7 +75,8 @@ def test_chunked_helpers_equal_naive():
     assert selective_log_softmax(logits.bfloat16(), idx).dtype == torch.float32
 
 
-@pytest.mark.parametrize("layout,row_tokens", [("packed", None), ("packed", 1), ("packed", 24), ("padded", None)])
+@pytest.mark.parametrize("layout,row_tokens", [("packed", None), ("packed", 1), ("packed", 24), ("padded", None),
+                                               ("shared", None)])
 def test_response_logps_equals_single_sequence_forward(model, layout, row_tokens):
     """row_tokens: packed into one row (None), one sequence per row (1), or several rows of <= 24 tokens."""
     rows = make_rows()
@@ -117,6 +118,61 @@ def test_packed_equals_padded_values_and_gradients(model, row_tokens):
         torch.testing.assert_close(pg[n], qg[n], rtol=1e-4, atol=1e-5, msg=n)
     assert pg["lm_head.weight"].abs().max() > 0 and pg["model.layers.0.self_attn.q_proj.weight"].abs().max() > 0
     model.zero_grad()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_equals_padded_values_and_gradients(attn):
+    """The shared-prompt layout (prompt once, both responses after it) gives the padded layout's per-token
+    log-probs and parameter gradients: the prompt's gradient arrives once with both sides' contributions
+    summed instead of through two copies. eager: the additive form of its mask."""
+    model = tiny_llama(attn, seed=5)
+    rows = make_rows(4)
+    res = {}
+    for layout in ("shared", "padded"):
+        model.zero_grad()
+        batch = collate_pairs(rows, layout=layout, pad_id=PAD, pad_to_multiple=8)
+        out = response_logps(model, batch, chunk_size=4)
+        wc = torch.randn(out.chosen.shape, generator=torch.Generator().manual_seed(2))
+        ((out.chosen * wc).sum() - 2 * out.rejected.sum()).backward()
+        res[layout] = (out.chosen.detach(), out.rejected.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                       batch)
+    (sc, sr, sg, sb), (pc, pr, pg, pb) = res["shared"], res["padded"]
+    torch.testing.assert_close(sc, pc, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sr, pr, rtol=0, atol=1e-5)
+    for n in pg:
+        torch.testing.assert_close(sg[n], pg[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert pg["model.layers.0.self_attn.q_proj.weight"].abs().max() > 0
+    # the saving: each prompt is in the forward once
+    assert pb.num_tokens - sb.num_tokens == sum(len(r["prompt_ids"]) for r in rows)
+
+
+def test_shared_prompt_rejected_cannot_see_chosen(model):
+    """Perturb pair 0's chosen response: its rejected log-probs (after the chosen tokens in the same row) do
+    not move, and neither does anything of pair 1; without the shared mask (plain causal) they would."""
+    rows = make_rows(6)
+    bumped = [dict(r) for r in rows]
+    bumped[0]["chosen_ids"] = [(t + 17) % (V - 3) + 3 for t in rows[0]["chosen_ids"][:-1]] + [EOS]
+    with torch.no_grad():
+        a = response_logps(model, collate_pairs(rows, layout="shared", pad_id=PAD))
+        b = response_logps(model, collate_pairs(bumped, layout="shared", pad_id=PAD))
+    assert not torch.allclose(a.chosen[0], b.chosen[0])
+    torch.testing.assert_close(a.rejected, b.rejected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.chosen[1:], b.chosen[1:], rtol=0, atol=1e-6)
+    # control: a plain causal mask over the same rows lets the rejected tokens see the chosen ones
+    batch = collate_pairs(rows, layout="shared", pad_id=PAD)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits  # causal only
+    lp = torch.log_softmax(logits.float().reshape(-1, V), -1)[batch.logit_index]
+    leaky = ResponseLogps.from_flat(lp.gather(-1, batch.input_ids.reshape(-1)[batch.target_index][:, None])[:, 0],
+                                    batch)
+    assert (leaky.rejected - a.rejected).abs().max() > 1e-3
+    torch.testing.assert_close(leaky.chosen, a.chosen, rtol=0, atol=1e-5)  # chosen sees only the prompt anyway
+
+
+def test_shared_prompt_refuses_flash_attention():
+    batch = collate_pairs(make_rows(), layout="shared", pad_id=PAD)
+    with pytest.raises(ValueError, match="flash-attn"):
+        batch.model_inputs("flash_attention_2")
 
 
 @pytest.mark.parametrize("row_tokens", [None, 24])

@@ -105,7 +105,7 @@ def models():
 # step 0: MI-DPO with a prompt-conditioned prior == reference copy is exactly DPO
 
 
-@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("layout", ["packed", "padded", "shared"])
 def test_step0_equals_dpo_loss_and_gradients(models, layout):
     ref = models["ref"]
     policy = copy.deepcopy(models["policy"])  # != reference, so the rewards (and gradients) are not trivial
@@ -445,7 +445,7 @@ def test_prior_values_do_not_depend_on_the_row_budget(models):
 
 def test_unconditioned_layout_is_bos_plus_response():
     rs = rows(3, seed=2)
-    for layout in ("packed", "padded"):
+    for layout in ("packed", "padded", "shared"):
         b = collate_pairs(rs, layout=layout, pad_id=PAD)
         pb = prior_batch(b, condition_on_prompt=False, bos_id=BOS, pad_id=PAD)
         want = collate_pairs([{**r, "prompt_ids": [BOS]} for r in rs], layout=layout, pad_id=PAD)

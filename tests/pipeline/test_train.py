@@ -98,6 +98,19 @@ def test_packed_equals_padded(base):
     assert min(pad) > 0 and max(packed) == 0  # the two layouts really differ
 
 
+def test_shared_prompt_equals_packed(base):
+    """train.share_prompt (one row per pair, the prompt once): the same losses as the packed run, with the
+    start-of-run probe against the cache (computed packed) passing, and fewer tokens through the forward."""
+    recipe, run = _fresh_run(base, "shared", share_prompt="true", save_every=0, eval_every=0)
+    proc = run_train(recipe, 1, "train.export_at_end=false")
+    assert "layout shared" in proc.stderr and "probe passed" in proc.stderr
+    np.testing.assert_allclose(losses(run), losses(base["run1"]), atol=1e-5, rtol=0)
+    def tokens_per_pair(r):
+        return np.mean([x["tokens_per_s"] / x["pairs_per_s"] for x in read_jsonl(r / "logs" / "train_metrics.jsonl")])
+
+    assert tokens_per_pair(run) < 0.9 * tokens_per_pair(base["run1"])  # prompts are 3-12 of ~20 tokens per side
+
+
 def test_resume_after_sigkill_matches_uninterrupted(base):
     recipe, run = _fresh_run(base, "resume", grad_accum=1)
     rows_file = run / "logs" / "consumed_rows.jsonl"
