@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import MICRO, N_PAIRS, REPO, build_model, env, sorting_pairs, write_data  # noqa: E402
+from train_bench import MICRO, REPO, build_base, env  # noqa: E402
 
 LAYERS = 4
 
@@ -95,6 +95,21 @@ def run(root: Path, model: Path, name: str, prior: str, steps: int, threads: int
     return float(np.mean([MICRO / r["pairs_per_s"] for r in rows])), float(np.mean(cpu)) if cpu else float("nan")
 
 
+def flop_ratio(hf_config, prior_layers: int, prompt: float, response: float, update_every: int) -> float:
+    """Expected learned/dpo step time if both were bound by matmul FLOPs (2 x weights x tokens per forward,
+    backward 2x forward; attention scores, the KL's softmax and the optimizer left out). Per pair: the
+    policy runs all layers on 2P+C+R tokens and the head on the C+R response tokens (DPO from the cache has
+    no reference forward); the unconditioned prior runs its layers and the head on [BOS] + response per
+    side (2+C+R), with backward only on its update steps (one in `update_every`)."""
+    h, inter = hf_config.hidden_size, hf_config.intermediate_size
+    kv = hf_config.num_key_value_heads * (h // hf_config.num_attention_heads)
+    layer = 2 * h * h + 2 * h * kv + 3 * h * inter  # q, o; k, v; gate, up, down
+    head = h * hf_config.vocab_size
+    policy_fwd = hf_config.num_hidden_layers * layer * (2 * prompt + 2 * response) + head * 2 * response
+    prior_fwd = (prior_layers * layer + head) * (2 + 2 * response)
+    return 1 + prior_fwd * (update_every + 2) / update_every / (3 * policy_fwd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
@@ -106,16 +121,12 @@ def main() -> None:
     a = ap.parse_args()
 
     root = Path(a.root or tempfile.mkdtemp(prefix="midpo_vs_dpo_"))
-    model = build_model(root / "model")
-    rows = sorting_pairs(N_PAIRS)
-    from pipeline.train import tokenizer_fp
+    model, rows = build_base(root, a.threads)
+    from transformers import AutoConfig
 
-    write_data(root / "base" / "data", rows, tokenizer_fp(model))
-    recipe = root / "base" / "recipe.yaml"
-    recipe.write_text(f"run_dir: {root / 'base'}\nmodel:\n  policy: {model}\n  dtype: fp32\n"
-                      f"  attn_implementation: sdpa\nref:\n  micro_batch_tokens: 4096\n")
-    subprocess.run([sys.executable, "-m", "pipeline.reference", "--config", str(recipe)], env=env(a.threads),
-                   cwd=REPO, check=True, capture_output=True)
+    prompt = float(np.mean([len(r["prompt_ids"]) for r in rows]))
+    response = float(np.mean([(len(r["chosen_ids"]) + len(r["rejected_ids"])) / 2 for r in rows]))
+    floor = flop_ratio(AutoConfig.from_pretrained(model), LAYERS // 4, prompt, response, a.update_every)
     print(f"model: Llama h256 L{LAYERS} vocab 2048, prior = first {LAYERS // 4} layer(s), update_every "
           f"{a.update_every}; micro-batch {MICRO}; {a.steps} steps ({a.warmup} warm-up dropped); {a.threads} threads; "
           "1 process, ZeRO-3")
@@ -134,11 +145,12 @@ def main() -> None:
     cpu_ratio = float(np.median(cpus["learned"]) / np.median(cpus["dpo"]))
     print(f"learned / dpo step time: {ratio:.3f} (median of rounds), {ratio_min:.3f} (fastest of each); per round: "
           f"{', '.join(f'{x:.3f}' for x in per_round)}; CPU time per step: {cpu_ratio:.3f} (median of rounds); "
-          "goal <= 1.15")
+          f"goal <= 1.15; matmul-FLOP ratio {floor:.3f} (prompt {prompt:.0f}, response {response:.0f} tokens)")
     print(json.dumps({"ms_per_step": {k: [round(x * 1000, 2) for x in v] for k, v in times.items()},
                       "cpu_ms_per_step": {k: [round(x * 1000, 2) for x in v] for k, v in cpus.items()},
                       "ratio_median": ratio, "ratio_min": ratio_min, "ratio_per_round": per_round,
-                      "cpu_ratio_median": cpu_ratio, "update_every": a.update_every, "threads": a.threads}))
+                      "cpu_ratio_median": cpu_ratio, "flop_ratio": floor, "update_every": a.update_every,
+                      "threads": a.threads}))
 
 
 if __name__ == "__main__":

@@ -83,6 +83,22 @@ def write_data(data_dir: Path, rows: list[dict], tok_fp: str) -> None:
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
+def build_base(root: Path, threads: int) -> tuple[Path, list[dict]]:
+    """The benches' shared start: model, N_PAIRS sorting pairs as data, and their reference cache (the real
+    `midpo ref` stage) under root/base; runs copy data/ and ref/ from there. -> (model folder, rows)."""
+    from pipeline.train import tokenizer_fp
+
+    model = build_model(root / "model")
+    rows = sorting_pairs(N_PAIRS)
+    write_data(root / "base" / "data", rows, tokenizer_fp(model))
+    recipe = root / "base" / "recipe.yaml"
+    recipe.write_text(f"run_dir: {root / 'base'}\nmodel:\n  policy: {model}\n  dtype: fp32\n"
+                      f"  attn_implementation: sdpa\nref:\n  micro_batch_tokens: 4096\n")
+    subprocess.run([sys.executable, "-m", "pipeline.reference", "--config", str(recipe)], env=env(threads),
+                   cwd=REPO, check=True, capture_output=True)
+    return model, rows
+
+
 def env(threads: int) -> dict:
     e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -175,16 +191,7 @@ def main() -> None:
     a = ap.parse_args()
 
     root = Path(a.root or tempfile.mkdtemp(prefix="midpo_train_bench_"))
-    model = build_model(root / "model")
-    rows = sorting_pairs(N_PAIRS)
-    from pipeline.train import tokenizer_fp
-
-    write_data(root / "base" / "data", rows, tokenizer_fp(model))
-    recipe = root / "base" / "recipe.yaml"
-    recipe.write_text(f"run_dir: {root / 'base'}\nmodel:\n  policy: {model}\n  dtype: fp32\n"
-                      f"  attn_implementation: sdpa\nref:\n  micro_batch_tokens: 4096\n")
-    subprocess.run([sys.executable, "-m", "pipeline.reference", "--config", str(recipe)], env=env(a.threads),
-                   cwd=REPO, check=True, capture_output=True)
+    model, rows = build_base(root, a.threads)
     mean_len = np.mean([len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in rows])
     print(f"model: Llama h256 L4 8h/4kv vocab {VOCAB}; {N_PAIRS} pairs, mean sequence {mean_len:.0f} tokens; "
           f"micro-batch {MICRO}; {a.steps} steps; {a.threads} threads")

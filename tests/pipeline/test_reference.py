@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train_helpers import make_rows, write_data
 
-from pipeline.fingerprint import hash_json, hash_token_ids
+from pipeline.fingerprint import hash_token_ids
 from pipeline.reference import (
     PAUSE_ENV,
     assign_to_ranks,
@@ -50,36 +51,6 @@ def make_model(path: Path, seed: int = 0, *, hidden: int = 64, layers: int = 2, 
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(path, safe_serialization=True)
     return path
-
-
-def make_rows(n: int, seed: int, vocab: int = VOCAB, max_len: int = 12) -> list[dict]:
-    rng = np.random.default_rng(seed)
-
-    def seq(lo, hi, eos):
-        body = rng.integers(3, vocab, size=int(rng.integers(lo, hi))).tolist()
-        return body + [EOS] if eos else [BOS] + body
-
-    rows = []
-    for i in range(n):
-        p, c, r = seq(2, max_len, False), seq(1, max_len, True), seq(1, max_len, True)
-        rows.append({"id": f"row-{seed}-{i:04d}", "prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
-    return rows
-
-
-def write_data(data_dir: Path, splits: dict[str, list[dict]], tokenizer_fp: str = "tok-test-1") -> Path:
-    from datasets import Dataset, Features, List, Value
-
-    feats = Features({"id": Value("string"), "prompt_ids": List(Value("int32")),
-                      "chosen_ids": List(Value("int32")), "rejected_ids": List(Value("int32"))})
-    counts = {}
-    for split, rows in splits.items():
-        Dataset.from_list(rows, features=feats).save_to_disk(str(data_dir / split), num_shards=2)
-        counts[split] = {"rows": len(rows), "token_hash": hash_json([hash_token_ids(r["prompt_ids"], r["chosen_ids"],
-                                                                                    r["rejected_ids"]) for r in rows])}
-    manifest = {"format_version": 1, "complete": True, "tokenizer": {"fingerprint": tokenizer_fp}, "splits": counts}
-    manifest["fingerprint"] = hash_json(manifest)
-    (data_dir / "manifest.json").write_text(json.dumps(manifest))
-    return data_dir
 
 
 def make_run(root: Path, *, n_train: int = 19, n_eval: int = 5, extra: str = "") -> Path:

@@ -53,7 +53,7 @@ def make_rows(n: int, seed: int, vocab: int = VOCAB, max_len: int = 12) -> list[
              "rejected_ids": seq(1, max_len, True)} for i in range(n)]
 
 
-def write_data(data_dir: Path, splits: dict[str, list[dict]], tokenizer_fp: str) -> Path:
+def write_data(data_dir: Path, splits: dict[str, list[dict]], tokenizer_fp: str = "tok-test-1") -> Path:
     from datasets import Dataset, Features, List, Value
 
     from pipeline.fingerprint import hash_json, hash_token_ids
