@@ -39,6 +39,11 @@ class ResponseLogps:
     # (N, V) DETACHED logits predicting each response token, flat in ``batch.target_index`` order (the MI-DPO
     # hook's marginal objective reads the policy distribution without taking gradients through it).
     logits: torch.Tensor | None = None
+    # response_logps(return_topk=k): flat in target order, (N, k) fp32 log-probs (descending), (N, k) token ids,
+    # (N,) log of the remaining mass -- computed chunk by chunk, never holding (N, V) logits
+    topk_values: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    tail_logmass: torch.Tensor | None = None
 
     @property
     def chosen_sum(self) -> torch.Tensor:
@@ -248,6 +253,7 @@ def response_logps(
     return_hidden: bool = False,
     return_logits: bool = False,
     return_flat_logits: bool = False,
+    return_topk: int = 0,
 ) -> ResponseLogps:
     """Forward ``batch`` through a transformers causal LM and return per-token response log-probs.
 
@@ -266,8 +272,13 @@ def response_logps(
     chunked path's (same ops per slice).
     return_hidden: also per-layer hidden states (B, L, n_layers, H) at the predicting positions
     (SparsePO's mask network; ``hidden_states[1:]``, one per layer).
+    return_topk=k (no grad; the reference cache's top-k slice): also ``topk_values``/``topk_ids``/
+    ``tail_logmass`` (see ``topk_logprobs``), taken from each chunk's logits as they are made, so memory
+    stays at one chunk x V instead of N x V.
     Pass the bare HF module (under DeepSpeed, ``engine.module``): ZeRO-3 gathers through module hooks.
     """
+    if return_topk and (return_logits or return_flat_logits):
+        raise ValueError("return_topk makes the top-k without keeping logits; with return_logits use topk_logprobs")
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -294,6 +305,15 @@ def response_logps(
             logits = torch.tanh(raw / softcap) * softcap if softcap else raw  # (N, V)
         if return_logits:
             (res_cl, _), (res_rl, _) = split_flat(logits, batch)
+    elif return_topk:
+        if grad:
+            raise ValueError("return_topk is for scoring without gradients (torch.no_grad())")
+        tops = []
+        for s in range(0, h.shape[0], chunk_size):
+            raw = head(h[s : s + chunk_size])  # (m, V), this chunk only
+            parts.append(_logps_from_logits(softcap, raw, targets[s : s + chunk_size]))
+            z = raw.to(_fdtype(raw))
+            tops.append(topk_logprobs(torch.tanh(z / softcap) * softcap if softcap else z, return_topk))
     else:
         for s in range(0, h.shape[0], chunk_size):
             hc, tc = h[s : s + chunk_size], targets[s : s + chunk_size]
@@ -303,6 +323,8 @@ def response_logps(
                 parts.append(_chunk_logps(head, softcap, hc, tc))
     res = ResponseLogps.from_flat(torch.cat(parts), batch)
 
+    if return_topk:
+        res.topk_values, res.topk_ids, res.tail_logmass = (torch.cat(x) for x in zip(*tops))
     if return_logits or return_flat_logits:
         res.logits = logits.detach()
     if return_logits:

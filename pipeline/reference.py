@@ -166,16 +166,17 @@ def plan_micro_batches(idx: Sequence[int], costs: Sequence[int], budget: int, pa
 def score_reference_rows(model, rows: list[dict], *, packing: bool, pad_id: int, topk: int = 0) -> list[dict]:
     """Per-row reference columns for one micro-batch of pairs (the trainer's forward, no grad)."""
     from pipeline.batching import collate_pairs, row_tokens_for
-    from pipeline.logprobs import response_logps, topk_logprobs
+    from pipeline.logprobs import response_logps, split_flat
 
     batch = collate_pairs(rows, layout="packed" if packing else "padded", pad_id=pad_id,
                           max_row_tokens=row_tokens_for(model)).to(_model_device(model))
     with torch.no_grad():
-        out = response_logps(model, batch, return_logits=topk > 0)  # logits (B, L, V) only for top-k
+        out = response_logps(model, batch, return_topk=topk)  # top-k chunk by chunk: never (N, V) logits
         tk = {}
         if topk > 0:
-            for side in ("chosen", "rejected"):
-                vals, idx, tail = topk_logprobs(getattr(out, f"{side}_logits"), topk)  # (B,L,k) (B,L,k) (B,L)
+            per_side = [split_flat(x, batch) for x in (out.topk_values, out.topk_ids, out.tail_logmass)]
+            for j, side in enumerate(("chosen", "rejected")):
+                (vals, _), (idx, _), (tail, _) = (x[j] for x in per_side)  # (B,L,k) (B,L,k) (B,L)
                 tk[side] = (vals.float().cpu().numpy(), idx.to(torch.int32).cpu().numpy(), tail.float().cpu().numpy())
     sides = {"chosen": (out.chosen.float().cpu().numpy(), out.chosen_mask.sum(-1).tolist()),
              "rejected": (out.rejected.float().cpu().numpy(), out.rejected_mask.sum(-1).tolist())}

@@ -169,6 +169,34 @@ def test_shared_prompt_rejected_cannot_see_chosen(model):
     torch.testing.assert_close(leaky.chosen, a.chosen, rtol=0, atol=1e-5)  # chosen sees only the prompt anyway
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_return_topk_equals_topk_of_the_full_logits_chunk_by_chunk(model, softcap):
+    """return_topk (the reference cache's top-k): the same values, ids and tail mass as topk_logprobs over the
+    full (N, V) logits, the same log-probs as the plain path, and the head never sees more than one chunk."""
+    model.config.final_logit_softcapping = softcap
+    try:
+        batch = collate_pairs(make_rows(7), layout="packed", pad_id=PAD)
+        seen = []
+        hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+        with torch.no_grad():
+            got = response_logps(model, batch, chunk_size=5, return_topk=4)
+            hook.remove()
+            full = response_logps(model, batch, return_flat_logits=True)
+            plain = response_logps(model, batch, chunk_size=5)
+        n = int(batch.response_lens.sum())
+        assert max(seen) <= 5 and sum(seen) == n
+        vals, ids, tail = topk_logprobs(full.logits, 4)
+        torch.testing.assert_close(got.topk_values, vals, rtol=0, atol=1e-5)
+        assert torch.equal(got.topk_ids, ids)
+        torch.testing.assert_close(got.tail_logmass, tail, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.chosen, plain.chosen, rtol=0, atol=0)
+        torch.testing.assert_close(got.rejected, plain.rejected, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="no_grad"):
+            response_logps(model, batch, return_topk=4)  # grad enabled: refused
+    finally:
+        model.config.final_logit_softcapping = None
+
+
 def test_shared_prompt_refuses_flash_attention():
     batch = collate_pairs(make_rows(), layout="shared", pad_id=PAD)
     with pytest.raises(ValueError, match="flash-attn"):
