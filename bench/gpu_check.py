@@ -192,29 +192,40 @@ def main() -> int:
     return 0 if report["ok"] else 1
 
 
+def timed_steps(batches: list, step, sync) -> tuple[list[float], float]:
+    """Run step(i, batch, ref) -> loss over `batches` -> (seconds of each step after the first 2, the first
+    step's loss). The device is synchronized around every step."""
+    times, first_loss = [], None
+    for i, (b, ref) in enumerate(batches):
+        sync()
+        t0 = time.perf_counter()
+        loss = step(i, b, ref)
+        sync()
+        if i == 0:
+            first_loss = loss.item()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return times, first_loss
+
+
 def dpo_steps(engine, batches: list, prior, cfg_loss, sync) -> tuple[list[float], list[int], float, float]:
     """DPO training steps from the batches' "cached" reference log-probs -> (seconds of each step after the
     first 2, real tokens of those steps, their mean attention context sum, the first step's loss)."""
     from pipeline.engine import policy_logps
     from pipeline.priors import PriorInputs, compute_loss
 
-    engine.train()
-    times, tokens, first_loss, ctx = [], [], None, 0.0
-    for i, (b, ref) in enumerate(batches):
-        sync()
-        t0 = time.perf_counter()
+    def step(i, b, ref):
         pol = policy_logps(engine, b)
-        out = compute_loss(prior, PriorInputs(policy=pol, ref=ref), cfg_loss)
-        loss = out.losses.mean()
+        loss = compute_loss(prior, PriorInputs(policy=pol, ref=ref), cfg_loss).losses.mean()
         engine.backward(loss)
         engine.step()
-        sync()
-        if i == 0:
-            first_loss = loss.item()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-            tokens.append(int(b.seq_lens.sum()))  # real tokens: padding is not work done
-            ctx += float((b.seq_lens.double() ** 2).sum() / b.seq_lens.sum() / 2)
+        return loss
+
+    engine.train()
+    times, first_loss = timed_steps(batches, step, sync)
+    timed = [b for b, _ in batches[2:]]
+    tokens = [int(b.seq_lens.sum()) for b in timed]  # real tokens: padding is not work done
+    ctx = sum(float((b.seq_lens.double() ** 2).sum() / b.seq_lens.sum() / 2) for b in timed)
     return times, tokens, ctx, first_loss
 
 
@@ -233,24 +244,18 @@ def time_mi_dpo(a, engine, cfg, hf, ref_dir: Path, batches: list, sync) -> dict:
     cfg = dataclasses.replace(cfg, prior_net=lcfg.prior_net)
     prior = build_prior(lcfg.loss)
     hook = build_midpo_hook(cfg, reference_path=ref_dir, policy_config=hf, world_size=1, pad_id=0, beta=0.1)
-    engine.train()
-    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-    times, first_loss = [], None
-    for i, (b, ref) in enumerate(batches):
-        sync()
-        t0 = time.perf_counter()
+    def step(i, b, ref):
         pol = policy_logps(engine, b, return_flat_logits=hook.policy_logits_due(i + 1))
         extra = hook.before_loss(b, pol) or {}
-        out = compute_loss(prior, PriorInputs(policy=pol, ref=ref, **extra), lcfg.loss)
-        loss = out.losses.mean()
+        loss = compute_loss(prior, PriorInputs(policy=pol, ref=ref, **extra), lcfg.loss).losses.mean()
         engine.backward(loss)
         engine.step()
         hook.after_step(i + 1, b, pol)
-        sync()
-        if i == 0:
-            first_loss = loss.item()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+        return loss
+
+    engine.train()
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    times, first_loss = timed_steps(batches, step, sync)
     return {"prior_layers": a.prior_layers, "objective": cfg.prior_net.objective, "step0_loss": first_loss,
             "step_s": sum(times) / len(times), "step_s_each": [round(t, 4) for t in times],
             "pairs_per_s": a.micro * len(times) / sum(times),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import MICRO, REPO, build_base, env  # noqa: E402
+from train_bench import MICRO, REPO, build_base, env, fresh_run  # noqa: E402
 
 LAYERS = 4
 
@@ -70,12 +69,7 @@ def _cpu_per_step(proc: subprocess.Popen, metrics: Path, warmup: int) -> tuple[l
 def run(root: Path, model: Path, name: str, prior: str, steps: int, threads: int, warmup: int, tag: str,
         update_every: int = 1) -> tuple[float, float]:
     """-> (wall s per step from the trainer's log, CPU s per step or nan)."""
-    run_dir = root / f"{name}_{tag}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    for sub in ("data", "ref"):
-        shutil.copytree(root / "base" / sub, run_dir / sub)
+    run_dir = fresh_run(root, f"{name}_{tag}")
     extra = (f"prior_net:\n  num_layers: {LAYERS // 4}\n  update_every: {update_every}\n"
              if prior == "learned" else "")
     recipe = run_dir / "recipe.yaml"

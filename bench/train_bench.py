@@ -99,6 +99,17 @@ def build_base(root: Path, threads: int) -> tuple[Path, list[dict]]:
     return model, rows
 
 
+def fresh_run(root: Path, name: str) -> Path:
+    """An empty run folder root/name holding copies of build_base's data/ and ref/."""
+    run = root / name
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    for sub in ("data", "ref"):
+        shutil.copytree(root / "base" / sub, run / sub)
+    return run
+
+
 def env(threads: int) -> dict:
     e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -109,12 +120,7 @@ def env(threads: int) -> dict:
 def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, layout: str, warmup: int,
               ds_config: str = "zero3_cpu_fp32") -> dict:
     """layout: packed | padded | shared (train.share_prompt: the prompt once per pair)."""
-    run = root / f"midpo_w{world}_{layout}_{ds_config}"
-    if run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True)
-    for sub in ("data", "ref"):
-        shutil.copytree(root / "base" / sub, run / sub)
+    run = fresh_run(root, f"midpo_w{world}_{layout}_{ds_config}")
     recipe = run / "recipe.yaml"
     recipe.write_text(
         f"run_dir: {run}\nmodel:\n  policy: {model}\n  dtype: fp32\n  attn_implementation: sdpa\n"

@@ -100,11 +100,7 @@ class PairBatch:
         seg = self.segment_ids  # (R, T)
         T = seg.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
-        allowed = (seg[:, :, None] == seg[:, None, :]) & causal  # (R, T, T)
-        if dtype == torch.bool:
-            return allowed[:, None]
-        zero = torch.zeros((), dtype=dtype, device=seg.device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+        return _mask_form((seg[:, :, None] == seg[:, None, :]) & causal, dtype)  # (R, 1, T, T)
 
     def shared_prompt_mask(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """(B, 1, T, T) mask of the shared layout: causal, and a token sees the prompt plus its own part
@@ -119,10 +115,7 @@ class PairBatch:
         causal = torch.ones(T, T, dtype=torch.bool, device=part.device).tril()
         allowed = causal & ((part[:, :, None] == part[:, None, :])
                             | ((part[:, None, :] == 0) & (part[:, :, None] != 3)))  # (B, T, T)
-        if dtype == torch.bool:
-            return allowed[:, None]
-        zero = torch.zeros((), dtype=dtype, device=part.device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+        return _mask_form(allowed, dtype)  # (B, 1, T, T)
 
     def model_inputs(self, attn_implementation: str | None = "sdpa", dtype: torch.dtype = torch.float32) -> dict:
         """Keyword arguments for a transformers decoder forward with the right mask for this layout.
@@ -131,20 +124,15 @@ class PairBatch:
         packed + sdpa/other: bool block mask; packed + eager: additive mask in the model dtype.
         shared: its 4-D mask (bool for sdpa, additive for eager); flash-attn cannot express it."""
         kw = {"input_ids": self.input_ids, "position_ids": self.position_ids}
-        flash = bool(attn_implementation and "flash" in attn_implementation)
         if self.layout == "padded":
             kw["attention_mask"] = self.attention_mask
-        elif self.layout == "shared":
-            if flash:
+        elif attn_implementation and "flash" in attn_implementation:
+            if self.layout == "shared":
                 raise ValueError("the shared-prompt layout needs a dense 4-D mask, which flash-attn cannot take: "
                                  "use attn_implementation sdpa, or the packed layout (train.share_prompt=false)")
-            kw["attention_mask"] = self.shared_prompt_mask(dtype if attn_implementation == "eager" else torch.bool)
-        elif flash:
-            pass
-        elif attn_implementation == "eager":
-            kw["attention_mask"] = self.block_causal_mask(dtype)
         else:
-            kw["attention_mask"] = self.block_causal_mask(torch.bool)
+            mask = self.shared_prompt_mask if self.layout == "shared" else self.block_causal_mask
+            kw["attention_mask"] = mask(dtype if attn_implementation == "eager" else torch.bool)
         return kw
 
     def to(self, device: torch.device | str) -> PairBatch:
@@ -153,6 +141,15 @@ class PairBatch:
             for f in dataclasses.fields(self)
         }
         return PairBatch(**moved)
+
+
+def _mask_form(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(R, T, T) bool "may attend" -> (R, 1, T, T): bool for sdpa, or the additive form 0 / finfo.min of a
+    float dtype (eager ignores bool 4-D masks)."""
+    if dtype == torch.bool:
+        return allowed[:, None]
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
 
 def collate_pairs(
@@ -201,6 +198,7 @@ def collate_pairs(
     response_seq = torch.repeat_interleave(torch.arange(n_seq), response_lens)  # (N,)
     resp_starts = torch.cumsum(response_lens, 0) - response_lens  # (2B,)
     response_pos = torch.arange(int(response_lens.sum())) - resp_starts[response_seq]  # (N,)
+    predict_index = None  # "one to the left" (PairBatch.logit_index), except in the shared layout
 
     if layout == "packed":
         # Assign sequences to rows in order (next-fit): row_of[s], offset[s] inside that row.
@@ -273,5 +271,5 @@ def collate_pairs(
         num_pairs=B,
         num_tokens=num_tokens,
         num_pad_tokens=input_ids.numel() - num_tokens,
-        predict_index=predict_index if layout == "shared" else None,
+        predict_index=predict_index,
     )

@@ -230,11 +230,20 @@ def per_token_kl_topk(
 # model forwards
 
 
-def _logps_from_logits(softcap: float | None, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    logits = logits.to(_fdtype(logits))  # (m, V)
+def fp32_logits(raw: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Head output -> logits in (at least) fp32, with Gemma's final_logit_softcapping when set."""
+    logits = raw.to(_fdtype(raw))  # (m, V)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _target_logps(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, t[:, None])[:, 0] - torch.logsumexp(logits, -1)  # (m,)
+
+
+def _logps_from_logits(softcap: float | None, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return _target_logps(fp32_logits(logits, softcap), t)  # (m,)
 
 
 def _chunk_logps(head: torch.nn.Module, softcap: float | None, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -310,10 +319,9 @@ def response_logps(
             raise ValueError("return_topk is for scoring without gradients (torch.no_grad())")
         tops = []
         for s in range(0, h.shape[0], chunk_size):
-            raw = head(h[s : s + chunk_size])  # (m, V), this chunk only
-            parts.append(_logps_from_logits(softcap, raw, targets[s : s + chunk_size]))
-            z = raw.to(_fdtype(raw))
-            tops.append(topk_logprobs(torch.tanh(z / softcap) * softcap if softcap else z, return_topk))
+            z = fp32_logits(head(h[s : s + chunk_size]), softcap)  # (m, V), this chunk only
+            parts.append(_target_logps(z, targets[s : s + chunk_size]))
+            tops.append(topk_logprobs(z, return_topk))
     else:
         for s in range(0, h.shape[0], chunk_size):
             hc, tc = h[s : s + chunk_size], targets[s : s + chunk_size]

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.batching import PairBatch, collate_pairs
 from pipeline.config import PriorNetConfig
-from pipeline.logprobs import ResponseLogps, _attn_implementation
+from pipeline.logprobs import ResponseLogps, _attn_implementation, fp32_logits
 
 OBJECTIVES = ("marginal", "joint")
 ANCHORS = ("kl_init", "nll")
@@ -160,14 +160,6 @@ def flat_getter(logits: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
     return lambda s, e: logits.detach()[s:e]
 
 
-def _cap(raw: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """Head output -> fp32 logits (Gemma's final_logit_softcapping when set)."""
-    logits = raw.to(torch.promote_types(raw.dtype, torch.float32))  # (m, V)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
 def _terms(logits, targets, tgts, keep: list | None = None):
     """(logp (m,), entropy (m,), *KL(target || zeta) (m,) one per target) from fp32 logits (m, V).
     ``keep``: a list that receives q = softmax(logits) and each target's p (m, V), for a backward."""
@@ -191,7 +183,7 @@ def _terms(logits, targets, tgts, keep: list | None = None):
 def _chunk_terms(head, softcap, h, targets, tgts):
     """``_terms`` of head(h). ``tgts``: (m, V) target logits (detached), or a function () -> them (called
     here, so that a checkpoint keeps no full-vocab copies)."""
-    return _terms(_cap(head(h), softcap), targets, tgts() if callable(tgts) else tgts)
+    return _terms(fp32_logits(head(h), softcap), targets, tgts() if callable(tgts) else tgts)
 
 
 class _HeadTerms(torch.autograd.Function):
@@ -216,7 +208,7 @@ class _HeadTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, raw, head, softcap, h, targets, keep, *tgts):
         ctx.set_materialize_grads(False)
-        logits = _cap(raw, softcap)
+        logits = fp32_logits(raw, softcap)
         kept = [] if keep else None
         outs = _terms(logits, targets, tgts, kept)
         if keep and softcap:
@@ -235,7 +227,7 @@ class _HeadTerms(torch.autograd.Function):
                 logits = ps.pop() if ctx.softcap else None
                 ctx.kept = None  # freed as soon as this chunk is done
             else:  # recompute (the same ops as _terms)
-                logits = _cap(ctx.head(h), ctx.softcap)  # (m, V)
+                logits = fp32_logits(ctx.head(h), ctx.softcap)  # (m, V)
                 q = (logits - torch.logsumexp(logits, -1)[:, None]).exp_()
                 ps = [torch.log_softmax(x.to(q.dtype), -1).exp_() for x in tgts]
             grad = None

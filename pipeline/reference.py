@@ -174,9 +174,8 @@ def score_reference_rows(model, rows: list[dict], *, packing: bool, pad_id: int,
         out = response_logps(model, batch, return_topk=topk)  # top-k chunk by chunk: never (N, V) logits
         tk = {}
         if topk > 0:
-            per_side = [split_flat(x, batch) for x in (out.topk_values, out.topk_ids, out.tail_logmass)]
-            for j, side in enumerate(("chosen", "rejected")):
-                (vals, _), (idx, _), (tail, _) = (x[j] for x in per_side)  # (B,L,k) (B,L,k) (B,L)
+            per_side = zip(*(split_flat(x, batch) for x in (out.topk_values, out.topk_ids, out.tail_logmass)))
+            for side, ((vals, _), (idx, _), (tail, _)) in zip(("chosen", "rejected"), per_side):  # (B,L,k) (B,L,k) (B,L)
                 tk[side] = (vals.float().cpu().numpy(), idx.to(torch.int32).cpu().numpy(), tail.float().cpu().numpy())
     sides = {"chosen": (out.chosen.float().cpu().numpy(), out.chosen_mask.sum(-1).tolist()),
              "rejected": (out.rejected.float().cpu().numpy(), out.rejected_mask.sum(-1).tolist())}

@@ -102,7 +102,7 @@ def prepare_base(cfg: Config, nproc: int, timings: dict[str, float]) -> Path:
     training stage reads. Resolves cfg.model.* in place; returns the saved run config's path."""
     from data_prep.prep import prepare
     from data_prep.synthetic import build_tiny_default
-    from pipeline.sft import train_sft
+    from pipeline.sft import default_init_model, train_sft
 
     root = cfg.run_path
     root.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def prepare_base(cfg: Config, nproc: int, timings: dict[str, float]) -> Path:
     if not inputs:
         _timed(timings, "synth", "synth (embedded tiny default)", build_tiny_default, synth_dir, cfg.synth)
         inputs = [str(synth_dir / "pairs.jsonl")]
-    init_model = Path(cfg.model.policy) if cfg.model.policy else synth_dir / "model"
+    init_model = default_init_model(cfg)
     tokenizer = cfg.data.tokenizer or init_model
     # with on-policy pairs the given pairs only feed SFT (<run_dir>/sft_data); <run_dir>/data, which the
     # ref and train stages read, is then made from the sampled pairs
