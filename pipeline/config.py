@@ -157,6 +157,10 @@ class TrainConfig:
     # One row per pair, prompt + chosen + rejected: the prompt is computed once for both responses (saves
     # P of 2P+C+R tokens per pair); a dense 4-D mask, so sdpa/eager only. Takes precedence over `packing`.
     share_prompt: bool = False
+    # torch.compile the policy's decoder stack (Inductor; fused norms/activations/rotary around the GEMMs).
+    # ZeRO stage <= 2 only (ZeRO-3's per-module gather hooks do not trace). The first steps pay the compile
+    # (~20-60 s on CPU: one graph per grad mode, one more when the sequence length first changes).
+    compile: bool = False
     eval_every: int = 0  # steps; 0 = only at the end
     save_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 2

@@ -78,6 +78,11 @@ def resolve_ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict:
     stage = int(zo.get("stage", 3))
     if stage not in (2, 3):
         log.warning("ds_config uses ZeRO stage %s; midpo is tested with stages 2 and 3", stage)
+    if tc.compile and stage == 3:
+        raise ConfigError(f"train.compile needs ZeRO stage <= 2 ({tc.ds_config} is stage 3: its per-module "
+                          "parameter gathers do not trace under torch.compile); use ds_config zero2_cpu_fp32 or "
+                          "zero2_bf16 (one device, or a model whose optimizer state is what needs sharding), or "
+                          "train.compile=false")
     # HF's sizing rule (hidden^2), floored: for small hidden sizes hidden^2 makes dozens of tiny
     # reduce-scatters per step, and each costs a fixed launch/latency overhead.
     # These are tuning knobs, not recipe facts: an explicit value in the JSON wins.

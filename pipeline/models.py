@@ -92,6 +92,23 @@ def load_model(path: str | Path, cfg: ModelConfig, *, device: torch.device | str
     return model
 
 
+def compile_decoder(model) -> None:
+    """torch.compile the decoder stack IN PLACE (``nn.Module.compile``: state-dict keys unchanged, so
+    checkpoints and export are the same as eager). The output head stays eager: it runs chunk by chunk
+    under activation checkpointing (pipeline.logprobs). Shapes: static first, then Dynamo's automatic
+    dynamic shapes after the first length change, so varying batch lengths cost one recompile, not one each."""
+    model.get_decoder().compile()
+    log.info("torch.compile: decoder of %s compiled (Inductor)", type(model).__name__)
+
+
+def compile_stats() -> str:
+    """Dynamo's counters as one log fragment: how many graphs were compiled and how many graph breaks."""
+    from torch._dynamo.utils import counters
+
+    return (f"{counters['stats'].get('unique_graphs', 0)} graphs, "
+            f"{sum(counters['graph_break'].values())} graph breaks")
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -354,7 +354,14 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     from pipeline.export import export_from_engine
     from pipeline.losses import METRIC_NAMES
     from pipeline.metrics import MetricSums, TBLogger, all_reduce_sum, measure_peak_flops, train_flops_per_token
-    from pipeline.models import load_model, model_fingerprint, resolve_attn, resolve_dtype
+    from pipeline.models import (
+        compile_decoder,
+        compile_stats,
+        load_model,
+        model_fingerprint,
+        resolve_attn,
+        resolve_dtype,
+    )
     from pipeline.priors import build_prior, check_needs
     from pipeline.ref_cache import read_cache_manifest
     from pipeline.reference import pad_id_of
@@ -400,6 +407,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     ds_config = resolve_ds_config(cfg, world, hf_config.hidden_size)
     keep_alive = _zero3_loading(ds_config)  # noqa: F841  (must stay alive while from_pretrained runs)
     model = load_model(paths["policy"], cfg.model, device=pdist.device(), train=True)
+    if tc.compile:  # resolve_ds_config refused ZeRO-3 already
+        compile_decoder(model)
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # tied weights counted once
     emb_params = getattr(model.get_input_embeddings().weight, "ds_numel", model.get_input_embeddings().weight.numel())
     if getattr(hf_config, "tie_word_embeddings", False):
@@ -641,6 +650,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     summary = {"step": state.step, "bad_steps_total": state.bad_steps_total, "eval": last_eval,
                "dropped_tail_rows": state.dropped_tail_rows, "stopped_early": stopped_early}
     if pdist.is_main():
+        if tc.compile:
+            log.info("torch.compile: %s", compile_stats())
         log.info("done: %s", summary)
     return summary
 

@@ -55,6 +55,15 @@ def test_dtype_mismatch_is_refused():
         resolve_ds_config(cfg, world_size=1, hidden_size=64)
 
 
+@pytest.mark.parametrize(("name", "dtype"), [("zero3_cpu_fp32", "fp32"), ("zero3_bf16", "bf16")])
+def test_compile_with_zero3_is_refused(name, dtype):
+    cfg = load_config(None, [f"train.ds_config={name}", f"model.dtype={dtype}", "train.compile=true"])
+    with pytest.raises(ConfigError, match="train.compile needs ZeRO stage <= 2"):
+        resolve_ds_config(cfg, world_size=2, hidden_size=64)
+    ok = load_config(None, ["train.ds_config=zero2_cpu_fp32", "model.dtype=fp32", "train.compile=true"])
+    assert resolve_ds_config(ok, world_size=2, hidden_size=64)["zero_optimization"]["stage"] == 2
+
+
 def test_unknown_config_names_the_shipped_ones():
     cfg = load_config(None, ["train.ds_config=nope"])
     with pytest.raises(ConfigError, match="zero3_cpu_fp32"):
