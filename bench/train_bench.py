@@ -118,7 +118,7 @@ def env(threads: int) -> dict:
 
 
 def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, layout: str, warmup: int,
-              ds_config: str = "zero3_cpu_fp32", compile: bool = False) -> dict:
+              ds_config: str = "zero3_cpu_fp32", compile: bool = False, peaks: dict[int, float] | None = None) -> dict:
     """layout: packed | padded | shared (train.share_prompt: the prompt once per pair); compile: train.compile."""
     run = fresh_run(root, f"midpo_w{world}_{layout}_{ds_config}{'_compiled' if compile else ''}")
     recipe = run / "recipe.yaml"
@@ -129,6 +129,8 @@ def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, lay
         f"  share_prompt: {str(layout == 'shared').lower()}\n  export_at_end: false\n"
         f"  ds_config: {ds_config}\n  keep_last: 1\n  compile: {str(compile).lower()}\n")
     per_proc = threads if world == 1 else max(1, threads // world)
+    if peaks:  # one measured peak per thread count for every run: MFU comparable across runs
+        recipe.write_text(recipe.read_text() + f"  peak_flops: {peaks[per_proc]:.6g}\n")
     launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={world}"]
     t0 = time.perf_counter()
@@ -141,6 +143,7 @@ def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, lay
                                                                "padding_fraction")}
     mean["wall_s"] = time.perf_counter() - t0
     mean["step_ms"] = [round(MICRO * world / r["pairs_per_s"] * 1000) for r in rows]
+    mean["median_pairs_per_s"] = MICRO * world / float(np.median([MICRO * world / r["pairs_per_s"] for r in rows]))
     return mean
 
 
@@ -183,8 +186,9 @@ def run_trl(root: Path, model_dir: Path, rows: list[dict], steps: int, threads: 
     # Steps after the first `warmup` ones, like midpo's averages (its first steps pay one-time costs too).
     # precompute=True: TRL 1.16 computes the reference log-probs in DPOTrainer.__init__, outside these steps --
     # as midpo's numbers exclude its reference stage (`midpo ref`): training vs training.
-    step_s = float(np.mean(np.diff(clock.ends)[warmup - 1:]))
-    return {"pairs_per_s": MICRO / step_s, "tokens_per_s": MICRO * n_tok / len(rows) / step_s, "wall_s": wall,
+    steps_s = np.diff(clock.ends)[warmup - 1:]
+    step_s = float(np.mean(steps_s))
+    return {"pairs_per_s": MICRO / step_s, "median_pairs_per_s": MICRO / float(np.median(steps_s)), "tokens_per_s": MICRO * n_tok / len(rows) / step_s, "wall_s": wall,
             "wall_pairs_per_s": steps * MICRO / wall}
 
 
@@ -203,6 +207,15 @@ def main() -> None:
     print(f"model: Llama h256 L4 8h/4kv vocab {VOCAB}; {N_PAIRS} pairs, mean sequence {mean_len:.0f} tokens; "
           f"micro-batch {MICRO}; {a.steps} steps; {a.threads} threads")
 
+    import torch
+
+    from pipeline.metrics import measure_peak_flops
+
+    peaks = {}  # the MFU denominator: a 2048^3 fp32 GEMM, per thread count a rank gets (measured once, here)
+    for t in sorted({a.threads, max(1, a.threads // 2)}):
+        torch.set_num_threads(t)
+        peaks[t] = measure_peak_flops(torch.float32, torch.device("cpu"), seconds=3.0)
+    print("measured fp32 GEMM peak: " + ", ".join(f"{t} thread(s) {p / 1e9:.0f} GFLOP/s" for t, p in peaks.items()))
     results = {}
     # ZeRO-3 (the multi-device default) and ZeRO-2 (the one-device pick: ZeRO-3 partitions nothing on one
     # process and still pays its per-parameter gathers); padded = the CPU recipes' layout (sdpa's 4-D packing
@@ -216,7 +229,7 @@ def main() -> None:
                                     (2, "padded", "zero3_cpu_fp32", False), (2, "padded", "zero2_cpu_fp32", False),
                                     (2, "shared", "zero2_cpu_fp32", False), (2, "shared", "zero2_cpu_fp32", True)):
         results[f"midpo world={world} {layout} {ds.split('_')[0]}{' compiled' if comp else ''}"] = run_midpo(
-            root, model, a.steps, world, a.threads, layout, a.warmup, ds, comp)
+            root, model, a.steps, world, a.threads, layout, a.warmup, ds, comp, peaks)
     if not a.skip_trl:
         # The goals are against TRL's default and precompute runs; TRL with its own torch_compile=True (the
         # Trainer compiles the whole model) is printed beside them so that compile's share of the gap is visible.
@@ -228,12 +241,13 @@ def main() -> None:
     # so the ratio in tokens/s equals the ratio in pairs/s; "fwd tok/s" is what midpo's forward actually ran
     # (the shared layout runs P+C+R per pair: fewer tokens for the same data).
     pair_tok = float(np.mean([2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]))
-    print(f"{'run':52s} {'pairs/s':>8s} {'tok/s':>7s} {'fwd tok/s':>9s} {'MFU':>5s} {'pad':>5s}  ({pair_tok:.0f} tokens/pair)")
+    print(f"{'run':52s} {'pairs/s':>8s} {'median':>7s} {'tok/s':>7s} {'fwd tok/s':>9s} {'MFU':>5s} {'pad':>5s}  "
+          f"({pair_tok:.0f} tokens/pair; pairs/s = mean step time, median = median step time)")
     for k, v in results.items():
         mfu = f"{v['mfu']:.0%}" if "mfu" in v else "-"
         pad = f"{v['padding_fraction']:.0%}" if "padding_fraction" in v else "-"
         fwd = f"{v['tokens_per_s']:.0f}" if "mfu" in v else "-"
-        print(f"{k:52s} {v['pairs_per_s']:8.1f} {v['pairs_per_s'] * pair_tok:7.0f} {fwd:>9s} {mfu:>5s} {pad:>5s}")
+        print(f"{k:52s} {v['pairs_per_s']:8.1f} {v['median_pairs_per_s']:7.1f} {v['pairs_per_s'] * pair_tok:7.0f} {fwd:>9s} {mfu:>5s} {pad:>5s}")
     if not a.skip_trl:
         best = max((k for k in results if k.startswith("midpo")), key=lambda k: results[k]["pairs_per_s"])
         for pre, goal in ((False, 2.0), (True, 1.3)):
