@@ -3,13 +3,15 @@
 Not a test; prints a table. The model and data are bench/train_bench.py's (Llama h256, 4 layers, vocab 2048,
 512 sorting pairs, micro-batch 8); the prior network is the reference's first quarter of layers
 (prior_net.num_layers = 1 of 4) with the default `marginal` objective (it needs the policy logits, so the
-learned run also pays for them). One process, ZeRO-3 (CPU: zero3_cpu_fp32). The runs are interleaved
+learned run also pays for them). One process, ZeRO-3 (CPU: zero3_cpu_fp32), or
+`--ds-config zero2_cpu_fp32` (ZeRO-2 for the policy and the prior, the one-device pick). The runs are interleaved
 (dpo, learned, dpo, learned, ...) so that load from other users of a shared machine hits both alike; every
 round is reported, with the ratio of medians and of the fastest runs. Goal: learned / dpo <= 1.15 (at the
 default prior_net.update_every=1; `--update-every k` measures the speed knob: the prior is then updated,
 and the policy logits computed, on every k-th step only, log zeta still on every step).
 
-    PYTHONPATH=. python bench/midpo_vs_dpo.py [--steps 12] [--rounds 2] [--threads 2] [--update-every 1]
+    PYTHONPATH=. python bench/midpo_vs_dpo.py [--steps 12] [--rounds 2] [--threads 2] [--update-every 1] \
+        [--ds-config zero3_cpu_fp32]
 
 Step time = seconds per optimizer step from the trainer's own logs (train_metrics.jsonl: global batch /
 pairs_per_s; the window includes the prior hook's work), averaged over steps after `--warmup`.
@@ -67,16 +69,18 @@ def _cpu_per_step(proc: subprocess.Popen, metrics: Path, warmup: int) -> tuple[l
 
 
 def run(root: Path, model: Path, name: str, prior: str, steps: int, threads: int, warmup: int, tag: str,
-        update_every: int = 1) -> tuple[float, float]:
-    """-> (wall s per step from the trainer's log, CPU s per step or nan)."""
+        update_every: int = 1, ds_config: str = "zero3_cpu_fp32") -> tuple[float, float]:
+    """-> (wall s per step from the trainer's log, CPU s per step or nan). The prior engine gets the policy's
+    ZeRO stage (prior_net.zero_stage)."""
     run_dir = fresh_run(root, f"{name}_{tag}")
-    extra = (f"prior_net:\n  num_layers: {LAYERS // 4}\n  update_every: {update_every}\n"
+    stage = int(ds_config[4])  # zero2_* / zero3_*
+    extra = (f"prior_net:\n  num_layers: {LAYERS // 4}\n  update_every: {update_every}\n  zero_stage: {stage}\n"
              if prior == "learned" else "")
     recipe = run_dir / "recipe.yaml"
     recipe.write_text(
         f"run_dir: {run_dir}\nmodel:\n  policy: {model}\n  dtype: fp32\n  attn_implementation: sdpa\n"
         f"loss:\n  prior: {prior}\n  beta: 0.1\n{extra}train:\n  micro_batch_size: {MICRO}\n  grad_accum: 1\n"
-        f"  max_steps: {steps}\n  lr: 1.0e-4\n  export_at_end: false\n  ds_config: zero3_cpu_fp32\n"
+        f"  max_steps: {steps}\n  lr: 1.0e-4\n  export_at_end: false\n  ds_config: {ds_config}\n"
         f"  keep_last: 1\n  save_every: 0\n  eval_every: 0\n  log_every: 1\n  peak_flops: 1.0e11\n")
     metrics = run_dir / "logs" / "train_metrics.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--config", str(recipe)], env=env(threads),
@@ -111,6 +115,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--update-every", type=int, default=1, help="prior_net.update_every of the learned runs")
+    ap.add_argument("--ds-config", default="zero3_cpu_fp32", choices=("zero3_cpu_fp32", "zero2_cpu_fp32"),
+                    help="policy engine config; the prior engine gets the same ZeRO stage")
     ap.add_argument("--root", default=None)
     a = ap.parse_args()
 
@@ -123,12 +129,12 @@ def main() -> None:
     floor = flop_ratio(AutoConfig.from_pretrained(model), LAYERS // 4, prompt, response, a.update_every)
     print(f"model: Llama h256 L{LAYERS} vocab 2048, prior = first {LAYERS // 4} layer(s), update_every "
           f"{a.update_every}; micro-batch {MICRO}; {a.steps} steps ({a.warmup} warm-up dropped); {a.threads} threads; "
-          "1 process, ZeRO-3")
+          f"1 process, {a.ds_config}")
     times: dict[str, list[float]] = {"dpo": [], "learned": []}
     cpus: dict[str, list[float]] = {"dpo": [], "learned": []}
     for r in range(a.rounds):
         for prior in ("dpo", "learned"):
-            t, c = run(root, model, prior, prior, a.steps, a.threads, a.warmup, f"r{r}", a.update_every)
+            t, c = run(root, model, prior, prior, a.steps, a.threads, a.warmup, f"r{r}", a.update_every, a.ds_config)
             times[prior].append(t)
             cpus[prior].append(c)
             print(f"round {r}: {prior:8s} {t * 1000:8.1f} ms/step wall {c * 1000:8.1f} ms/step CPU", flush=True)
@@ -143,7 +149,7 @@ def main() -> None:
     print(json.dumps({"ms_per_step": {k: [round(x * 1000, 2) for x in v] for k, v in times.items()},
                       "cpu_ms_per_step": {k: [round(x * 1000, 2) for x in v] for k, v in cpus.items()},
                       "ratio_median": ratio, "ratio_min": ratio_min, "ratio_per_round": per_round,
-                      "cpu_ratio_median": cpu_ratio, "flop_ratio": floor, "update_every": a.update_every,
+                      "cpu_ratio_median": cpu_ratio, "flop_ratio": floor, "update_every": a.update_every, "ds_config": a.ds_config,
                       "threads": a.threads}))
 
 

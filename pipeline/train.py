@@ -363,6 +363,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
         resolve_dtype,
     )
     from pipeline.priors import build_prior, check_needs
+    from pipeline.profiling import StepProfiler
     from pipeline.ref_cache import read_cache_manifest
     from pipeline.reference import pad_id_of
     from pipeline.sampler import PairSampler
@@ -522,8 +523,10 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     window = {"tokens": 0.0, "pad": 0.0, "slots": 0.0, "pairs": 0.0, "time": 0.0, "ctx": 0.0, "seqs": 0.0}
     last_eval = None
     stopped_early = False
+    profiler = StepProfiler(logs_dir, rank)
     while state.step < total_steps:
         t0 = time.perf_counter()
+        profiler.begin(state.step + 1)
         epoch_before = sampler.state.epoch
         micro_rows = sampler.next_step()
         if sampler.state.epoch != epoch_before:
@@ -584,7 +587,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
             sums.add(name, v[0], v[1])  # [sum, count], reduced with the policy's metrics
         state.step += 1
         state.consumed_samples += sampler.global_batch
-        window["time"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        window["time"] += t1 - t0
 
         if tc.record_rows:
             ids = _gather_ids([i for ids in step_ids for i in ids]) if world > 1 else [i for x in step_ids for i in x]
@@ -623,6 +627,10 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
                 stopped_early = True
         if bar is not None:
             bar.update(1)
+        # row records, metric reduction and logging are per-step costs too (counted in the next window);
+        # eval and checkpoints are not
+        window["time"] += time.perf_counter() - t1
+        profiler.end(state.step)
 
         if tc.eval_every and state.step % tc.eval_every == 0 and state.step < total_steps:
             last_eval = run_eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pipeline.config import DS_CONFIGS_DIR, ConfigError, load_config
 from pipeline.engine import _walk, inference_ds_config, resolve_ds_config
@@ -32,6 +33,8 @@ def test_every_shipped_config_resolves(name):
     assert ("stage3_prefetch_bucket_size" in zo) == (zo["stage"] == 3)
     assert ("allgather_bucket_size" in zo) == (zo["stage"] == 2)
     assert not [k for k, v in _walk(ds) if v == "auto"]
+    if not torch.cuda.is_available() and not zo.get("offload_optimizer"):  # torch's fused CPU AdamW
+        assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     # the frozen engines' (online reference, prior init) config: no optimizer; ZeRO-3 stays, ZeRO-2 -> 0
     inf = inference_ds_config(ds)
     assert "optimizer" not in inf and "optimizer" in ds

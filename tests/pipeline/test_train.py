@@ -115,10 +115,13 @@ def test_shared_prompt_equals_packed(base):
 def test_compiled_equals_eager(base):
     """train.compile (torch.compile of the decoder, Inductor) with ZeRO-2 and the shared-prompt layout: the same
     losses and exported weights as the eager ZeRO-3 packed run (Inductor fuses and reorders fp32 ops: 1e-5),
-    and the log proves Dynamo compiled graphs (a silently eager run would pass the comparison too)."""
+    and the log proves Dynamo compiled graphs (a silently eager run would pass the comparison too). The run also
+    records a MIDPO_PROFILE_STEPS window (it must not change the numbers)."""
     recipe, run = _fresh_run(base, "compiled", share_prompt="true", ds_config="zero2_cpu_fp32", compile="true",
                              save_every=0, eval_every=0)
-    proc = run_train(recipe, 1, timeout=600)
+    proc = run_train(recipe, 1, timeout=600, MIDPO_PROFILE_STEPS="2:3")
+    prof = (run / "logs" / "profile_rank0.txt").read_text()  # the opt-in profiler window (pipeline.profiling)
+    assert prof.startswith("steps 2-3 (2 steps)") and "aten::mm" in prof and (run / "logs" / "profile_rank0.json").exists()
     m = re.search(r"torch.compile: (\d+) graphs, (\d+) graph breaks", proc.stderr)
     assert m and int(m.group(1)) >= 1, proc.stderr[-3000:]
     np.testing.assert_allclose(losses(run), losses(base["run1"]), atol=1e-5, rtol=0)

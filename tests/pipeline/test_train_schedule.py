@@ -30,3 +30,13 @@ def test_eval_plan_covers_every_row_once_in_lockstep(n, micro, world):
     assert len({len(p) for p in plans}) == 1  # same number of forwards on every rank
     real = [i for p in plans for idx, ok in p if ok for i in idx]
     assert sorted(real) == list(range(n))
+
+
+def test_profile_window_parsing():
+    from pipeline.profiling import parse_window
+
+    assert parse_window(None) is None and parse_window("") is None
+    assert parse_window("3:7") == (3, 7) and parse_window("5:5") == (5, 5)
+    for bad in ("7:3", "0:2", "3", "a:b"):
+        with pytest.raises(ValueError, match="MIDPO_PROFILE_STEPS"):
+            parse_window(bad)
