@@ -15,6 +15,7 @@ with `midpo train --nproc N` and is scored by generation on the held-out prompts
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -74,11 +75,16 @@ def run_one(base_cfg_path: Path, out: Path, method: str, seed: int, overrides: l
     base = base_cfg_path.parent
     run_dir = out / "runs" / f"{method}-s{seed}"
     result_file = run_dir / "result.json"
-    if result_file.exists():
-        return json.loads(result_file.read_text())
-    link_base(base, run_dir)
     cfg = load_config(base_cfg_path, [*overrides, *METHODS[method], f"run_dir={run_dir}", f"seed={seed}",
                                       f"train.seed={seed}"])
+    if result_file.exists():
+        # a finished run is reused only for the same settings: never report an old run under new overrides
+        old = load_config(run_dir / "config.yaml", []) if (run_dir / "config.yaml").exists() else None
+        if old is None or dataclasses.asdict(old) != dataclasses.asdict(cfg):
+            raise SystemExit(f"{run_dir} holds a finished run with other settings than {' '.join(overrides) or 'none'}"
+                             f" ({run_dir / 'config.yaml'}): pass another --out, or delete that folder")
+        return json.loads(result_file.read_text())
+    link_base(base, run_dir)
     cfg_path = save_config(cfg, run_dir / "config.yaml")
     print(f"\n=== experiment: {method} seed {seed} -> {run_dir} ===", flush=True)
     t = time.time()

@@ -97,15 +97,21 @@ def flop_ratio(hf_config, prior_layers: int, prompt: float, response: float, upd
     """Expected learned/dpo step time if both were bound by matmul FLOPs (2 x weights x tokens per forward,
     backward 2x forward; attention scores, the KL's softmax and the optimizer left out). Per pair: the
     policy runs all layers on 2P+C+R tokens and the head on the C+R response tokens (DPO from the cache has
-    no reference forward); the unconditioned prior runs its layers and the head on [BOS] + response per
-    side (2+C+R), with backward only on its update steps (one in `update_every`)."""
+    no reference forward). The policy's head runs 4x its forward (forward, the recompute of its activation
+    checkpoint, two backward matmuls), except on the marginal prior's update steps, where its logits are
+    kept for the KL (3x). The unconditioned prior runs its layers and the head on [BOS] + response per side
+    (2+C+R): forward every step, backward only on its update steps (one in `update_every`)."""
     h, inter = hf_config.hidden_size, hf_config.intermediate_size
     kv = hf_config.num_key_value_heads * (h // hf_config.num_attention_heads)
     layer = 2 * h * h + 2 * h * kv + 3 * h * inter  # q, o; k, v; gate, up, down
     head = h * hf_config.vocab_size
-    policy_fwd = hf_config.num_hidden_layers * layer * (2 * prompt + 2 * response) + head * 2 * response
+    layers_fwd = hf_config.num_hidden_layers * layer * (2 * prompt + 2 * response)
+    head_fwd = head * 2 * response
     prior_fwd = (prior_layers * layer + head) * (2 + 2 * response)
-    return 1 + prior_fwd * (update_every + 2) / update_every / (3 * policy_fwd)
+    dpo = 3 * layers_fwd + 4 * head_fwd
+    learned = (3 * layers_fwd + head_fwd * (3 + 4 * (update_every - 1)) / update_every
+               + prior_fwd * (update_every + 2) / update_every)
+    return learned / dpo
 
 
 def main() -> None:
