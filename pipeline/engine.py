@@ -53,8 +53,10 @@ def _fill(node: dict, key: str, value: Any, where: str) -> None:
                           f"set it to \"auto\" or change the recipe")
 
 
-def resolve_ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict:
-    """The DeepSpeed config dict for the policy engine, every "auto" field filled from `cfg`."""
+def resolve_ds_config(cfg: Config, world_size: int, hidden_size: int, stage: int | None = None) -> dict:
+    """The DeepSpeed config dict for the policy engine, every "auto" field filled from `cfg`. ``stage``
+    overrides the JSON's ZeRO stage (the prior network's prior_net.zero_stage) before the stage's own
+    bucket knobs are filled."""
     tc = cfg.train
     ds = copy.deepcopy(json.loads(ds_config_path(tc.ds_config).read_text()))
     _fill(ds, "train_micro_batch_size_per_gpu", tc.micro_batch_size, "")
@@ -75,6 +77,8 @@ def resolve_ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict:
                 f"use a ds_config that matches (zero3_bf16 for bf16, zero3_cpu_fp32 for fp32) or set model.dtype")
 
     zo = ds.setdefault("zero_optimization", {})
+    if stage is not None:
+        zo["stage"] = int(stage)
     stage = int(zo.get("stage", 3))
     if stage not in (2, 3):
         log.warning("ds_config uses ZeRO stage %s; midpo is tested with stages 2 and 3", stage)
@@ -87,12 +91,16 @@ def resolve_ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict:
     # reduce-scatters per step, and each costs a fixed launch/latency overhead.
     # These are tuning knobs, not recipe facts: an explicit value in the JSON wins.
     bucket = max(hidden_size * hidden_size, MIN_BUCKET)
-    knobs = ((("stage3_prefetch_bucket_size", int(0.9 * bucket)), ("stage3_param_persistence_threshold",
-                                                                     10 * hidden_size)) if stage == 3
-             else (("allgather_bucket_size", bucket),))
+    stage3 = (("stage3_prefetch_bucket_size", int(0.9 * bucket)), ("stage3_param_persistence_threshold",
+                                                                    10 * hidden_size))
+    stage2 = (("allgather_bucket_size", bucket),)
+    knobs, other = (stage3, stage2) if stage == 3 else (stage2, stage3)
     for key, value in (("reduce_bucket_size", bucket), *knobs):
         if zo.get(key, "auto") == "auto":
             zo[key] = value
+    for key, _ in other:  # a JSON of the other stage under a `stage` override: its "auto" knobs do not apply
+        if zo.get(key) == "auto":
+            del zo[key]
 
     opt = ds.get("optimizer")
     if opt is not None:

@@ -334,13 +334,13 @@ def torch_hook(prior_model: torch.nn.Module, cfg: PriorNetConfig, *, beta: float
 def prior_ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict:
     """The prior engine's DeepSpeed config: the trainer's own resolution (engine.resolve_ds_config) with
     the prior's lr, no weight decay, and ZeRO stage prior_net.zero_stage. Same micro-batch and
-    accumulation as the policy: the prior steps once per policy step."""
+    accumulation as the policy: the prior steps once per policy step. train.compile is the policy's (the
+    prior is not compiled), so it does not constrain the prior's stage."""
     from pipeline.engine import resolve_ds_config
 
-    pcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.prior_net.lr, weight_decay=0.0))
-    ds = resolve_ds_config(pcfg, world_size, hidden_size)
-    ds["zero_optimization"]["stage"] = int(cfg.prior_net.zero_stage)
-    return ds
+    pcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.prior_net.lr, weight_decay=0.0,
+                                                              compile=False))
+    return resolve_ds_config(pcfg, world_size, hidden_size, stage=cfg.prior_net.zero_stage)
 
 
 def build_midpo_hook(cfg: Config, *, reference_path: str | Path, policy_config, world_size: int, pad_id: int,

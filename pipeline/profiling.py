@@ -33,8 +33,8 @@ def parse_window(spec: str | None) -> tuple[int, int] | None:
 class StepProfiler:
     """Call `begin(step)` before and `end(step)` after every optimizer step (1-based step numbers)."""
 
-    def __init__(self, out_dir: Path, rank: int, spec: str | None = None):
-        self.window = parse_window(spec if spec is not None else os.environ.get(ENV))
+    def __init__(self, out_dir: Path, rank: int):
+        self.window = parse_window(os.environ.get(ENV))
         self.out_dir, self.rank, self.prof = Path(out_dir), rank, None
 
     def begin(self, step: int) -> None:

@@ -67,6 +67,21 @@ def test_compile_with_zero3_is_refused(name, dtype):
     assert resolve_ds_config(ok, world_size=2, hidden_size=64)["zero_optimization"]["stage"] == 2
 
 
+def test_prior_config_gets_its_own_stage_knobs():
+    """prior_net.zero_stage differs from the policy's JSON: the prior's config carries that stage's bucket
+    knobs, and the policy's train.compile (stage <= 2 only) does not apply to the uncompiled prior."""
+    from pipeline.mi_dpo_hook import prior_ds_config
+
+    cfg = load_config(None, ["train.ds_config=zero2_cpu_fp32", "model.dtype=fp32", "train.compile=true",
+                             "prior_net.zero_stage=3", "prior_net.lr=3e-4"])
+    zo = prior_ds_config(cfg, 2, 64)["zero_optimization"]
+    assert zo["stage"] == 3 and "stage3_prefetch_bucket_size" in zo and "allgather_bucket_size" not in zo
+    cfg = load_config(None, ["train.ds_config=zero3_cpu_fp32", "model.dtype=fp32", "prior_net.zero_stage=2"])
+    ds = prior_ds_config(cfg, 2, 64)
+    assert ds["zero_optimization"]["stage"] == 2 and "stage3_prefetch_bucket_size" not in ds["zero_optimization"]
+    assert ds["optimizer"]["params"]["lr"] == cfg.prior_net.lr and ds["optimizer"]["params"]["weight_decay"] == 0.0
+
+
 def test_unknown_config_names_the_shipped_ones():
     cfg = load_config(None, ["train.ds_config=nope"])
     with pytest.raises(ConfigError, match="zero3_cpu_fp32"):
