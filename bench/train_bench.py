@@ -123,15 +123,15 @@ def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, lay
     """layout: packed | padded | shared (train.share_prompt: the prompt once per pair); compile: train.compile."""
     run = fresh_run(root, f"midpo_w{world}_{layout}_{ds_config}{'_compiled' if compile else ''}_{attn}")
     recipe = run / "recipe.yaml"
+    per_proc = threads if world == 1 else max(1, threads // world)
     recipe.write_text(
         f"run_dir: {run}\nmodel:\n  policy: {model}\n  dtype: fp32\n  attn_implementation: {attn}\n"
         f"loss:\n  prior: dpo\n  beta: 0.1\ntrain:\n  micro_batch_size: {MICRO}\n  grad_accum: 1\n"
         f"  max_steps: {steps}\n  lr: 1.0e-4\n  packing: {str(layout == 'packed').lower()}\n"
         f"  share_prompt: {str(layout == 'shared').lower()}\n  export_at_end: false\n"
-        f"  ds_config: {ds_config}\n  keep_last: 1\n  compile: {str(compile).lower()}\n")
-    per_proc = threads if world == 1 else max(1, threads // world)
-    if peaks:  # one measured peak per thread count for every run: MFU comparable across runs
-        recipe.write_text(recipe.read_text() + f"  peak_flops: {peaks[per_proc]:.6g}\n")
+        f"  ds_config: {ds_config}\n  keep_last: 1\n  compile: {str(compile).lower()}\n"
+        # one measured peak per thread count for every run: MFU comparable across runs
+        + (f"  peak_flops: {peaks[per_proc]:.6g}\n" if peaks else ""))
     launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={world}"]
     t0 = time.perf_counter()
@@ -140,12 +140,20 @@ def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, lay
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])
     rows = [json.loads(x) for x in (run / "logs" / "train_metrics.jsonl").read_text().splitlines()][warmup:]
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("pairs_per_s", "tokens_per_s", "mfu",
-                                                               "padding_fraction")}
-    mean["wall_s"] = time.perf_counter() - t0
-    mean["step_ms"] = [round(MICRO * world / r["pairs_per_s"] * 1000) for r in rows]
-    mean["median_pairs_per_s"] = MICRO * world / float(np.median([MICRO * world / r["pairs_per_s"] for r in rows]))
-    return mean
+    return {**step_rates(rows, MICRO * world), "wall_s": time.perf_counter() - t0, "threads_per_rank": per_proc}
+
+
+def step_rates(rows: list[dict], global_batch: int) -> dict:
+    """Per-step metric lines (log_every 1) -> rates over the whole window, as TRL's side is measured: pairs/s
+    = pairs / total time (not a mean of per-step rates, which overweights fast steps); tokens/s and MFU
+    weighted by step time alike."""
+    step_s = np.array([global_batch / r["pairs_per_s"] for r in rows])
+    total = float(step_s.sum())
+    out = {k: float(np.dot([r[k] for r in rows], step_s)) / total for k in ("tokens_per_s", "mfu")}
+    return {"pairs_per_s": global_batch * len(rows) / total, **out,
+            "padding_fraction": float(np.mean([r["padding_fraction"] for r in rows])),
+            "median_pairs_per_s": global_batch / float(np.median(step_s)),
+            "step_ms": [round(x * 1000) for x in step_s]}
 
 
 def run_trl(root: Path, model_dir: Path, rows: list[dict], steps: int, threads: int, precompute: bool,
@@ -252,10 +260,9 @@ def main() -> None:
     final = {t: max(peaks[t], after[t]) for t in peaks}
     print("measured fp32 GEMM peak (before, after the runs): " + ", ".join(
         f"{t} thread(s) {peaks[t] / 1e9:.0f}, {after[t] / 1e9:.0f} GFLOP/s" for t in peaks))
-    for k, v in results.items():
+    for v in results.values():
         if "mfu" in v:
-            t = a.threads if "world=1" in k else max(1, a.threads // 2)
-            v["mfu"] *= peaks[t] / final[t]
+            v["mfu"] *= peaks[v["threads_per_rank"]] / final[v["threads_per_rank"]]
     # tokens/s on one definition for every row: the data's non-pad tokens per pair, 2P+C+R (both sequences),
     # so the ratio in tokens/s equals the ratio in pairs/s; "fwd tok/s" is what midpo's forward actually ran
     # (the shared layout runs P+C+R per pair: fewer tokens for the same data).
