@@ -75,7 +75,7 @@ def main() -> int:
     from pipeline.config import load_config
     from pipeline.engine import PolicyLogps, build_policy_engine, ds_config_path, policy_logps, resolve_ds_config
     from pipeline.logprobs import ResponseLogps
-    from pipeline.metrics import measure_peak_flops, train_flops_per_token
+    from pipeline.metrics import flop_params, measure_peak_flops, train_flops
     from pipeline.models import resolve_attn
     from pipeline.priors import build_prior
 
@@ -139,8 +139,7 @@ def main() -> int:
     cfg_loss = load_config(None, ["loss.prior=dpo", "loss.beta=0.1"]).loss
     prior = build_prior(cfg_loss)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    emb = model.get_input_embeddings().weight
-    emb_n = getattr(emb, "ds_numel", emb.numel())
+    body_n, head_n = flop_params(model)
     measured_peak = measure_peak_flops(dtype, dev, n=1024 if a.cpu_smoke else 8192, seconds=2.0)
     report["measured_bf16_peak"] = measured_peak
     row_tokens = row_tokens_for(engine)
@@ -158,16 +157,16 @@ def main() -> int:
             batches.append((b, ResponseLogps(ref.chosen.float(), ref.chosen_mask, ref.rejected.float(),
                                              ref.rejected_mask)))
         torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-        times, tokens, ctx, first_loss = dpo_steps(engine, batches, prior, cfg_loss, sync)
+        times, tokens, logit_tokens, attn_ctx, first_loss = dpo_steps(engine, batches, prior, cfg_loss, sync)
         dpo_batches[layout] = batches
         report[f"step0_loss_{layout}"] = first_loss  # references are re-scored by the current policy: ln 2 both
         if not abs(first_loss - math.log(2)) < 1e-3:
             report["ok"] = False
-        fpt = train_flops_per_token(n_params, emb_n, a.layers, a.hidden, ctx / len(times))
         dt, tok = sum(times), sum(tokens)
+        flops = train_flops(body_n, head_n, a.layers, a.hidden, tok, logit_tokens, attn_ctx)
         report[f"throughput_{layout}"] = {
             "pairs_per_s": a.micro * len(times) / dt, "tokens_per_s": tok / dt, "step_s": dt / len(times),
-            "mfu_vs_measured": fpt * tok / dt / measured_peak, "mfu_vs_nominal": fpt * tok / dt / a.nominal_peak,
+            "mfu_vs_measured": flops / dt / measured_peak, "mfu_vs_nominal": flops / dt / a.nominal_peak,
             "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "step_s_each": [round(t, 4) for t in times],
         }
@@ -208,9 +207,10 @@ def timed_steps(batches: list, step, sync) -> tuple[list[float], float]:
     return times, first_loss
 
 
-def dpo_steps(engine, batches: list, prior, cfg_loss, sync) -> tuple[list[float], list[int], float, float]:
+def dpo_steps(engine, batches: list, prior, cfg_loss, sync) -> tuple[list[float], list[int], int, float, float]:
     """DPO training steps from the batches' "cached" reference log-probs -> (seconds of each step after the
-    first 2, real tokens of those steps, their mean attention context sum, the first step's loss)."""
+    first 2, real tokens of those steps, their response (logit) tokens, their attention context
+    (PairBatch.attention_context), the first step's loss)."""
     from pipeline.engine import policy_logps
     from pipeline.priors import PriorInputs, compute_loss
 
@@ -225,8 +225,8 @@ def dpo_steps(engine, batches: list, prior, cfg_loss, sync) -> tuple[list[float]
     times, first_loss = timed_steps(batches, step, sync)
     timed = [b for b, _ in batches[2:]]
     tokens = [int(b.seq_lens.sum()) for b in timed]  # real tokens: padding is not work done
-    ctx = sum(float((b.seq_lens.double() ** 2).sum() / b.seq_lens.sum() / 2) for b in timed)
-    return times, tokens, ctx, first_loss
+    logit_tokens = sum(b.target_index.numel() for b in timed)
+    return times, tokens, logit_tokens, sum(b.attention_context for b in timed), first_loss
 
 
 def time_mi_dpo(a, engine, cfg, hf, ref_dir: Path, batches: list, sync) -> dict:

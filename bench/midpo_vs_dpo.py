@@ -93,13 +93,15 @@ def run(root: Path, model: Path, name: str, prior: str, steps: int, threads: int
     return float(np.mean([MICRO / r["pairs_per_s"] for r in rows])), float(np.mean(cpu)) if cpu else float("nan")
 
 
-def flop_ratio(hf_config, prior_layers: int, prompt: float, response: float, update_every: int) -> float:
+def flop_ratio(hf_config, prior_layers: int, prompt: float, response: float, update_every: int,
+               micro: int = 8, chunk: int = 1024) -> float:
     """Expected learned/dpo step time if both were bound by matmul FLOPs (2 x weights x tokens per forward,
     backward 2x forward; attention scores, the KL's softmax and the optimizer left out). Per pair: the
     policy runs all layers on 2P+C+R tokens and the head on the C+R response tokens (DPO from the cache has
-    no reference forward). The policy's head runs 4x its forward (forward, the recompute of its activation
-    checkpoint, two backward matmuls), except on the marginal prior's update steps, where its logits are
-    kept for the KL (3x). The unconditioned prior runs its layers and the head on [BOS] + response per side
+    no reference forward). The policy's head runs 3x its forward (forward, two backward matmuls), 4x when a
+    micro-batch's response tokens exceed one head chunk (`chunk`, pipeline.logprobs): the chunks are then
+    activation-checkpointed and recomputed -- except on the marginal prior's update steps, where its logits
+    are kept for the KL (3x). The unconditioned prior runs its layers and the head on [BOS] + response per side
     (2+C+R): forward every step, backward only on its update steps (one in `update_every`)."""
     h, inter = hf_config.hidden_size, hf_config.intermediate_size
     kv = hf_config.num_key_value_heads * (h // hf_config.num_attention_heads)
@@ -108,8 +110,9 @@ def flop_ratio(hf_config, prior_layers: int, prompt: float, response: float, upd
     layers_fwd = hf_config.num_hidden_layers * layer * (2 * prompt + 2 * response)
     head_fwd = head * 2 * response
     prior_fwd = (prior_layers * layer + head) * (2 + 2 * response)
-    dpo = 3 * layers_fwd + 4 * head_fwd
-    learned = (3 * layers_fwd + head_fwd * (3 + 4 * (update_every - 1)) / update_every
+    head_x = 4 if micro * 2 * response > chunk else 3
+    dpo = 3 * layers_fwd + head_x * head_fwd
+    learned = (3 * layers_fwd + head_fwd * (3 + head_x * (update_every - 1)) / update_every
                + prior_fwd * (update_every + 2) / update_every)
     return learned / dpo
 
@@ -132,7 +135,7 @@ def main() -> None:
 
     prompt = float(np.mean([len(r["prompt_ids"]) for r in rows]))
     response = float(np.mean([(len(r["chosen_ids"]) + len(r["rejected_ids"])) / 2 for r in rows]))
-    floor = flop_ratio(AutoConfig.from_pretrained(model), LAYERS // 4, prompt, response, a.update_every)
+    floor = flop_ratio(AutoConfig.from_pretrained(model), LAYERS // 4, prompt, response, a.update_every, MICRO)
     print(f"model: Llama h256 L{LAYERS} vocab 2048, prior = first {LAYERS // 4} layer(s), update_every "
           f"{a.update_every}; micro-batch {MICRO}; {a.steps} steps ({a.warmup} warm-up dropped); {a.threads} threads; "
           f"1 process, {a.ds_config}")

@@ -231,8 +231,9 @@ def main() -> None:
 
     peaks = measure_peaks()  # handed to every midpo run (train.peak_flops): one denominator for all rows
     results = {}
-    # ZeRO-3 (the multi-device default) and ZeRO-2 (the one-device pick: ZeRO-3 partitions nothing on one
-    # process and still pays its per-parameter gathers); padded = the CPU recipes' layout (sdpa's 4-D packing
+    # ZeRO-3 (the multi-device default), ZeRO-2 and stage 0 (the one-device picks: ZeRO-3 partitions nothing on
+    # one process and still pays its per-parameter gathers; ZeRO-2 still copies every gradient into its flat
+    # buffer, stage 0 keeps them in .grad and all-reduces them); padded = the CPU recipes' layout (sdpa's 4-D packing
     # mask has no fast CPU kernel), packed for reference, shared = train.share_prompt (the prompt computed once
     # per pair: 2P+C+R -> P+C+R tokens).
     # compiled = train.compile (torch.compile of the decoder; ZeRO <= 2): its compile time falls in the first
@@ -242,9 +243,11 @@ def main() -> None:
     for world, layout, ds, comp, attn in (
             (1, "packed", "zero3_cpu_fp32", False, "sdpa"), (1, "padded", "zero3_cpu_fp32", False, "sdpa"),
             (1, "padded", "zero2_cpu_fp32", False, "sdpa"), (1, "shared", "zero2_cpu_fp32", False, "sdpa"),
-            (1, "shared", "zero2_cpu_fp32", True, "sdpa"), (1, "shared", "zero2_cpu_fp32", True, "eager"),
+            (1, "shared", "zero2_cpu_fp32", True, "sdpa"), (1, "shared", "zero0_cpu_fp32", False, "sdpa"),
+            (1, "shared", "zero0_cpu_fp32", True, "sdpa"), (1, "shared", "zero0_cpu_fp32", True, "eager"),
             (2, "padded", "zero3_cpu_fp32", False, "sdpa"), (2, "padded", "zero2_cpu_fp32", False, "sdpa"),
-            (2, "shared", "zero2_cpu_fp32", False, "sdpa"), (2, "shared", "zero2_cpu_fp32", True, "sdpa")):
+            (2, "shared", "zero2_cpu_fp32", False, "sdpa"), (2, "shared", "zero2_cpu_fp32", True, "sdpa"),
+            (2, "shared", "zero0_cpu_fp32", True, "sdpa")):
         name = f"midpo world={world} {layout} {ds.split('_')[0]}{' compiled' if comp else ''}"
         results[name + (f" attn={attn}" if attn != "sdpa" else "")] = run_midpo(
             root, model, a.steps, world, a.threads, layout, a.warmup, ds, comp, peaks, attn)

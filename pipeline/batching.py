@@ -73,6 +73,21 @@ class PairBatch:
         return self.target_index - 1 if self.predict_index is None else self.predict_index
 
     @property
+    def attention_context(self) -> float:
+        """Sum over real tokens of how many tokens each attends to (itself included): the causal attention
+        work of this batch, layout-independent except for the shared layout's prompt (attended once, and
+        each response sees it plus its own earlier tokens). Model FLOPs of the QK^T and AV matmuls =
+        4 * hidden * layers * this, forward only."""
+        def tri(n: torch.Tensor) -> torch.Tensor:
+            return n * (n + 1) // 2
+
+        if self.layout != "shared":
+            return float(tri(self.seq_lens).sum())
+        B = self.num_pairs
+        p, c, r = self.prompt_lens[:B], self.response_lens[:B], self.response_lens[B:]
+        return float((tri(p) + (c + r) * p + tri(c) + tri(r)).sum())
+
+    @property
     def segment_ids(self) -> torch.Tensor:
         """(R, T) long: sequence id of every token; padding gets id 2B (its own block)."""
         n_seq = self.seq_lens.numel()

@@ -80,8 +80,8 @@ def resolve_ds_config(cfg: Config, world_size: int, hidden_size: int, stage: int
     if stage is not None:
         zo["stage"] = int(stage)
     stage = int(zo.get("stage", 3))
-    if stage not in (2, 3):
-        log.warning("ds_config uses ZeRO stage %s; midpo is tested with stages 2 and 3", stage)
+    if stage not in (0, 2, 3):
+        log.warning("ds_config uses ZeRO stage %s; midpo is tested with stages 0, 2 and 3", stage)
     if tc.compile and stage == 3:
         raise ConfigError(f"train.compile needs ZeRO stage <= 2 ({tc.ds_config} is stage 3: its per-module "
                           "parameter gathers do not trace under torch.compile); use ds_config zero2_cpu_fp32 or "
@@ -94,8 +94,8 @@ def resolve_ds_config(cfg: Config, world_size: int, hidden_size: int, stage: int
     stage3 = (("stage3_prefetch_bucket_size", int(0.9 * bucket)), ("stage3_param_persistence_threshold",
                                                                     10 * hidden_size))
     stage2 = (("allgather_bucket_size", bucket),)
-    knobs, other = (stage3, stage2) if stage == 3 else (stage2, stage3)
-    for key, value in (("reduce_bucket_size", bucket), *knobs):
+    knobs, other = (stage3, stage2) if stage == 3 else (stage2, stage3) if stage == 2 else ((), (*stage2, *stage3))
+    for key, value in (("reduce_bucket_size", bucket), *knobs) if stage in (2, 3) else ():
         if zo.get(key, "auto") == "auto":
             zo[key] = value
     for key, _ in other:  # a JSON of the other stage under a `stage` override: its "auto" knobs do not apply

@@ -236,12 +236,17 @@ def export_from_engine(engine, cfg: Config, out_dir: str | Path | None = None) -
 
 
 def export_from_checkpoint(ckpt_dir: str | Path, cfg: Config, out_dir: str | Path | None = None) -> Path:
-    """One process, no collectives: merge the ZeRO-3 shards of `ckpt_dir` (fp32 masters) and write."""
+    """One process, no collectives: merge the ZeRO-2/3 partitions of `ckpt_dir` (fp32 masters) and write. A
+    stage-0 checkpoint (no ZeRO partition files) holds the whole model in `mp_rank_00_model_states.pt`."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig
 
     ckpt = Path(ckpt_dir)
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if list(ckpt.glob("*zero_pp_rank_*")):
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        sd = {k: v.float() for k, v in states["module"].items()}
     # engine.PolicyLogps may also hold a prior's parameters (`prior.*`, SparsePO's mask network): not the HF model
     sd = {k: v for k, v in sd.items() if not k.startswith("prior.")}
     src = policy_path(cfg)

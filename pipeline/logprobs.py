@@ -323,9 +323,12 @@ def response_logps(
             parts.append(_target_logps(z, targets[s : s + chunk_size]))
             tops.append(topk_logprobs(z, return_topk))
     else:
+        # One chunk: checkpointing would free its logits between forward and backward only to recompute
+        # them, with the same peak (backward needs the chunk's logits either way): skip the head recompute.
+        single = h.shape[0] <= chunk_size
         for s in range(0, h.shape[0], chunk_size):
             hc, tc = h[s : s + chunk_size], targets[s : s + chunk_size]
-            if grad:
+            if grad and not single:
                 parts.append(checkpoint(_chunk_logps, head, softcap, hc, tc, use_reentrant=False))
             else:
                 parts.append(_chunk_logps(head, softcap, hc, tc))

@@ -70,17 +70,29 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 # FLOPs and MFU
 
 
-def train_flops_per_token(num_params: int, num_embedding_params: int, num_layers: int, hidden: int,
-                          mean_context: float) -> float:
-    """Forward+backward FLOPs per trained token: 6 * (non-embedding params incl. lm_head matmul)
-    plus the attention score/value matmuls (6 * 2 * layers * hidden * context, causal halves it).
+def train_flops(body_params: int, head_params: int, num_layers: int, hidden: int, tokens: float,
+                logit_tokens: float, attention_context: float) -> float:
+    """Model FLOPs of one forward+backward (3x the forward's; activation-checkpoint recompute is not model
+    work and is not counted): 2 FLOPs per parameter per token through it, for the decoder body (every real
+    token; the input embedding is a lookup, not counted) and the output head (only the positions whose
+    logits the loss needs: DPO's response tokens), plus the attention score and value matmuls
+    (2 x 2 x hidden per attended key, per layer; `attention_context` = sum over tokens of keys attended,
+    PairBatch.attention_context). A tied head is the embedding matrix used as a real matmul: pass it here."""
+    forward = 2.0 * body_params * tokens + 2.0 * head_params * logit_tokens
+    forward += 4.0 * num_layers * hidden * attention_context
+    return 3.0 * forward
 
-    The input embedding is a lookup (no FLOPs); the lm_head is a real matmul, so it is counted
-    even when tied to the embedding.
-    """
-    dense = num_params - num_embedding_params  # embedding lookup is free
-    attn = 6.0 * num_layers * hidden * mean_context  # 2 matmuls x 2 FLOPs x causal 1/2, x3 for fwd+bwd
-    return 6.0 * dense + attn
+
+def flop_params(model) -> tuple[int, int]:
+    """(body, head) parameter counts of a causal LM for `train_flops` (ZeRO-3 partitioned parameters count
+    in full): the body is everything but the input embedding (a lookup) and the output head; a head tied to
+    the embedding is counted once, as the head."""
+    def numel(p) -> int:
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(numel(p) for p in model.parameters())  # a tied matrix appears once
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return total - numel(emb) - (0 if head is emb else numel(head)), numel(head)
 
 
 def measure_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 1.0) -> float:

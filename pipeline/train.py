@@ -353,7 +353,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     from pipeline.engine import NoOpHook, PolicyLogps, build_policy_engine, resolve_ds_config
     from pipeline.export import export_from_engine
     from pipeline.losses import METRIC_NAMES
-    from pipeline.metrics import MetricSums, TBLogger, all_reduce_sum, measure_peak_flops, train_flops_per_token
+    from pipeline.metrics import MetricSums, TBLogger, all_reduce_sum, flop_params, measure_peak_flops, train_flops
     from pipeline.models import (
         compile_decoder,
         compile_stats,
@@ -404,16 +404,14 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     if total_steps <= 0:
         raise TrainError("no optimizer steps to run: set train.max_steps or train.epochs")
 
+    layout = "shared" if tc.share_prompt else "packed" if tc.packing else "padded"
     # --- engine ---
     ds_config = resolve_ds_config(cfg, world, hf_config.hidden_size)
     keep_alive = _zero3_loading(ds_config)  # noqa: F841  (must stay alive while from_pretrained runs)
     model = load_model(paths["policy"], cfg.model, device=pdist.device(), train=True)
     if tc.compile:  # resolve_ds_config refused ZeRO-3 already
         compile_decoder(model)
-    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # tied weights counted once
-    emb_params = getattr(model.get_input_embeddings().weight, "ds_numel", model.get_input_embeddings().weight.numel())
-    if getattr(hf_config, "tie_word_embeddings", False):
-        emb_params = 0  # the one shared matrix is also the output head, a real matmul: keep it in the FLOPs
+    body_params, head_params = flop_params(model)  # MFU's numerator: the head runs on response positions only
     # A prior with parameters is optimized, clipped, scheduled and checkpointed with the policy (one engine).
     engine = build_policy_engine(PolicyLogps(model, prior if prior_has_params else None), ds_config,
                                  total_steps=total_steps, warmup_ratio=tc.warmup_ratio, schedule=tc.schedule)
@@ -435,7 +433,6 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
 
         hook = build_midpo_hook(cfg, reference_path=paths["reference"], policy_config=hf_config, world_size=world,
                                 pad_id=pad_id, beta=prior.beta)
-    layout = "shared" if tc.share_prompt else "packed" if tc.packing else "padded"
     dtype = resolve_dtype(cfg.model.dtype)
     attn = resolve_attn(cfg.model.attn_implementation)
     if layout == "shared" and "flash" in attn:
@@ -520,7 +517,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
 
     hook_names = list(getattr(importlib.import_module(type(hook).__module__), "METRIC_NAMES", ()))
     sums = MetricSums()
-    window = {"tokens": 0.0, "pad": 0.0, "slots": 0.0, "pairs": 0.0, "time": 0.0, "ctx": 0.0, "seqs": 0.0}
+    window = {"tokens": 0.0, "pad": 0.0, "slots": 0.0, "pairs": 0.0, "time": 0.0, "attn": 0.0, "logit_tokens": 0.0}
     last_eval = None
     stopped_early = False
     profiler = StepProfiler(logs_dir, rank)
@@ -564,8 +561,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
             window["pad"] += b.num_pad_tokens
             window["slots"] += b.input_ids.numel()
             window["pairs"] += b.num_pairs
-            window["ctx"] += float((b.seq_lens.double() ** 2).sum())  # sum of len^2: attention context per token
-            window["seqs"] += float(b.seq_lens.sum())
+            window["attn"] += b.attention_context
+            window["logit_tokens"] += b.target_index.numel()
         if step_bad:
             _skip_optimizer_step(engine, len(micro_rows) - engine_steps)
             state.bad_steps_total += 1
@@ -604,13 +601,12 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
             names = [*METRIC_NAMES, "grad_norm", "lr", *hook_names]
             # a window of only skipped steps has no samples: leave those metrics out rather than log NaN
             vals = {k: v for k, v in sums.reduce(names).items() if not math.isnan(v)}
-            tot = all_reduce_sum([window["tokens"], window["pad"], window["slots"], window["pairs"], window["ctx"],
-                                  window["seqs"], float(stop.requested)])
+            tot = all_reduce_sum([window["tokens"], window["pad"], window["slots"], window["pairs"], window["attn"],
+                                  window["logit_tokens"], float(stop.requested)])
             dt = window["time"]  # ranks run in lockstep; rank 0's wall time is what it logs
-            tokens, pad, slots, pairs, ctx, seqs, stop_votes = tot
-            mean_ctx = ctx / seqs / 2 if seqs else 0.0  # mean over tokens of their position ~ len/2
-            flops = train_flops_per_token(num_params, emb_params, hf_config.num_hidden_layers, hf_config.hidden_size,
-                                          mean_ctx) * tokens
+            tokens, pad, slots, pairs, attn_ctx, logit_tokens, stop_votes = tot
+            flops = train_flops(body_params, head_params, hf_config.num_hidden_layers, hf_config.hidden_size,
+                                tokens, logit_tokens, attn_ctx)
             vals.update({"tokens_per_s": tokens / dt if dt else 0.0, "pairs_per_s": pairs / dt if dt else 0.0,
                          "padding_fraction": pad / slots if slots else 0.0,
                          "mfu": flops / dt / (peak * world) if dt else 0.0})

@@ -102,3 +102,30 @@ def test_packed_rows_respect_the_budget_and_keep_every_token():
     m = b.block_causal_mask()  # (R, 1, T, T)
     assert m.shape == (2, 1, 11, 11) and not m[0, 0, 6, 5] and m[0, 0, 5, 0] and m[1, 0, 10, 5]
     assert sum(lens) == b.num_tokens and b.num_pad_tokens == 1
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded", "shared"])
+def test_attention_context_counts_the_mask_among_real_tokens(layout):
+    """PairBatch.attention_context (MFU's attention work) == the (query, key) pairs its attention mask allows
+    between real tokens, counted from the mask itself."""
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt_ids": [1] + torch.randint(3, 50, (p,), generator=g).tolist(),
+             "chosen_ids": torch.randint(3, 50, (c,), generator=g).tolist() + [2],
+             "rejected_ids": torch.randint(3, 50, (r,), generator=g).tolist() + [2]}
+            for p, c, r in [(4, 6, 3), (9, 2, 5), (0, 5, 1)]]
+    b = collate_pairs(rows, layout=layout, pad_id=PAD, pad_to_multiple=8)
+    if layout == "padded":
+        real = b.attention_mask.bool()  # (2B, T)
+        mask = real[:, None, :] & torch.ones(real.shape[1], real.shape[1], dtype=torch.bool).tril()
+    else:
+        mask = (b.shared_prompt_mask() if layout == "shared" else b.block_causal_mask())[:, 0]
+        real = torch.zeros(b.input_ids.numel(), dtype=torch.bool)
+        real[torch.cat([b.target_index, b.logit_index])] = True  # every real token is a target or predicts one
+        for s in range(b.seq_lens.numel()):  # ... except prompt tokens before the last: add them from the layout
+            sel = b.response_seq == s
+            start = int(b.target_index[sel][0] - b.prompt_lens[s])
+            real[start:start + int(b.prompt_lens[s])] = True
+        real = real.view(b.input_ids.shape)
+    allowed = mask & real[:, :, None] & real[:, None, :]
+    assert int(real.sum()) == b.num_tokens
+    assert b.attention_context == int(allowed.sum())

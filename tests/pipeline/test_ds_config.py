@@ -14,7 +14,8 @@ SHIPPED = sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json"))
 
 
 def test_the_required_configs_ship():
-    assert {"zero3_bf16", "zero3_offload", "zero3_cpu_fp32", "zero2_bf16", "zero2_cpu_fp32"} <= set(SHIPPED)
+    assert {"zero3_bf16", "zero3_offload", "zero3_cpu_fp32", "zero2_bf16", "zero2_cpu_fp32",
+            "zero0_cpu_fp32"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -28,10 +29,11 @@ def test_every_shipped_config_resolves(name):
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 2e-5
     zo = ds["zero_optimization"]
-    assert zo["stage"] == int(name[4])  # zero2_* / zero3_*
+    assert zo["stage"] == int(name[4])  # zero0_* / zero2_* / zero3_*
     # the stage's own bucket knobs are filled, the other stage's are not added
     assert ("stage3_prefetch_bucket_size" in zo) == (zo["stage"] == 3)
     assert ("allgather_bucket_size" in zo) == (zo["stage"] == 2)
+    assert ("reduce_bucket_size" in zo) == (zo["stage"] in (2, 3))  # stage 0: DeepSpeed's own all-reduce buckets
     assert not [k for k, v in _walk(ds) if v == "auto"]
     if not torch.cuda.is_available() and not zo.get("offload_optimizer"):  # torch's fused CPU AdamW
         assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True

@@ -96,12 +96,14 @@ def test_response_logps_equals_single_sequence_forward(model, layout, row_tokens
 
 @pytest.mark.parametrize("row_tokens", [None, 24])
 def test_packed_equals_padded_values_and_gradients(model, row_tokens):
+    """Also across the head's two paths: packed runs it in checkpointed chunks of 4 positions, padded as one
+    chunk (all positions fit; no checkpoint, no recompute)."""
     rows = make_rows(1)
     res = {}
     for layout in ("packed", "padded"):
         model.zero_grad()
         batch = collate_pairs(rows, layout=layout, pad_id=PAD, max_row_tokens=row_tokens if layout == "packed" else None)
-        out = response_logps(model, batch, chunk_size=4)
+        out = response_logps(model, batch, chunk_size=4 if layout == "packed" else 1024)
         wc = torch.randn(out.chosen.shape, generator=torch.Generator().manual_seed(2))
         loss = (out.chosen * wc).sum() - out.rejected.sum()
         loss.backward()
@@ -312,3 +314,33 @@ def test_from_lists_left_aligns():
     assert r.chosen.tolist() == [[-1.0, -2.0], [-3.0, 0.0]]
     assert r.rejected_mask.tolist() == [[True, False, False], [True, True, True]]
     assert r.rejected_sum.tolist() == [-4.0, -18.0] and r.chosen_len.tolist() == [2, 1]
+
+
+def test_train_flops_equal_torch_flop_counter():
+    """metrics.train_flops (MFU's numerator) == torch's FlopCounterMode on response_logps' forward, x3 for
+    forward+backward: body matmuls on every token, the head only on response positions, attention matmuls.
+    Equal-length sequences (no padding) and eager attention, which multiplies the full T x T square: the
+    causal half is PairBatch.attention_context's job (tested against the masks in test_batching)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.metrics import flop_params, train_flops
+
+    m = tiny_llama(attn="eager")
+    g = torch.Generator().manual_seed(1)
+    rows = [{"prompt_ids": [1] + torch.randint(3, V, (p - 1,), generator=g).tolist(),
+             "chosen_ids": torch.randint(3, V, (9 - p,), generator=g).tolist() + [EOS],
+             "rejected_ids": torch.randint(3, V, (9 - p,), generator=g).tolist() + [EOS]} for p in (3, 5, 7)]
+    b = collate_pairs(rows, layout="padded", pad_id=PAD)
+    rows_n, T = b.input_ids.shape
+    assert b.num_pad_tokens == 0
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        response_logps(m, b)
+    body, head = flop_params(m)
+    assert head == V * 64 and body == sum(p.numel() for p in m.parameters()) - 2 * V * 64
+    cfg = m.config
+    # the 6N convention counts the RMSNorm weights like matmul weights (2 FLOPs per token each); torch counts
+    # matmuls only: leave them out here so that the comparison is exact
+    norms = sum(p.numel() for n, p in m.named_parameters() if "norm" in n)
+    expected = train_flops(body - norms, head, cfg.num_hidden_layers, cfg.hidden_size, b.num_tokens, b.target_index.numel(),
+                           attention_context=rows_n * T * T)
+    assert expected == pytest.approx(3 * fc.get_total_flops(), rel=1e-9)

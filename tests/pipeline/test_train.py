@@ -150,18 +150,31 @@ def test_resume_after_sigkill_matches_uninterrupted(base):
     assert ckpts == ["step-0000003", "step-0000006"]  # keep_last 2
 
 
-def test_zero2_matches_zero3_through_a_sigkill_resume(base):
-    """ds_config zero2_cpu_fp32 (the one-device pick: ZeRO-3 partitions nothing there and pays its gathers) on
-    2 processes, killed after step 4 and resumed from step 3: same losses, weights and rows as ZeRO-3 straight.
-    Stage 2 keeps whole parameters on every rank; only the gradient reduction and optimizer state differ."""
-    recipe, run = _fresh_run(base, "zero2", grad_accum=1, ds_config="zero2_cpu_fp32")
+@pytest.mark.parametrize("ds_config", ["zero2_cpu_fp32", "zero0_cpu_fp32"])
+def test_zero2_and_zero0_match_zero3_through_a_sigkill_resume(base, ds_config):
+    """ds_config zero2_cpu_fp32 / zero0_cpu_fp32 (the one-device picks: ZeRO-3 partitions nothing there and pays
+    its gathers; stage 0 also skips ZeRO-2's flat gradient buffer copies) on 2 processes, killed after step 4 and
+    resumed from step 3: same losses, weights and rows as ZeRO-3 straight. Both keep whole parameters on every
+    rank; only the gradient reduction (reduce-scatter / all-reduce) and the optimizer state layout differ."""
+    recipe, run = _fresh_run(base, ds_config, grad_accum=1, ds_config=ds_config)
     run_then_kill_after_step(train_cmd(recipe, 2), clean_env(MIDPO_TEST_PAUSE_AFTER_STEP="4"), run, 4)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     proc = run_train(recipe, 2)
-    assert "ZeRO stage" not in proc.stderr  # no "untested stage" warning for stage 2
-    # ZeRO-2's checkpoint layout: one whole-model file, optimizer state per rank (ZeRO-3: model states per rank)
+    assert "ZeRO stage" not in proc.stderr  # no "untested stage" warning
+    # one whole-model file (ZeRO-3: model states per rank); ZeRO-2 adds optimizer state per rank, stage 0 keeps
+    # it in the model file
     ckpt = run / "checkpoints" / "step-0000006"
     assert (ckpt / "mp_rank_00_model_states.pt").exists() and not list(ckpt.glob("zero_pp_rank_*_model_states.pt"))
+    assert bool(list(ckpt.glob("*optim_states.pt"))) == (ds_config == "zero2_cpu_fp32")
+    # `midpo export` from this checkpoint layout (offline, one process) writes the run's own export
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--config", str(recipe), "--out",
+                           str(run / "export_cli")], env=clean_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = export_weights(run / "export_cli"), export_weights(run / "export")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
     np.testing.assert_allclose(losses(run), losses(base["run2"]), atol=LOSS_ATOL_DIST, rtol=0)
     a, b = export_weights(run / "export"), export_weights(base["run2"] / "export")
     assert a.keys() == b.keys()
