@@ -288,6 +288,12 @@ def _zero3_loading(ds_config: dict):
     return HfDeepSpeedConfig(ds_config)
 
 
+def _grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the gradients (whole, all-reduced: ZeRO stage 0)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
 def _nan_steps() -> set[int]:
     raw = os.environ.get(NAN_ENV, "")
     return {int(x) for x in raw.split(",") if x.strip()}
@@ -416,6 +422,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     engine = build_policy_engine(PolicyLogps(model, prior if prior_has_params else None), ds_config,
                                  total_steps=total_steps, warmup_ratio=tc.warmup_ratio, schedule=tc.schedule)
     pad_id = pad_id_of(model)
+    norm_from_grads = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
     reference = None
     if online and not prior.needs.needs_reference:
         log.info("train.online_reference=true but prior %r uses no reference: none is loaded", prior.name)
@@ -573,12 +580,16 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
                 raise TrainError(f"{state.bad_steps_in_a_row} consecutive non-finite steps (train.max_bad_steps="
                                  f"{tc.max_bad_steps}); lower train.lr, check the data, or use fp32")
         else:
+            # DeepSpeed's stage-0 fp32 path clips without keeping the norm: take it from the (already all-reduced)
+            # gradients before the step frees them
+            own_norm = _grad_norm(engine.module) if norm_from_grads else None
             engine.step()  # boundary: clip, optimizer, lr schedule
             state.bad_steps_in_a_row = 0
             for m in step_metrics:
                 for name, v in m.items():
                     sums.add(name, v[0], v[1])
-            sums.add("grad_norm", float(engine.get_global_grad_norm() or 0.0) * world, world)  # same on all ranks
+            norm = own_norm if norm_from_grads else float(engine.get_global_grad_norm() or 0.0)
+            sums.add("grad_norm", norm * world, world)  # same on all ranks
             sums.add("lr", lr * world, world)
         for name, v in (hook.after_step(state.step + 1, mb.batch if mb is not None else None, policy) or {}).items():
             sums.add(name, v[0], v[1])  # [sum, count], reduced with the policy's metrics
