@@ -410,7 +410,6 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     if total_steps <= 0:
         raise TrainError("no optimizer steps to run: set train.max_steps or train.epochs")
 
-    layout = "shared" if tc.share_prompt else "packed" if tc.packing else "padded"
     # --- engine ---
     ds_config = resolve_ds_config(cfg, world, hf_config.hidden_size)
     keep_alive = _zero3_loading(ds_config)  # noqa: F841  (must stay alive while from_pretrained runs)
@@ -440,6 +439,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
 
         hook = build_midpo_hook(cfg, reference_path=paths["reference"], policy_config=hf_config, world_size=world,
                                 pad_id=pad_id, beta=prior.beta)
+    layout = "shared" if tc.share_prompt else "packed" if tc.packing else "padded"
     dtype = resolve_dtype(cfg.model.dtype)
     attn = resolve_attn(cfg.model.attn_implementation)
     if layout == "shared" and "flash" in attn:
