@@ -94,12 +94,13 @@ def resolve_ds_config(cfg: Config, world_size: int, hidden_size: int, stage: int
     stage3 = (("stage3_prefetch_bucket_size", int(0.9 * bucket)), ("stage3_param_persistence_threshold",
                                                                     10 * hidden_size))
     stage2 = (("allgather_bucket_size", bucket),)
-    knobs, other = (stage3, stage2) if stage == 3 else (stage2, stage3) if stage == 2 else ((), (*stage2, *stage3))
-    for key, value in (("reduce_bucket_size", bucket), *knobs) if stage in (2, 3) else ():
+    # the stage's own knobs; stage 0 has none (DeepSpeed's own all-reduce buckets)
+    own = dict((("reduce_bucket_size", bucket), *{2: stage2, 3: stage3}[stage])) if stage in (2, 3) else {}
+    for key, value in own.items():
         if zo.get(key, "auto") == "auto":
             zo[key] = value
-    for key, _ in other:  # a JSON of the other stage under a `stage` override: its "auto" knobs do not apply
-        if zo.get(key) == "auto":
+    for key, _ in (*stage2, *stage3):  # a JSON of another stage under a `stage` override: its "auto" knobs go
+        if key not in own and zo.get(key) == "auto":
             del zo[key]
 
     opt = ds.get("optimizer")

@@ -73,6 +73,18 @@ def _fresh_run(base: dict, name: str, **train) -> tuple[Path, Path]:
     return recipe, d / "run"
 
 
+def _assert_cli_export_equals(recipe: Path, out: Path, expected: Path) -> None:
+    """`midpo export` (offline, one process, from the run's latest checkpoint) into `out` writes exactly the
+    weights of the HF folder `expected`."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--config", str(recipe), "--out", str(out)],
+                          env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = export_weights(out), export_weights(expected)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
 def test_two_processes_match_one(base):
     l1, l2 = losses(base["run1"]), losses(base["run2"])
     assert len(l1) == len(l2) == 6
@@ -167,14 +179,7 @@ def test_zero2_and_zero0_match_zero3_through_a_sigkill_resume(base, ds_config):
     assert (ckpt / "mp_rank_00_model_states.pt").exists() and not list(ckpt.glob("zero_pp_rank_*_model_states.pt"))
     assert bool(list(ckpt.glob("*optim_states.pt"))) == (ds_config == "zero2_cpu_fp32")
     # `midpo export` from this checkpoint layout (offline, one process) writes the run's own export
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--config", str(recipe), "--out",
-                           str(run / "export_cli")], env=clean_env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = export_weights(run / "export_cli"), export_weights(run / "export")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    _assert_cli_export_equals(recipe, run / "export_cli", run / "export")
     np.testing.assert_allclose(losses(run), losses(base["run2"]), atol=LOSS_ATOL_DIST, rtol=0)
     # the logged gradient norm (stage 0: computed by midpo, DeepSpeed's fp32 path does not keep it); above
     # train.max_grad_norm=1 in these runs, so clipping was active in both and the equal losses cover it too
@@ -205,14 +210,7 @@ def test_export_reloads_and_equals_zero3_weights(base):
     assert (run / "export" / "generation_config.json").exists()
 
     # `midpo export` from the checkpoint (offline, one process) writes the same weights.
-    out = base["root"] / "export_cli"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--config", str(base["recipe1"]),
-                           "--out", str(out)], env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = export_weights(out), export_weights(run / "export")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    _assert_cli_export_equals(base["recipe1"], base["root"] / "export_cli", run / "export")
 
 
 def test_tensorboard_has_the_tags(base):
