@@ -29,7 +29,7 @@ from typing import Any
 
 from data_prep import formats as fmts
 from data_prep.arrow_shards import COLUMNS, SplitWriter
-from data_prep.atomic_dir import publish_dir, temp_dir_for
+from data_prep.atomic_dir import OutputDirError, check_replaceable, publish_dir, temp_dir_for
 from data_prep.sources import InputError, RowError, Source, decode_json_row, file_size, iter_rows, resolve_inputs
 from data_prep.tokenization import Encoded, EncodeSettings, PairEncoder, Rejected, is_eval
 from pipeline.config import ConfigError, DataConfig
@@ -185,6 +185,7 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
     if not Path(tokenizer_dir).is_dir():
         raise InputError(f"tokenizer folder {tokenizer_dir} does not exist")
     sources = resolve_inputs(list(inputs))
+    check_replaceable(out, inputs=tuple(f for s in sources for f in s.files))  # before any work
     tok_fp = tokenizer_fingerprint(tokenizer_dir)
     src_fps = [source_fingerprint(s) for s in sources]
     fingerprint = hash_json({"format_version": FORMAT_VERSION, "tokenizer": tok_fp["fingerprint"],
@@ -197,7 +198,7 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
     settings = EncodeSettings(cfg.max_prompt_tokens, cfg.max_length, cfg.prompt_overflow,
                               cfg.response_overflow, cfg.system_prompt)
     encoder = PairEncoder(tokenizer_dir, settings)  # also validates the tokenizer before any work
-    tmp = temp_dir_for(out)
+    tmp = temp_dir_for(out, "prep")
     runner = None
     try:
         writers = {s: SplitWriter(tmp / s, cfg.shard_rows) for s in ("train", "eval")}
@@ -392,7 +393,7 @@ def run(args: Any) -> int:
     try:
         data, inputs, tokenizer, out = resolve(args)
         manifest = prepare(data, inputs, tokenizer, out)
-    except (ConfigError, InputError, PrepError, ValueError) as e:
+    except (ConfigError, InputError, PrepError, OutputDirError, ValueError) as e:
         print(f"midpo prep: error: {e}", file=sys.stderr)
         return 1
     s = manifest["splits"]

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from data_prep.atomic_dir import publish_dir, temp_dir_for
+from data_prep.atomic_dir import check_replaceable, publish_dir, temp_dir_for
 from data_prep.synth_task import check_answer, generate_eval_prompts, generate_pairs, partial_credit, solve
 from pipeline.config import SynthConfig
 from pipeline.fingerprint import atomic_write_json, hash_json
@@ -162,10 +162,8 @@ def build_tiny_default(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]
     if _is_complete(root, key):
         log.info("synth: %s is complete for these settings; nothing to do", root)
         return _paths(root)
-    if root.exists() and any(root.iterdir()) and not (root / MANIFEST).exists():
-        raise FileExistsError(f"synth: {root} exists, is not empty and was not made by `midpo synth`; "
-                              "refusing to replace it (choose another --out)")
-    tmp = temp_dir_for(root)
+    check_replaceable(root)
+    tmp = temp_dir_for(root, "synth")
     try:
         p = _paths(tmp)
         log.info("synth: generating %d pairs (seed %d)", cfg.n_pairs, cfg.seed)

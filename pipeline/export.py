@@ -20,12 +20,12 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from data_prep.atomic_dir import check_replaceable, publish_dir, temp_dir_for
 from pipeline import dist as pdist
 from pipeline.config import Config, load_config
 from pipeline.models import resolve_dtype
@@ -151,10 +151,8 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config, out_dir: str
     if missing or unexpected:
         raise RuntimeError(f"export key set mismatch: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    check_replaceable(out)  # before the work: never replace a folder midpo did not write
+    tmp = temp_dir_for(out, "export")
 
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sorted(sd.items())}
     shards, cur, cur_bytes = [], {}, 0
@@ -191,14 +189,7 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config, out_dir: str
         if not copied:
             raise FileNotFoundError(f"no tokenizer files found in {tokenizer_dir}")
 
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+    publish_dir(tmp, out)
     log.info("exported %d tensors (%s) to %s", len(tensors), dtype, out)
     return out
 

@@ -393,7 +393,7 @@ def merge_split(spec: StageSpec, split: str, data, n_chunks: int) -> dict:
         tables.append(t)
     table = pa.concat_tables(tables) if tables else spec.schema.empty_table()
     verify_against_data(table, data, where=f"{spec.out_dir / WORK_DIR / split}")
-    tmp = temp_dir_for(spec.out_dir / split)
+    tmp = temp_dir_for(spec.out_dir / split, spec.name)
     Dataset(table).save_to_disk(str(tmp))
     publish_dir(tmp, spec.out_dir / split)
     return {"rows": len(table), "chosen_tokens": int(sum(len(x) for x in data["chosen_ids"])),

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from data_prep.atomic_dir import check_replaceable, publish_dir, temp_dir_for
 from pipeline.config import Config, load_config, save_config
 from pipeline.fingerprint import atomic_write_json, hash_json
 from pipeline.models import load_model, load_tokenizer, model_fingerprint
@@ -83,6 +83,7 @@ def train_sft(cfg: Config, data_dir: Path, init_dir: Path, out_dir: Path) -> dic
         log.info("sft: %s is up to date (fingerprint %s), skipping", out_dir, fingerprint[:12])
         return json.loads(manifest_path.read_text())
 
+    check_replaceable(out_dir)  # before the work: never replace a folder midpo did not write
     if sc.num_threads > 0:
         torch.set_num_threads(sc.num_threads)
     torch.manual_seed(cfg.seed)
@@ -113,17 +114,14 @@ def train_sft(cfg: Config, data_dir: Path, init_dir: Path, out_dir: Path) -> dic
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_dir_for(out_dir, "sft")
     model.eval()
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     info = {"fingerprint": fingerprint, "steps": sc.steps, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
             "first_loss": losses[0] if losses else None, "seconds": round(time.time() - t0, 1), "init": str(init_dir)}
     atomic_write_json(tmp / MANIFEST, info)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.replace(out_dir)
+    publish_dir(tmp, out_dir)
     log.info("sft: %d steps in %.0fs, loss %.3f -> %.3f, saved %s", sc.steps, info["seconds"],
              info["first_loss"] or float("nan"), info["final_loss"], out_dir)
     return info
