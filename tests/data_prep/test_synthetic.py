@@ -181,5 +181,5 @@ def test_build_is_seeded_and_idempotent(tmp_path, tiny_default):
 def test_build_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not made by `midpo synth`"):
+    with pytest.raises(FileExistsError, match="was not written by midpo"):
         build_tiny_default(tmp_path / "x", SynthConfig(n_pairs=5))
