@@ -471,4 +471,6 @@ def test_prior_chunks_are_equalized_over_ranks():
     a = PriorLM(model, chunk_size=4)(prior_batch(batch, condition_on_prompt=True, bos_id=1, pad_id=PAD))
     b = PriorLM(model, chunk_size=1024)(prior_batch(batch, condition_on_prompt=True, bos_id=1, pad_id=PAD))
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+        # a few fp32 ulps: the GEMM kernel's blocking depends on the row count (4 vs all) and on the CPU
+        # (seen: 1.9e-6 on values near 5, i.e. 4 ulps, on one machine type and 0 on another)
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
