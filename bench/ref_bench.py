@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 
 def build(root: Path, pairs: int, hidden: int, layers: int, vocab: int, seed: int = 0) -> tuple[Path, Path]:
     """Model folder + a stage-1 style data folder (train split only)."""
-    from datasets import Dataset, Features, List, Value
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from data_prep.arrow_shards import write_split
     from pipeline.fingerprint import atomic_write_json, hash_json
 
     torch.manual_seed(seed)
@@ -47,10 +47,8 @@ def build(root: Path, pairs: int, hidden: int, layers: int, vocab: int, seed: in
         c, r = (rng.integers(3, vocab, int(rng.integers(8, 160))).tolist() + [2] for _ in range(2))
         rows.append({"id": f"b{i:05d}", "prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
     data = root / "run" / "data"
-    feats = Features({"id": Value("string"), **{k: List(Value("int32")) for k in ("prompt_ids", "chosen_ids",
-                                                                                    "rejected_ids")}})
-    Dataset.from_list(rows, features=feats).save_to_disk(str(data / "train"))
-    manifest = {"complete": True, "tokenizer": {"fingerprint": "bench"}, "splits": {"train": {"rows": pairs}}}
+    record = write_split(data / "train", rows, max(1, pairs), hash_json(["bench", pairs, seed]))
+    manifest = {"complete": True, "tokenizer": {"fingerprint": "bench"}, "splits": {"train": record}}
     manifest["fingerprint"] = hash_json(manifest)
     atomic_write_json(data / "manifest.json", manifest)
     return root / "model", data

@@ -70,15 +70,12 @@ def sorting_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def write_data(data_dir: Path, rows: list[dict], tok_fp: str) -> None:
-    from datasets import Dataset, Features, List, Value
-
+    from data_prep.arrow_shards import write_split
     from pipeline.fingerprint import hash_json
 
-    feats = Features({"id": Value("string"), "prompt_ids": List(Value("int32")),
-                      "chosen_ids": List(Value("int32")), "rejected_ids": List(Value("int32"))})
-    Dataset.from_list(rows, features=feats).save_to_disk(str(data_dir / "train"), num_shards=2)
+    record = write_split(data_dir / "train", rows, max(1, -(-len(rows) // 2)), hash_json([tok_fp, len(rows)]))
     manifest = {"format_version": 1, "complete": True, "tokenizer": {"fingerprint": tok_fp},
-                "splits": {"train": {"rows": len(rows)}}}
+                "splits": {"train": record}}
     manifest["fingerprint"] = hash_json(manifest)
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
 

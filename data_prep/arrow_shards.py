@@ -3,7 +3,9 @@
 Rows arrive in batches and go straight to the current shard file (Arrow IPC stream, as `datasets`
 writes them), so memory holds one batch, not a split. Shard count is only known at the end, so
 shards are written as `part-N.arrow` and renamed `data-0000N-of-0000M.arrow` in `close()`, which
-also writes `state.json` and `dataset_info.json`. `datasets.load_from_disk` memory-maps the result.
+also writes `state.json` and `dataset_info.json`, and returns the split's record for the manifest,
+with the content hash of every file (`data_prep.integrity`, checked whenever the split is opened).
+`datasets.load_from_disk` memory-maps the result.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+
+from data_prep.integrity import HASHES, hash_split
 
 COLUMNS = ("id", "prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -93,4 +97,12 @@ class SplitWriter:
         (self.folder / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         info = {"citation": "", "description": "", "features": self.features.to_dict(), "homepage": "", "license": ""}
         (self.folder / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        return {"rows": self.rows, "shards": m, "tokens": dict(self.tokens)}
+        return {"rows": self.rows, "shards": m, "tokens": dict(self.tokens), HASHES: hash_split(self.folder)}
+
+
+def write_split(folder: Path, rows: list[dict], shard_rows: int, fingerprint: str) -> dict:
+    """A whole split from rows in memory (tests, benches): the same files and manifest record as prep's."""
+    writer = SplitWriter(folder, shard_rows)
+    if rows:
+        writer.write({c: [r[c] for r in rows] for c in COLUMNS})
+    return writer.close(fingerprint)

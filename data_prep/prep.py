@@ -5,7 +5,9 @@
     <out>/manifest.json         written last; its `fingerprint` covers inputs, tokenizer and settings
 
 The whole folder is built under a temp name and renamed when complete. A re-run whose fingerprint
-matches the existing manifest does nothing; a changed input, tokenizer or setting rebuilds.
+matches the existing manifest, and whose split files match the content hashes and row counts recorded
+in it, does nothing; a changed input, tokenizer or setting, a damaged or edited output, or `--force`
+rebuilds.
 Inputs are streamed in chunks (bounded in flight), so memory does not grow with the input, except
 for the dedup set (16-byte ids: ~80 bytes per kept row).
 """
@@ -30,6 +32,7 @@ from typing import Any
 from data_prep import formats as fmts
 from data_prep.arrow_shards import COLUMNS, SplitWriter
 from data_prep.atomic_dir import OutputDirError, check_replaceable, publish_dir, temp_dir_for
+from data_prep.integrity import split_damage
 from data_prep.sources import InputError, RowError, Source, decode_json_row, file_size, iter_rows, resolve_inputs
 from data_prep.tokenization import Encoded, EncodeSettings, PairEncoder, Rejected, is_eval
 from pipeline.config import ConfigError, DataConfig
@@ -165,19 +168,27 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
 
 
 def _is_complete(out: Path, fingerprint: str) -> dict | None:
+    """The existing manifest when `out` is complete for `fingerprint` and its files are as recorded
+    (content hashes, row counts); damage is logged, and the caller rebuilds."""
     try:
         manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    if manifest.get("complete") and manifest.get("fingerprint") == fingerprint and \
-            all((out / s / "state.json").exists() for s in ("train", "eval")):
-        return manifest
-    return None
+    if not (manifest.get("complete") and manifest.get("fingerprint") == fingerprint):
+        return None
+    for split in ("train", "eval"):
+        damage = split_damage(out / split, manifest.get("splits", {}).get(split), out / "manifest.json")
+        if damage:
+            log.warning("prep: %s; rebuilding %s", damage, out)
+            return None
+    return manifest
 
 
-def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path) -> dict:
+def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, *,
+            force: bool = False) -> dict:
     """Run stage 1; returns the manifest. Raises InputError (unreadable input, undetectable format),
-    PrepError (too many rejects) or ValueError (bad tokenizer); a bad row never raises."""
+    PrepError (too many rejects) or ValueError (bad tokenizer); a bad row never raises.
+    force: rebuild even when `out_dir` is complete and intact for the same fingerprint."""
     out = Path(out_dir)
     tokenizer_dir = str(tokenizer_dir)
     if cfg.format != "auto":
@@ -190,10 +201,13 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
     src_fps = [source_fingerprint(s) for s in sources]
     fingerprint = hash_json({"format_version": FORMAT_VERSION, "tokenizer": tok_fp["fingerprint"],
                              "sources": src_fps, "settings": _settings(cfg)})
-    done = _is_complete(out, fingerprint)
+    done = None if force else _is_complete(out, fingerprint)
     if done is not None:
-        log.info("prep: %s is up to date (fingerprint %s); nothing to do", out, fingerprint[:12])
+        log.info("prep: %s is up to date (fingerprint %s; files match their hashes); nothing to do", out,
+                 fingerprint[:12])
         return done
+    if force:
+        log.info("prep: --force: rebuilding %s", out)
 
     settings = EncodeSettings(cfg.max_prompt_tokens, cfg.max_length, cfg.prompt_overflow,
                               cfg.response_overflow, cfg.system_prompt)
@@ -349,6 +363,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "datasets.save_to_disk folders (default: <run_dir>/synth/pairs.jsonl)")
     parser.add_argument("--config", default=None, help="recipe YAML (a path or a name in recipes/)")
     parser.add_argument("--out", default=None, help="output folder (default: <run_dir>/data)")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even when the output is up to date (same fingerprint, files match their hashes)")
     for f in dataclasses.fields(DataConfig):
         if f.name == "inputs":
             continue
@@ -392,7 +408,7 @@ def resolve(args: Any):
 def run(args: Any) -> int:
     try:
         data, inputs, tokenizer, out = resolve(args)
-        manifest = prepare(data, inputs, tokenizer, out)
+        manifest = prepare(data, inputs, tokenizer, out, force=getattr(args, "force", False))
     except (ConfigError, InputError, PrepError, OutputDirError, ValueError) as e:
         print(f"midpo prep: error: {e}", file=sys.stderr)
         return 1

@@ -153,13 +153,15 @@ def _is_complete(root: Path, key: str) -> bool:
     return manifest.get("settings_key") == key and all(paths[k].exists() for k in paths)
 
 
-def build_tiny_default(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]:
+def build_tiny_default(out_dir: str | Path, cfg: SynthConfig, *, force: bool = False) -> dict[str, Path]:
     """Build (or find already built) the embedded default under `out_dir`; returns its paths
     (root, pairs, eval_prompts, tokenizer, model, manifest). Idempotent: a complete folder built
-    with the same settings is reused; the folder is built under a temp name, then renamed."""
+    with the same settings is reused (unless `force`); the folder is built under a temp name, then renamed."""
     root = Path(out_dir)
     key = _settings_key(cfg)
-    if _is_complete(root, key):
+    if force:
+        log.info("synth: --force: rebuilding %s", root)
+    elif _is_complete(root, key):
         log.info("synth: %s is complete for these settings; nothing to do", root)
         return _paths(root)
     check_replaceable(root)
@@ -205,6 +207,7 @@ def build_tiny_default(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="recipe YAML (a path or a name in recipes/)")
     parser.add_argument("--out", default=None, help="output folder (default: <run_dir>/synth)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the output is complete")
     parser.epilog = "Settings come from the recipe's `synth:` section; override with synth.KEY=VALUE " \
                     "(e.g. synth.n_pairs=500). Keys: " + ", ".join(f.name for f in dataclasses.fields(SynthConfig))
 
@@ -214,7 +217,7 @@ def run(args: Any) -> int:
 
     cfg = load_config(args.config, list(getattr(args, "overrides", []) or []))
     out = Path(args.out) if args.out else cfg.run_path / "synth"
-    paths = build_tiny_default(out, cfg.synth)
+    paths = build_tiny_default(out, cfg.synth, force=getattr(args, "force", False))
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

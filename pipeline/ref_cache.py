@@ -15,6 +15,13 @@ ids and the log of the remaining ("tail") mass. `pipeline.logprobs.per_token_kl_
 KL(pi_ref || pi_theta): an APPROXIMATION — the exact KL of the two distributions coarsened to
 {top-k tokens, everything else}, hence never above the exact KL; the gap is the KL hidden inside the
 tail. tests/pipeline/test_ref_cache.py measures it (see `TOPK_COLUMNS`).
+
+Opening a split also checks its files and values, because a flipped byte in a cached float trains
+silently otherwise: the files must match the content hashes and row count in the manifest
+(`data_prep.integrity`), then `check_values` runs over the Arrow buffers with numpy (no per-row
+Python): log-probs finite and <= 0 (within LOGP_TOL), each cached sum equal to its per-token sum,
+top-k log-probs finite and <= 0, top-k ids in [0, vocab), tail log-masses <= 0 and not NaN, token
+weights finite, no nulls. `midpo ref`/`midpo weights` run the same value check before publishing.
 """
 
 from __future__ import annotations
@@ -22,7 +29,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+
 from data_prep.dataset_io import read_manifest
+from data_prep.integrity import data_files, read_arrow, split_damage
 from pipeline.fingerprint import hash_token_ids
 from pipeline.reference import REF_SCHEMA, TOPK_SCHEMA, data_fingerprints
 
@@ -78,11 +89,125 @@ def open_cache(ref_dir: str | Path, data_dir: str | Path, split: str, *, expect_
                        reference_fp=expect_reference_fp, where=where)
     if split not in manifest.get("splits", {}):
         raise CacheMismatchError(f"{where} has no split {split!r} (has {sorted(manifest.get('splits', {}))})")
+    rebuild = f"re-run `midpo {manifest.get('stage', 'ref')} --force`"
+    damage = split_damage(ref_dir / split, manifest["splits"][split], ref_dir / "manifest.json")
+    if damage:
+        raise CacheMismatchError(f"{damage}; {rebuild}")
     ds = load_from_disk(str(ref_dir / split))
     want = manifest["splits"][split]["rows"]
     if len(ds) != want:
-        raise CacheMismatchError(f"{ref_dir / split}: {len(ds)} rows, manifest says {want}")
+        raise CacheMismatchError(f"{ref_dir / split}: {len(ds)} rows, manifest says {want}; {rebuild}")
+    first = 0
+    for path in data_files(ref_dir / split):  # file by file, so an error names the file holding the row
+        table = read_arrow(path)
+        check_values(table, where=str(path), split=split, first_row=first, vocab_size=manifest.get("vocab_size"),
+                     fix=f"the cache is damaged, {rebuild}")
+        first += len(table)
     return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# value checks (vectorized over Arrow buffers)
+
+# fp32 log-softmax can exceed 0 by rounding (~1e-7); a log-prob above this is not one
+LOGP_TOL = 1e-4
+SUM_RTOL = 1e-6  # cached float64 sum vs the float64 sum of the cached float32 values (summation order only)
+
+
+def _levels(chunk: pa.Array) -> tuple[np.ndarray, list[np.ndarray], int | None]:
+    """(leaf values, per list level the start offsets (outermost first), local row of the first null or None)."""
+    starts, arr, null_at = [], chunk, None
+    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        if arr.null_count and null_at is None:
+            null_at = _row_of(int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), starts)
+        lens = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+        starts.append(np.concatenate(([0], np.cumsum(lens, dtype=np.int64))))
+        arr = arr.flatten()
+    if arr.null_count and null_at is None:
+        null_at = _row_of(int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), starts)
+    return arr.to_numpy(zero_copy_only=False), starts, null_at
+
+
+def _row_of(j: int, starts: list[np.ndarray]) -> int:
+    """The row holding element `j` of the level below the `starts` levels."""
+    for s in reversed(starts):
+        j = int(np.searchsorted(s, j, side="right")) - 1
+    return j
+
+
+def _token_of(j: int, starts: list[np.ndarray]) -> tuple[int, int]:
+    """(row, response token) of leaf `j` (token = position in the row's outermost list)."""
+    k = j
+    for s in reversed(starts[1:]):
+        k = int(np.searchsorted(s, k, side="right")) - 1
+    row = int(np.searchsorted(starts[0], k, side="right")) - 1 if starts else k
+    return row, (k - int(starts[0][row]) if starts else 0)
+
+
+def _rule(name: str, vocab_size: int | None):
+    """(bad-element predicate over leaf values, what a good value is) for a cache column, or None."""
+    if name.endswith(("_ref_logps", "_ref_topk_logps")):
+        return (lambda v: ~(np.isfinite(v) & (v <= LOGP_TOL))), f"a log-prob (finite, <= 0 within {LOGP_TOL:g})"
+    if name.endswith("_ref_tail_logmass"):  # -inf is legitimate: no mass outside the top k
+        return (lambda v: np.isnan(v) | (v > LOGP_TOL)), f"a log-mass (<= 0 within {LOGP_TOL:g}, -inf allowed)"
+    if name.endswith("_ref_topk_ids"):
+        hi = vocab_size if vocab_size else np.iinfo(np.int64).max
+        return (lambda v: (v < 0) | (v >= hi)), f"a token id in [0, {vocab_size or 'vocab'})"
+    if name.endswith(("_weights", "_ref_logp_sum")):
+        return (lambda v: ~np.isfinite(v)), "finite"
+    return None
+
+
+def _row_sums(col: pa.ChunkedArray) -> np.ndarray:
+    """float64 sum of each row of a list<float> column (0 for an empty row)."""
+    out = []
+    for chunk in col.chunks:
+        vals, (starts,), _ = _levels(chunk)
+        lens = np.diff(starts)
+        sums = np.zeros(len(lens), dtype=np.float64)
+        nz = lens > 0
+        if nz.any():
+            sums[nz] = np.add.reduceat(vals, starts[:-1][nz], dtype=np.float64)
+        out.append(sums)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def check_values(table: pa.Table, *, where: str, split: str, first_row: int = 0, vocab_size: int | None = None,
+                 fix: str = "") -> None:
+    """Raise CacheMismatchError naming file, split, row, id and column at the first cached value that
+    cannot be what `midpo ref`/`midpo weights` wrote (see the module doc), `fix` appended. `first_row`: the
+    split row of `table`'s first row. numpy over whole columns, no loop over rows."""
+
+    def fail(row: int, col: str, detail: str) -> None:
+        rid = table.column("id")[row].as_py() if "id" in table.column_names else "?"
+        raise CacheMismatchError(f"{where}: split {split}, row {first_row + row} (id {rid}), column {col}: {detail}"
+                                 + (f"; {fix}" if fix else ""))
+
+    for name in table.column_names:
+        rule = _rule(name, vocab_size)
+        if rule is None:
+            continue
+        bad_of, good = rule
+        base = 0
+        for chunk in table.column(name).chunks:
+            vals, starts, null_at = _levels(chunk)
+            if null_at is not None:
+                fail(base + null_at, name, "null value")
+            bad = np.flatnonzero(bad_of(vals))
+            if len(bad):
+                row, tok = _token_of(int(bad[0]), starts)
+                fail(base + row, name, f"value {vals[bad[0]].item()!r}" + (f" at token {tok}" if starts else "")
+                     + f" is not {good}")
+            base += len(chunk)
+    for side in ("chosen", "rejected"):
+        s, per_token = f"{side}_ref_logp_sum", f"{side}_ref_logps"
+        if s in table.column_names and per_token in table.column_names:
+            got = table.column(s).to_numpy()
+            want = _row_sums(table.column(per_token))
+            bad = np.flatnonzero(np.abs(got - want) > SUM_RTOL * np.maximum(1.0, np.abs(want)))
+            if len(bad):
+                i = int(bad[0])
+                fail(i, s, f"{float(got[i])!r} but its {per_token} sum to {float(want[i])!r}")
 
 
 def verify_rows(data, cache, indices=None) -> None:

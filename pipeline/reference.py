@@ -10,7 +10,8 @@ Launch (all read the same recipe; `key.sub=value` tokens override it):
 Inputs: `<run_dir>/data/{train,eval}` (stage 1) and the reference model
 (`model.reference`, else `model.policy`, else `<run_dir>/synth/model`). Output: `<run_dir>/ref/<split>/`
 (Arrow, same row order as the data; columns in `REF_COLUMNS`, plus the top-k columns when `ref.topk > 0`)
-and `<run_dir>/ref/manifest.json`, written LAST: its presence means the cache is complete.
+and `<run_dir>/ref/manifest.json`, written LAST: its presence means the cache is complete. Per split
+it records the row count and the content hash of every file (`data_prep.integrity`).
 
 How it runs:
 - Rows are cut into fixed chunks of `ref.rows_per_shard`; each finished chunk is written atomically
@@ -23,6 +24,12 @@ How it runs:
   very function the trainer uses for an online reference, so cached == online by construction.
 - `ref.zero3=true` shards the reference with a ZeRO-3 engine without optimizer (for models that do
   not fit one device); data-parallelism over rows is unchanged.
+- Up to date: a complete cache for the same plan whose files match their hashes and row counts is
+  skipped; a damaged or edited one is rebuilt (with a warning naming the file); `--force` rebuilds
+  regardless. Damaged input data (its files differ from `data/manifest.json`) is refused before any
+  work, naming the file: only `midpo prep --force` can rebuild it.
+- Before publishing a split, its values are checked (`pipeline.ref_cache.check_values`): a NaN or
+  positive log-prob is refused, not cached.
 - Top-k (`ref.topk = k > 0`): per response token the reference's k largest log-probs, their token ids
   and the log of the remaining mass. It lets TDPO-style KL terms train without an online reference,
   but it is an APPROXIMATION (a coarsened KL, a lower bound of the exact one); see
@@ -54,7 +61,8 @@ import torch
 import torch.distributed as dist
 
 from data_prep.atomic_dir import publish_dir, temp_dir_for
-from data_prep.dataset_io import SPLITS, load_split, read_manifest
+from data_prep.dataset_io import SPLITS, DataNotReady, load_split, read_manifest, verify_data
+from data_prep.integrity import HASHES, hash_split, split_damage
 from pipeline import dist as pdist
 from pipeline.config import Config, load_config, save_config, to_dict
 from pipeline.fingerprint import atomic_write_json, hash_json, hash_token_ids
@@ -279,9 +287,19 @@ def records_to_table(records: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
-def prepare_out_dir(spec: StageSpec) -> bool:
-    """Rank 0: True if a complete output with the same plan already exists (skip). Otherwise make the
-    folder look incomplete (manifest removed first) and keep partial chunks only if their plan matches."""
+def output_damage(out_dir: Path, manifest: dict) -> str | None:
+    """What is wrong with a complete output's split folders against its manifest (hashes, rows), or None."""
+    for split, record in manifest.get("splits", {}).items():
+        damage = split_damage(out_dir / split, record, out_dir / "manifest.json")
+        if damage:
+            return damage
+    return None
+
+
+def prepare_out_dir(spec: StageSpec, force: bool = False) -> bool:
+    """Rank 0: True if a complete, intact output with the same plan already exists (skip). Otherwise make
+    the folder look incomplete (manifest removed first) and keep partial chunks only if their plan matches
+    (none with `force`)."""
     out, work = spec.out_dir, spec.out_dir / WORK_DIR
     manifest = out / "manifest.json"
     plan_fp = hash_json(spec.plan)
@@ -290,10 +308,17 @@ def prepare_out_dir(spec: StageSpec) -> bool:
             old = json.loads(manifest.read_text())
         except json.JSONDecodeError:
             old = {}
-        if old.get("plan_fingerprint") == plan_fp:
+        if old.get("plan_fingerprint") != plan_fp:
+            log.warning("%s: %s was built for a different plan; rebuilding", spec.name, manifest)
+        elif force:
+            log.warning("%s: --force: rebuilding %s", spec.name, out)
+        elif (damage := output_damage(out, old)) is not None:
+            log.warning("%s: %s; rebuilding", spec.name, damage)
+        else:
             return True
-        log.warning("%s: %s was built for a different plan; rebuilding", spec.name, manifest)
         manifest.unlink()
+    if force and work.exists():
+        shutil.rmtree(work)  # our own partial chunks: a forced rebuild recomputes everything
     plan_file = work / "plan.json"
     if work.exists():
         old_plan = json.loads(plan_file.read_text()) if plan_file.exists() else None
@@ -393,11 +418,17 @@ def merge_split(spec: StageSpec, split: str, data, n_chunks: int) -> dict:
         tables.append(t)
     table = pa.concat_tables(tables) if tables else spec.schema.empty_table()
     verify_against_data(table, data, where=f"{spec.out_dir / WORK_DIR / split}")
+    from pipeline.ref_cache import check_values  # (ref_cache imports this module)
+
+    check_values(table, where=str(work / split), split=split,
+                 fix=f"not published. The forward produced it (bf16/fp16 overflow? try model.dtype=fp32) or a chunk "
+                 f"under {work} is damaged; re-run `midpo {spec.name} --force`")
     tmp = temp_dir_for(spec.out_dir / split, spec.name)
     Dataset(table).save_to_disk(str(tmp))
+    hashes = hash_split(tmp)  # the manifest (written last) records them; every reader re-checks them
     publish_dir(tmp, spec.out_dir / split)
     return {"rows": len(table), "chosen_tokens": int(sum(len(x) for x in data["chosen_ids"])),
-            "rejected_tokens": int(sum(len(x) for x in data["rejected_ids"])), "chunks": n_chunks}
+            "rejected_tokens": int(sum(len(x) for x in data["rejected_ids"])), "chunks": n_chunks, HASHES: hashes}
 
 
 def verify_against_data(table: pa.Table, data, where: str) -> None:
@@ -425,9 +456,22 @@ def verify_against_data(table: pa.Table, data, where: str) -> None:
                                       f"{want[i]} {side} tokens")
 
 
-def run_stage(spec: StageSpec, data_dir: Path, splits: list[str], manifest_extra: dict) -> dict | None:
-    """All splits, then the manifest (rank 0, last). Returns the manifest (None if skipped as complete)."""
-    skip = _bcast(prepare_out_dir(spec) if pdist.is_main() else None)
+def _check_input_and_output(spec: StageSpec, data_dir: Path, splits: list[str], force: bool) -> bool | Exception:
+    """Rank 0: the input data must be intact (raised: the stage cannot rebuild it), then the skip decision."""
+    try:
+        verify_data(data_dir, splits)
+    except DataNotReady as e:
+        return e
+    return prepare_out_dir(spec, force)
+
+
+def run_stage(spec: StageSpec, data_dir: Path, splits: list[str], manifest_extra: dict,
+              force: bool = False) -> dict | None:
+    """All splits, then the manifest (rank 0, last). Returns the manifest (None if skipped as complete).
+    force: rebuild even when the output is complete and intact."""
+    skip = _bcast(_check_input_and_output(spec, data_dir, splits, force) if pdist.is_main() else None)
+    if isinstance(skip, Exception):
+        raise skip  # on every rank, so none waits in a collective
     if skip:
         pdist.print0(f"{spec.name}: {spec.out_dir / 'manifest.json'} is complete for this plan; nothing to do")
         return None
@@ -435,7 +479,7 @@ def run_stage(spec: StageSpec, data_dir: Path, splits: list[str], manifest_extra
     t0 = time.time()
     split_info = {}
     for split in splits:
-        data = load_split(data_dir, split)
+        data = load_split(data_dir, split, verify=False)  # rank 0 verified every split just above
         split_info[split] = run_split(spec, split, data)
     manifest = None
     if pdist.is_main():
@@ -511,8 +555,8 @@ def pad_id_of(model) -> int:
     return 0
 
 
-def main(cfg: Config, splits: list[str] | None = None) -> dict | None:
-    """Set up, build the cache for every split, write the manifest, clean up."""
+def main(cfg: Config, splits: list[str] | None = None, force: bool = False) -> dict | None:
+    """Set up, build the cache for every split, write the manifest, clean up. force: rebuild a complete cache."""
     data_dir, ref_dir, model_path = resolve_paths(cfg)
     pdist.init_distributed()
     try:
@@ -533,8 +577,9 @@ def main(cfg: Config, splits: list[str] | None = None) -> dict | None:
         if pdist.is_main():
             save_config(cfg, ref_dir / "config.yaml")
         extra = {"reference_path": str(model_path), "packing": cfg.ref.packing, "zero3": cfg.ref.zero3,
-                 "micro_batch_tokens": cfg.ref.micro_batch_tokens, "config": to_dict(cfg.ref)}
-        return run_stage(spec, data_dir, splits, extra)
+                 "micro_batch_tokens": cfg.ref.micro_batch_tokens, "config": to_dict(cfg.ref),
+                 "vocab_size": getattr(model.config, "vocab_size", None)}  # top-k ids are checked against it
+        return run_stage(spec, data_dir, splits, extra, force)
     finally:
         pdist.cleanup()
 
@@ -547,6 +592,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe (YAML path or name in recipes/)")
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (N>1 spawns torchrun)")
     parser.add_argument("--split", action="append", choices=SPLITS, help="only these splits (default: all present)")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even when the output is up to date (same plan, files match their hashes)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
 
 
@@ -558,13 +605,15 @@ def launch_torchrun(module: str, argv: list[str], nproc: int) -> int:
     return subprocess.call(cmd)
 
 
-def run_module(args: argparse.Namespace, module: str, main_fn: Callable[[Config, list[str] | None], Any]) -> int:
+def run_module(args: argparse.Namespace, module: str, main_fn: Callable[..., Any]) -> int:
     """`run` of a chunked stage: spawn torchrun for --nproc N > 1 (unless already launched), else run here."""
     cfg = load_config(args.config, getattr(args, "overrides", []))
+    force = bool(getattr(args, "force", False))
     if args.nproc > 1 and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
         argv = ([f"--config={args.config}"] if args.config else []) + [f"--split={s}" for s in args.split or []]
+        argv += ["--force"] if force else []
         return launch_torchrun(module, argv + list(getattr(args, "overrides", [])), args.nproc)
-    main_fn(cfg, args.split)
+    main_fn(cfg, args.split, force=force)
     return 0
 
 

@@ -9,7 +9,9 @@ process, padded batches, AdamW, token-mean NLL on response tokens only (prompt m
 warm start for the demo and the experiment, not a distributed SFT trainer.
 
 Idempotent: a finished `<run_dir>/sft` whose manifest matches (data + init model + settings) is
-reused; the folder is written under a temporary name and renamed when complete.
+reused, once the data's train split matches the content hashes `midpo prep` recorded (damaged data
+is refused: re-run `midpo prep --force`); `--force` retrains. The folder is written under a temporary
+name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -72,14 +74,18 @@ def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_sft(cfg: Config, data_dir: Path, init_dir: Path, out_dir: Path) -> dict:
-    from data_prep.dataset_io import load_split, read_manifest
+def train_sft(cfg: Config, data_dir: Path, init_dir: Path, out_dir: Path, *, force: bool = False) -> dict:
+    """Train (or find up to date) the warm start. force: retrain even when `out_dir` is up to date."""
+    from data_prep.dataset_io import load_split, verify_data
 
     sc = cfg.sft
-    fingerprint = hash_json({"data": read_manifest(data_dir)["fingerprint"], "init": model_fingerprint(init_dir),
+    data_manifest = verify_data(data_dir, ["train"])  # damaged input: refused, even when the output is up to date
+    fingerprint = hash_json({"data": data_manifest["fingerprint"], "init": model_fingerprint(init_dir),
                              "sft": {k: v for k, v in vars(sc).items() if k != "num_threads"}, "seed": cfg.seed})
     manifest_path = out_dir / MANIFEST
-    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+    if force:
+        log.info("sft: --force: retraining %s", out_dir)
+    elif manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         log.info("sft: %s is up to date (fingerprint %s), skipping", out_dir, fingerprint[:12])
         return json.loads(manifest_path.read_text())
 
@@ -90,7 +96,7 @@ def train_sft(cfg: Config, data_dir: Path, init_dir: Path, out_dir: Path) -> dic
     rng = random.Random(cfg.seed)
     tok = load_tokenizer(init_dir)
     model = load_model(init_dir, cfg.model, train=True)
-    rows = load_split(data_dir, "train").select_columns(["prompt_ids", "chosen_ids"]).to_list()
+    rows = load_split(data_dir, "train", verify=False).select_columns(["prompt_ids", "chosen_ids"]).to_list()
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
     order: list[int] = []
     losses: list[float] = []
@@ -132,6 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="prepared data folder (default <run_dir>/data)")
     parser.add_argument("--init", help="model to start from (default model.policy or <run_dir>/synth/model)")
     parser.add_argument("--out", help="output HF folder (default <run_dir>/sft)")
+    parser.add_argument("--force", action="store_true", help="retrain even when the output is up to date")
 
 
 def run(args) -> int:
@@ -141,7 +148,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else cfg.run_path / "sft"
     save_config(cfg, cfg.run_path / "config.yaml")
     train_sft(cfg, Path(args.data) if args.data else cfg.run_path / "data",
-              Path(args.init) if args.init else default_init_model(cfg), out)
+              Path(args.init) if args.init else default_init_model(cfg), out, force=getattr(args, "force", False))
     return 0
 
 

@@ -18,7 +18,7 @@ the midpoint.
 
 Output: `<run_dir>/weights/<split>/` (id, tokens_hash, chosen_weights, rejected_weights; same row order
 as the data) and `<run_dir>/weights/manifest.json` (written last), with the same chunked, resumable,
-lockstep machinery as the reference stage. Both models are held at once (2x one model's memory; use
+lockstep machinery as the reference stage (content hashes, up-to-date check, value check, `--force`). Both models are held at once (2x one model's memory; use
 `ref.zero3=true` to shard them).
 """
 
@@ -104,7 +104,7 @@ def score_weight_rows(fwd, rev, rows: list[dict], *, packing: bool, pad_id: int,
     return result
 
 
-def main(cfg: Config, splits: list[str] | None = None) -> dict | None:
+def main(cfg: Config, splits: list[str] | None = None, force: bool = False) -> dict | None:
     from data_prep.dataset_io import read_manifest
     from pipeline.models import model_fingerprint, resolve_attn, resolve_dtype
 
@@ -140,7 +140,7 @@ def main(cfg: Config, splits: list[str] | None = None) -> dict | None:
         if pdist.is_main():
             save_config(cfg, out_dir / "config.yaml")
         return run_stage(spec, data_dir, splits, {"forward_path": r.weights_forward,
-                                                  "reverse_path": r.weights_reverse})
+                                                  "reverse_path": r.weights_reverse}, force)
     finally:
         pdist.cleanup()
 

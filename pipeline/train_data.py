@@ -3,7 +3,9 @@
 The data split and its cache have the same row order (written so by `midpo ref`); the join is by
 position and VERIFIED per row when the row is fetched: equal `id` and equal token-id hash of
 (prompt, chosen, rejected), and one cached value per response token. Fingerprints (data, tokenizer,
-reference model) are checked once when the cache is opened (`pipeline.ref_cache.open_cache`).
+reference model), content hashes and cached values are checked once when the cache and the TIS-DPO
+weights are opened (`pipeline.ref_cache.open_cache`), the data's hashes when it is loaded
+(`data_prep.dataset_io.load_split`).
 Verifying per fetched row costs microseconds and covers every row a run actually trains on, without
 a pass over the whole split at start.
 """

@@ -211,3 +211,65 @@ def test_is_eval_is_a_pure_function_of_the_id():
     ids = [f"{i:032x}" for i in range(0, 2**64, 2**58)]
     assert [is_eval(x, 0.5) for x in ids] == [is_eval(x, 0.5) for x in ids]
     assert not any(is_eval(x, 0.0) for x in ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# integrity: the up-to-date check re-hashes the output; --force (issue #14)
+
+
+def _three_rows(tmp_path):
+    rows = [{"prompt": f"sort: {i} 1", "chosen": f"1 {i}", "rejected": f"{i} 1"} for i in range(2, 8)]
+    return write_jsonl(tmp_path / "x.jsonl", rows)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "delete", "rows", "no_hashes"])
+def test_damaged_or_edited_output_is_refused_then_rebuilt(tmp_path, tok_dir, caplog, damage):
+    """A damaged shard, a deleted shard, a hand-edited row count or an older manifest without hashes:
+    the reader refuses naming the file; `prepare` with the same inputs rebuilds instead of "up to date"."""
+    f, out = _three_rows(tmp_path), tmp_path / "out"
+    cfg = data_cfg(eval_fraction=0.3)
+    m1 = prepare(cfg, [str(f)], tok_dir, out)
+    shard = out / "train" / "data-00000-of-00001.arrow"
+    manifest = out / "manifest.json"
+    if damage == "corrupt":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        data[len(data) // 2 + 3] ^= 0x40
+        shard.write_bytes(bytes(data))
+        want = f"{shard}: content hash differs from {manifest} (damaged or edited)"
+    elif damage == "delete":
+        shard.unlink()
+        want = f"{shard}: missing (recorded in {manifest})"
+    elif damage == "rows":
+        manifest.write_text(json.dumps({**m1, "splits": {**m1["splits"], "train": {
+            **m1["splits"]["train"], "rows": m1["splits"]["train"]["rows"] + 1}}}))
+        want = f"{manifest}: says {m1['splits']['train']['rows'] + 1} rows for train/ but its files hold"
+    else:
+        manifest.write_text(json.dumps({**m1, "splits": {s: {k: v for k, v in r.items() if k != "sha256"}
+                                                          for s, r in m1["splits"].items()}}))
+        want = f"{manifest}: no content hashes for train/"
+    with pytest.raises(DataNotReady) as e:
+        load_split(out, "train")
+    assert str(e.value).startswith(want) and str(e.value).endswith("; re-run `midpo prep --force`"), str(e.value)
+    stamp = manifest.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="data_prep.prep"):
+        m2 = prepare(cfg, [str(f)], tok_dir, out)
+    assert "up to date" not in caplog.text and f"{want}" in caplog.text and "rebuilding" in caplog.text
+    assert manifest.stat().st_mtime_ns != stamp and m2["splits"] == m1["splits"]
+    assert len(all_rows(out)) == 6  # readable again
+
+
+def test_force_rebuilds_a_complete_output(tmp_path, tok_dir, caplog):
+    from pipeline import cli
+
+    f, out = _three_rows(tmp_path), tmp_path / "out"
+    m1 = prepare(data_cfg(), [str(f)], tok_dir, out)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert prepare(data_cfg(), [str(f)], tok_dir, out) == m1 and (out / "manifest.json").stat().st_mtime_ns == stamp
+    m2 = prepare(data_cfg(), [str(f)], tok_dir, out, force=True)
+    assert (out / "manifest.json").stat().st_mtime_ns != stamp and m2["splits"] == m1["splits"]
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    argv = ["prep", str(f), "--tokenizer", str(tok_dir), "--out", str(out), "--eval-fraction", "0",
+            "--max-reject-fraction", "1", "--max-prompt-tokens", "96", "--max-length", "160"]
+    assert cli.main(argv) == 0 and (out / "manifest.json").stat().st_mtime_ns == stamp  # up to date
+    assert cli.main([*argv, "--force"]) == 0 and (out / "manifest.json").stat().st_mtime_ns != stamp

@@ -183,3 +183,20 @@ def test_build_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "x" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="was not written by midpo"):
         build_tiny_default(tmp_path / "x", SynthConfig(n_pairs=5))
+
+
+def test_force_rebuilds_a_complete_build(tmp_path):
+    """`midpo synth --force` rebuilds a complete folder (the manifest is rewritten); without it, a no-op."""
+    from pipeline import cli
+
+    out = tmp_path / "s"
+    small = ["synth.n_pairs=20", "synth.n_eval_prompts=3", "synth.n_onpolicy_prompts=3", "synth.hidden_size=16",
+             "synth.intermediate_size=32", "synth.num_layers=1", "synth.num_heads=2", "synth.num_kv_heads=1",
+             "synth.vocab_size=300"]
+    assert cli.main(["synth", "--out", str(out), *small]) == 0
+    stamp = (out / "synth_manifest.json").stat().st_mtime_ns
+    assert cli.main(["synth", "--out", str(out), *small]) == 0
+    assert (out / "synth_manifest.json").stat().st_mtime_ns == stamp
+    pairs = (out / "pairs.jsonl").read_bytes()
+    assert cli.main(["synth", "--out", str(out), "--force", *small]) == 0
+    assert (out / "synth_manifest.json").stat().st_mtime_ns != stamp and (out / "pairs.jsonl").read_bytes() == pairs

@@ -8,39 +8,29 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.fingerprint import hash_token_ids
 from pipeline.ref_cache import REF_COLUMNS, TOPK_COLUMNS, CacheMismatchError, join_cache, open_cache, verify_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_reference import make_rows, make_run, run_stage, write_data  # noqa: E402
-
-
-def fake_cache(ref_dir: Path, data_dir: Path, reference_fp: str = "ref-fp-1") -> None:
-    """A cache folder as `midpo ref` writes it, built by hand from the data (values are arbitrary)."""
-    from datasets import Dataset, load_from_disk
-
-    data_m = json.loads((data_dir / "manifest.json").read_text())
-    splits = {}
-    for split in ("train", "eval"):
-        data = load_from_disk(str(data_dir / split))
-        rows = [{"id": r["id"], "tokens_hash": hash_token_ids(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]),
-                 "chosen_ref_logps": [-1.0] * len(r["chosen_ids"]), "rejected_ref_logps": [-2.0] * len(r["rejected_ids"]),
-                 "chosen_ref_logp_sum": -1.0 * len(r["chosen_ids"]),
-                 "rejected_ref_logp_sum": -2.0 * len(r["rejected_ids"])} for r in data]
-        Dataset.from_list(rows).save_to_disk(str(ref_dir / split))
-        splits[split] = {"rows": len(rows)}
-    (ref_dir / "manifest.json").write_text(json.dumps({
-        "data_fingerprint": data_m["fingerprint"], "tokenizer_fingerprint": data_m["tokenizer"]["fingerprint"],
-        "reference_fingerprint": reference_fp, "splits": splits}))
+from test_train_helpers import (  # noqa: E402
+    fake_logps,
+    fake_ref_stage,
+    fake_score,
+    flip_two_bytes,
+    float_offset,
+    reseal,
+    rewrite_split,
+)
 
 
 @pytest.fixture
 def run_dir(tmp_path):
     data_dir = write_data(tmp_path / "data", {"train": make_rows(6, 1), "eval": make_rows(3, 2)})
-    fake_cache(tmp_path / "ref", data_dir)
+    fake_ref_stage(tmp_path / "ref", data_dir)  # the stage's real writer, stand-in values
     return tmp_path
 
 
@@ -62,7 +52,8 @@ def test_open_cache_accepts_matching_and_joins(run_dir):
                        expect_tokenizer_fp="tok-test-1")
     data = load_from_disk(str(run_dir / "data" / "train"))
     joined = join_cache(data, cache)
-    assert joined["id"] == data["id"] and joined[2]["rejected_ref_logps"] == [-2.0] * len(data[2]["rejected_ids"])
+    assert joined["id"] == data["id"]
+    assert joined[2]["rejected_ref_logps"] == fake_logps(data[2], "rejected").tolist()
     assert set(REF_COLUMNS) - {"id", "tokens_hash"} <= set(joined.column_names)
 
 
@@ -162,3 +153,96 @@ def test_topk_cache_and_kl_approximation_error(tmp_path):
     assert errors[128] < 1e-4  # k = V is exact
     assert errors[1] > errors[8] > errors[32] >= errors[128]
     assert exact.mean() > 1e-4  # the perturbation is not trivial
+
+
+# ---------------------------------------------------------------------------------------------
+# integrity: content hashes and value checks when the cache is opened (issue #14)
+
+
+def _open_train(run_dir: Path):
+    """The open path `midpo train` uses: data + verified cache."""
+    from pipeline.train_data import open_split
+
+    return open_split(run_dir, "train", reference_fp="ref-fp-1", tokenizer_fp="tok-test-1")
+
+
+def test_flipped_bytes_in_a_cached_float_are_refused_naming_the_file(run_dir):
+    """Two flipped bytes inside one row's cached log-prob (it becomes ~ +1e35): refused by the content
+    hash, naming the file; with the hash recomputed, the value check still names row, id and column."""
+    from datasets import load_from_disk
+
+    row = load_from_disk(str(run_dir / "data" / "train"))[3]
+    value = float(fake_logps(row, "chosen")[1])
+    (shard,) = [p for p in (run_dir / "ref" / "train").glob("*.arrow") if np.float32(value).tobytes() in p.read_bytes()]
+    flip_two_bytes(shard, float_offset(shard, value))
+    with pytest.raises(CacheMismatchError) as e:
+        _open_train(run_dir)
+    assert str(e.value) == (f"{shard}: content hash differs from {run_dir / 'ref' / 'manifest.json'} (damaged or "
+                            "edited); re-run `midpo ref --force`")
+    reseal(run_dir / "ref", "train")  # a valid hash over the damaged value: the value check must catch it
+    with pytest.raises(CacheMismatchError, match=r"split train, row 3 \(id row-1-0003\), column chosen_ref_logps: "
+                                                 r"value 8\.\d+e\+34 at token 1 is not a log-prob"):
+        _open_train(run_dir)
+
+
+@pytest.mark.parametrize("column,value,detail", [
+    ("chosen_ref_logps", float("nan"), "value nan at token 1 is not a log-prob"),
+    ("rejected_ref_logps", 0.5, "value 0.5 at token 1 is not a log-prob"),
+    ("chosen_ref_logp_sum", -1.0, "-1.0 but its chosen_ref_logps sum to"),
+    ("rejected_ref_topk_logps", float("inf"), "value inf at token 1 is not a log-prob"),
+    ("chosen_ref_topk_ids", 999, "value 999 at token 1 is not a token id in [0, 128)"),
+    ("rejected_ref_tail_logmass", float("nan"), "value nan at token 1 is not a log-mass"),
+])
+def test_value_check_names_row_and_column_under_a_valid_hash(tmp_path, column, value, detail):
+    """A bad value written with a valid content hash (the split rewritten, then its hashes recorded):
+    opening the cache refuses it, naming file, split, row, id and column."""
+    data_dir = write_data(tmp_path / "data", {"train": make_rows(6, 1), "eval": make_rows(3, 2)})
+    fake_ref_stage(tmp_path / "ref", data_dir, topk=2)
+    _open_train(tmp_path)  # intact: opens
+
+    def poison(rows):
+        r = rows[4]
+        if column.endswith("_sum"):
+            r[column] = value
+        elif column.endswith(("_topk_logps", "_topk_ids")):
+            r[column][1][0] = value
+        else:
+            r[column][1] = value
+        return rows
+
+    rewrite_split(tmp_path / "ref", "train", poison)
+    with pytest.raises(CacheMismatchError) as e:
+        _open_train(tmp_path)
+    msg = str(e.value)
+    assert f"{tmp_path / 'ref' / 'train'}/data-00000-of-00001.arrow: split train, row 4 (id row-1-0004), " \
+           f"column {column}: " in msg and detail in msg and "re-run `midpo ref --force`" in msg, msg
+
+
+def test_writer_refuses_to_publish_a_nan(tmp_path):
+    """The same value check runs before `midpo ref` publishes a split: a NaN from the forward is not cached."""
+    data_dir = write_data(tmp_path / "data", {"train": make_rows(6, 1)})
+
+    def nan_score(rows):
+        out = fake_score(rows)
+        for r in out:
+            if r["id"] == "row-1-0002":
+                r["rejected_ref_logps"][0] = np.nan
+                r["rejected_ref_logp_sum"] = float("nan")
+        return out
+
+    with pytest.raises(CacheMismatchError, match=r"split train, row 2 \(id row-1-0002\), column rejected_ref_logps: "
+                                                 r"value nan at token 0 .* not published"):
+        fake_ref_stage(tmp_path / "ref", data_dir, splits=("train",), score=nan_score)
+    assert not (tmp_path / "ref" / "manifest.json").exists() and not (tmp_path / "ref" / "train").exists()
+
+
+def test_cache_without_hashes_or_with_an_edited_row_count_is_refused(run_dir):
+    """An older midpo's manifest (no hashes) is not trusted; a hand-edited row count is caught."""
+    path = run_dir / "ref" / "manifest.json"
+    m = json.loads(path.read_text())
+    path.write_text(json.dumps({**m, "splits": {**m["splits"], "train": {"rows": 6}}}))
+    with pytest.raises(CacheMismatchError, match=r"no content hashes for train/ .*re-run `midpo ref --force`"):
+        _open_train(run_dir)
+    path.write_text(json.dumps({**m, "splits": {**m["splits"], "train": {**m["splits"]["train"], "rows": 5}}}))
+    with pytest.raises(CacheMismatchError, match=r"says 5 rows for train/ but its files hold 6 \(damaged or edited\)"):
+        _open_train(run_dir)

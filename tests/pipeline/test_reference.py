@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import make_rows, write_data
+from test_train_helpers import fake_ref_stage, flip_two_bytes, make_rows, write_data
 
 from pipeline.fingerprint import hash_token_ids
 from pipeline.reference import (
@@ -232,3 +233,83 @@ def test_zero3_two_processes_via_midpo_cli(base, tmp_path):
     assert m["zero3"] is True and m["world_size"] == 2
     for split in ("train", "eval"):
         assert_caches_equal(load_cache(root / "run", split), load_cache(tmp_path / "run", split), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# "up to date" checks and --force (in this process: the stage's engine with stand-in scores)
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns
+
+
+def test_up_to_date_check_verifies_the_cache_and_rebuilds_it(tmp_path):
+    """A complete cache is skipped only while its files match the manifest: an edited row count, a
+    damaged shard or --force rebuild it (the manifest is rewritten)."""
+    data_dir = write_data(tmp_path / "data", {"train": make_rows(9, 1), "eval": make_rows(3, 2)})
+    ref = tmp_path / "ref"
+    assert fake_ref_stage(ref, data_dir) is not None
+    assert fake_ref_stage(ref, data_dir) is None  # up to date: nothing to do
+    manifest = ref / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["splits"]["eval"]["rows"] = 4  # hand-edited
+    manifest.write_text(json.dumps(m))
+    stamp = _mtime(manifest)
+    assert fake_ref_stage(ref, data_dir) is not None and _mtime(manifest) != stamp
+    assert json.loads(manifest.read_text())["splits"]["eval"]["rows"] == 3
+    stamp = _mtime(manifest)
+    flip_two_bytes(next((ref / "train").glob("data-*.arrow")))
+    assert fake_ref_stage(ref, data_dir) is not None and _mtime(manifest) != stamp
+    assert fake_ref_stage(ref, data_dir) is None
+    stamp = _mtime(manifest)
+    assert fake_ref_stage(ref, data_dir, force=True) is not None and _mtime(manifest) != stamp
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "delete", "rows"])
+def test_damaged_data_is_refused_not_nothing_to_do(tmp_path, damage):
+    """`midpo ref` with a complete cache and damaged input data refuses naming the file (it cannot rebuild
+    its input), instead of "nothing to do"; with ref/ deleted it does not rebuild the cache on the damage."""
+    from data_prep.dataset_io import DataDamaged
+
+    data_dir = write_data(tmp_path / "data", {"train": make_rows(9, 1), "eval": make_rows(3, 2)})
+    ref = tmp_path / "ref"
+    fake_ref_stage(ref, data_dir)
+    shard = data_dir / "train" / "data-00001-of-00002.arrow"
+    if damage == "corrupt":
+        flip_two_bytes(shard)
+        want = f"{shard}: content hash differs from {data_dir / 'manifest.json'} (damaged or edited)"
+    elif damage == "delete":
+        shard.unlink()
+        want = f"{shard}: missing (recorded in {data_dir / 'manifest.json'})"
+    else:
+        m = json.loads((data_dir / "manifest.json").read_text())
+        m["splits"]["train"]["rows"] = 10
+        (data_dir / "manifest.json").write_text(json.dumps(m))
+        want = f"{data_dir / 'manifest.json'}: says 10 rows for train/ but its files hold 9 (damaged or edited)"
+    want += "; re-run `midpo prep --force`"
+    for _ in ("complete cache", "ref/ deleted"):
+        with pytest.raises(DataDamaged) as e:
+            fake_ref_stage(ref, data_dir)
+        assert str(e.value) == want
+        shutil.rmtree(ref)
+        ref.mkdir()
+
+
+def test_force_flag_reaches_ref_and_weights(tmp_path, monkeypatch):
+    """`midpo ref|weights --force` (one process, or spawning torchrun) reaches the stage as force=True."""
+    from pipeline import cli, reference, token_weights
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run_dir: {tmp_path / 'run'}\n")
+    for var in ("RANK", "SLURM_PROCID"):  # an in-process group of another test may have set RANK
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    for mod in (reference, token_weights):
+        monkeypatch.setattr(mod, "main", lambda cfg, splits, force=False, m=mod.__name__: calls.append((m, force)))
+    monkeypatch.setattr(reference, "launch_torchrun", lambda module, argv, nproc: calls.append((module, argv)) or 0)
+    for stage in ("ref", "weights"):
+        assert cli.main([stage, "--config", str(recipe)]) == 0
+        assert cli.main([stage, "--config", str(recipe), "--force"]) == 0
+        assert cli.main([stage, "--config", str(recipe), "--force", "--nproc", "2"]) == 0
+    mods = ("pipeline.reference", "pipeline.token_weights")
+    assert calls == [c for m in mods for c in ((m, False), (m, True), (m, [f"--config={recipe}", "--force"]))]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -54,21 +55,110 @@ def make_rows(n: int, seed: int, vocab: int = VOCAB, max_len: int = 12) -> list[
 
 
 def write_data(data_dir: Path, splits: dict[str, list[dict]], tokenizer_fp: str = "tok-test-1") -> Path:
-    from datasets import Dataset, Features, List, Value
-
+    """Stage-1 output written by prep's own split writer (two shards per split, content hashes recorded)."""
+    from data_prep.arrow_shards import write_split
     from pipeline.fingerprint import hash_json, hash_token_ids
 
-    feats = Features({"id": Value("string"), "prompt_ids": List(Value("int32")),
-                      "chosen_ids": List(Value("int32")), "rejected_ids": List(Value("int32"))})
     counts = {}
     for split, rows in splits.items():
-        Dataset.from_list(rows, features=feats).save_to_disk(str(data_dir / split), num_shards=2)
-        counts[split] = {"rows": len(rows), "token_hash": hash_json(
-            [hash_token_ids(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows])}
+        token_hash = hash_json([hash_token_ids(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows])
+        counts[split] = {**write_split(data_dir / split, rows, max(1, -(-len(rows) // 2)), token_hash),
+                         "token_hash": token_hash}
     manifest = {"format_version": 1, "complete": True, "tokenizer": {"fingerprint": tokenizer_fp}, "splits": counts}
     manifest["fingerprint"] = hash_json(manifest)
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
     return data_dir
+
+
+def fake_logps(row: dict, side: str) -> np.ndarray:
+    """Stand-in reference log-probs, distinct per row and token (so a test can find one in a file):
+    -1 (chosen) or -2 (rejected), minus row/64 and token/4096."""
+    n = len(row[f"{side}_ids"])
+    base = -1.0 if side == "chosen" else -2.0
+    return (base - int(row["id"].rsplit("-", 1)[1]) / 64 - np.arange(n) / 4096).astype(np.float32)
+
+
+def fake_score(rows: list[dict], topk: int = 0) -> list[dict]:
+    """The reference stage's per-row records from `fake_logps` (top-k: ids 3.., log-probs below the row's)."""
+    from pipeline.reference import row_tokens_hash
+
+    out = []
+    for r in rows:
+        rec = {"id": r["id"], "tokens_hash": row_tokens_hash(r)}
+        for side in ("chosen", "rejected"):
+            lp = fake_logps(r, side)
+            rec[f"{side}_ref_logps"], rec[f"{side}_ref_logp_sum"] = lp, float(lp.astype(np.float64).sum())
+            if topk:
+                vals = np.repeat(-np.arange(1, topk + 1, dtype=np.float32)[None] - 1.0, len(lp), 0)  # (L, k)
+                rec[f"{side}_ref_topk_logps"] = vals
+                rec[f"{side}_ref_topk_ids"] = np.repeat(np.arange(3, 3 + topk, dtype=np.int32)[None], len(lp), 0)
+                rec[f"{side}_ref_tail_logmass"] = np.log1p(-np.exp(vals).sum(-1)).astype(np.float32)
+        out.append(rec)
+    return out
+
+
+def fake_ref_stage(ref_dir: Path, data_dir: Path, *, reference_fp: str = "ref-fp-1", topk: int = 0,
+                   splits: tuple[str, ...] = ("train", "eval"), force: bool = False, score=None) -> dict | None:
+    """`midpo ref`'s chunked engine and writer (`reference.run_stage`, in this process) with `fake_score`
+    instead of a model: the real manifest, content hashes and checks. None when skipped as up to date."""
+    from pipeline.reference import REF_SCHEMA, TOPK_SCHEMA, StageSpec, run_stage
+
+    data_m = json.loads((data_dir / "manifest.json").read_text())
+    plan = {"data_fingerprint": data_m["fingerprint"], "tokenizer_fingerprint": data_m["tokenizer"]["fingerprint"],
+            "reference_fingerprint": reference_fp, "topk": topk}
+    schema = pa.schema(list(REF_SCHEMA) + (list(TOPK_SCHEMA) if topk else []))
+    spec = StageSpec(name="ref", out_dir=ref_dir, schema=schema, plan=plan,
+                     score=score or (lambda rows: fake_score(rows, topk)), packing=True, micro_batch_tokens=4096,
+                     rows_per_shard=4)
+    return run_stage(spec, data_dir, list(splits), {"vocab_size": VOCAB}, force=force)
+
+
+def reseal(out_dir: Path, split: str) -> None:
+    """Record `split`'s current files (hashes, rows) in `out_dir/manifest.json` as its writer would: for tests
+    that change a split on purpose and want only what comes after the hash check to judge it."""
+    from data_prep.integrity import HASHES, count_rows, hash_split
+
+    m = json.loads((out_dir / "manifest.json").read_text())
+    m["splits"][split] = {**m["splits"].get(split, {}), "rows": count_rows(out_dir / split),
+                          HASHES: hash_split(out_dir / split)}
+    (out_dir / "manifest.json").write_text(json.dumps(m))
+
+
+def rewrite_split(out_dir: Path, split: str, change) -> None:
+    """Replace `out_dir/split` by `change(rows)` (a list of row dicts, same features), then `reseal` it."""
+    import shutil
+
+    from datasets import Dataset, load_from_disk
+
+    from data_prep.atomic_dir import OUTPUT_MARKER
+
+    path = out_dir / split
+    ds = load_from_disk(str(path))
+    Dataset.from_list(change(ds.to_list()), features=ds.features).save_to_disk(str(path.with_name(f"{split}.new")))
+    del ds
+    if (path / OUTPUT_MARKER).exists():  # still a folder midpo wrote
+        shutil.copy2(path / OUTPUT_MARKER, path.with_name(f"{split}.new") / OUTPUT_MARKER)
+    shutil.rmtree(path)
+    path.with_name(f"{split}.new").rename(path)
+    reseal(out_dir, split)
+
+
+def flip_two_bytes(path: Path, at: int | None = None) -> int:
+    """Flip two bytes of a file in place (a disk or copy error), at byte `at` and `at + 3` (default: mid-file).
+    At a little-endian float32 -1.x (see `float_offset`) that turns the value into ~ +1e35. -> `at`."""
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if at is None else at
+    data[at] ^= 0x01  # low mantissa byte
+    data[at + 3] ^= 0xC6  # sign and exponent byte
+    path.write_bytes(bytes(data))
+    return at
+
+
+def float_offset(path: Path, value: float) -> int:
+    """Byte offset of the one float32 `value` stored in `path`."""
+    data, needle = path.read_bytes(), np.float32(value).tobytes()
+    assert data.count(needle) == 1, f"{value} is not stored exactly once in {path}"
+    return data.find(needle)
 
 
 def clean_env(**extra: str) -> dict:

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train_helpers import make_model, make_run, process_group, read_jsonl, recipe_text  # noqa: F401
+from test_train_helpers import (  # noqa: F401
+    make_model,
+    make_run,
+    process_group,
+    read_jsonl,
+    recipe_text,
+    reseal,
+    rewrite_split,
+)
 
 from pipeline.config import load_config
 
@@ -83,7 +91,9 @@ def _add_token_weights(run: Path, seed: int = 0) -> None:
             cols[f"{side}_weights"] = [rng.uniform(0.7, 1.3, size=len(x)).astype(np.float32).tolist()[:-1] + [0.0]
                                        for x in ref[f"{side}_ref_logps"]]
         Dataset.from_dict(cols).save_to_disk(str(run / "weights" / split))
-    (run / "weights" / "manifest.json").write_text(json.dumps(manifest))
+    (run / "weights" / "manifest.json").write_text(json.dumps({**manifest, "stage": "weights"}))
+    for split in ("train", "eval"):
+        reseal(run / "weights", split)  # its files' hashes, as the writer records them
 
 
 def _expected(name: str, rows: list[dict], beta: float, opts: dict) -> float:
@@ -154,17 +164,17 @@ def test_data_of_another_tokenizer_is_refused(prior_run):
 
 def test_probe_stops_a_cache_that_does_not_match_the_policy(prior_run):
     """Same fingerprints, wrong values (what a dtype/attention/template mismatch looks like): the probe stops it."""
-    from datasets import load_from_disk
-
     from pipeline.train import TrainError
 
     recipe, run = _copy_run(prior_run, "badvalues")
-    path = run / "ref" / "train"
-    ds = load_from_disk(str(path))
-    ds = ds.map(lambda r: {"chosen_ref_logps": [x + 0.05 for x in r["chosen_ref_logps"]]})
-    ds.save_to_disk(str(path.with_name("train.new")))
-    shutil.rmtree(path)
-    path.with_name("train.new").rename(path)
+
+    def shift(rows):  # plausible values (finite, < 0, sums not used by the probe), hashes recorded anew
+        for r in rows:
+            r["chosen_ref_logps"] = [x - 0.05 for x in r["chosen_ref_logps"]]
+            r["chosen_ref_logp_sum"] = float(np.sum(np.asarray(r["chosen_ref_logps"], np.float32), dtype=np.float64))
+        return rows
+
+    rewrite_split(run / "ref", "train", shift)
     with pytest.raises(TrainError, match="probe failed.*tokenizer.*dtype"):
         _train(recipe)
 
