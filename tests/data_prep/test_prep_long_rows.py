@@ -61,6 +61,8 @@ def _whole(enc: PairEncoder, row: dict) -> tuple | str:
 @pytest.mark.parametrize("overflow", [("truncate", "truncate"), ("drop", "drop")])
 @pytest.mark.parametrize("which", ["sentencepiece", "byte_level_bpe"])
 def test_windows_equal_whole_tokenization(tok_dir, bbpe_dir, monkeypatch, which, overflow):
+    """40 pairs with texts up to 30k characters (words, digits, accents, CJK, emoji, newlines, space runs): the
+    windowed encoding equals tokenizing the whole texts and truncating, kept ids and reject reasons alike."""
     enc = PairEncoder(str(tok_dir if which == "sentencepiece" else bbpe_dir), EncodeSettings(48, 96, *overflow, None))
     windowed = []
     real = PairEncoder._encode_windowed

@@ -207,6 +207,7 @@ def test_parallel_workers_give_identical_output(tmp_path, tiny_default, prepared
 
     out, m, cfg = prepared
     monkeypatch.setattr(prep, "CHUNK_ROWS", 37)  # many chunks in flight, odd sizes
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 3000)  # ... some cut by their bytes first
     mp_ = prepare(dataclasses.replace(cfg, num_proc=2), [str(tiny_default["pairs"])], tiny_default["model"],
                   tmp_path / "p2")
     assert mp_["fingerprint"] == m["fingerprint"]
