@@ -31,6 +31,8 @@ REJECT_REASONS: dict[str, str] = {
     "no_shared_prompt": "chosen and rejected do not share a prompt (implicit/hh formats)",
     "prompt_too_long": "prompt over data.max_prompt_tokens with data.prompt_overflow=drop",
     "response_too_long": "prompt + response over data.max_length with data.response_overflow=drop",
+    "identical_after_truncation": "chosen and rejected differ only past the cut of data.response_overflow=truncate",
+    "truncation_unstable": "an over-long text whose kept tokens depend on where it is cut (see data_prep/tokenization.py)",
     "template_boundary": "the templated prompt's tokens are not a prefix of prompt+response tokens",
     "duplicate": "the same canonical pair (row id) appeared earlier",
     "unexpected_error": "processing the row raised an unexpected exception (a bug: please report)",

@@ -8,8 +8,13 @@ The whole folder is built under a temp name and renamed when complete. A re-run 
 matches the existing manifest, and whose split files match the content hashes and row counts recorded
 in it, does nothing; a changed input, tokenizer or setting, a damaged or edited output, or `--force`
 rebuilds.
-Inputs are streamed in chunks (bounded in flight), so memory does not grow with the input, except
-for the dedup set (16-byte ids: ~80 bytes per kept row).
+Inputs are streamed in chunks (bounded in rows and bytes, and in flight), so memory does not grow
+with the input, except for the dedup set (16-byte ids: ~80 bytes per kept row); one over-long row
+costs its own text, never a tokenization of it (see data_prep/tokenization.py).
+
+Refused before any work: an empty input file, an output folder that holds an input or that midpo did
+not write (data_prep/atomic_dir.py), and a data.max_length over the model's positions when the
+tokenizer folder (or the recipe's model folder) holds the model's config.json.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the output for the same inputs and settings changes
 CHUNK_ROWS = 512  # rows per work unit sent to a tokenizer worker
+CHUNK_BYTES = 16 << 20  # ... and at most this many bytes of raw JSON lines (a chunk holds at least one row)
+DETAIL_CHARS = 500  # a reject's detail is clipped: it may quote a huge field
 DETECT_PEEK_ROWS = 200  # rows read to auto-detect a file's format
 EXAMPLES_PER_REASON = 3
 # DataConfig fields that change the output (num_proc and max_reject_fraction do not)
@@ -105,17 +112,57 @@ def _detect(src: Source, rows: Iterator[tuple[int, Any]], forced: str) -> tuple[
 
 def _chunks(rows: Iterator[tuple[int, Any]], stats: dict) -> Iterator[list[tuple[int, Any]]]:
     chunk: list[tuple[int, Any]] = []
+    size = 0
     for row_no, payload in rows:
         if payload is None:
             stats["blank_lines"] += 1
             continue
         stats["rows_read"] += 1
         chunk.append((row_no, payload))
-        if len(chunk) >= CHUNK_ROWS:
+        size += len(payload) if isinstance(payload, bytes) else 0
+        if len(chunk) >= CHUNK_ROWS or size >= CHUNK_BYTES:
             yield chunk
-            chunk = []
+            chunk, size = [], 0
     if chunk:
         yield chunk
+
+
+def _check_not_empty(src: Source) -> None:
+    """An input with no rows at all is a mistake (a wrong file, a failed export), not a dataset."""
+    if all(payload is None for _, payload in iter_rows(src)):  # stops at the first row
+        raise InputError(f"input {src.path} holds no rows (an empty file, or only blank lines)")
+
+
+def _check_positions(max_length: int, model_dirs: tuple[str | Path, ...]) -> None:
+    """Refuse a data.max_length over the positions of a model whose folder is known (the tokenizer folder is
+    often the model folder; the recipe names the policy): the pairs could never be trained on whole."""
+    from pipeline.models import folder_max_positions, positions_problem
+
+    for folder in model_dirs:
+        problem = positions_problem(max_length, folder_max_positions(folder), what="data.max_length", model=folder)
+        if problem:
+            raise PrepError(problem)
+
+
+def _keep_rejects(rejects: Path, out: Path, inputs: tuple[Path, ...]) -> Path:
+    """Copy a failed run's rejects.jsonl beside `out`, never over a file midpo did not write (or an input)."""
+    resolved = {Path(p).resolve() for p in inputs}
+    for n in itertools.count():
+        dest = out.parent / f"{out.name}.rejects{'' if n == 0 else f'.{n}'}.jsonl"
+        if not dest.exists() or (dest.resolve() not in resolved and _is_rejects_file(dest)):
+            shutil.copyfile(rejects, dest)
+            return dest
+    raise AssertionError("unreachable")
+
+
+def _is_rejects_file(path: Path) -> bool:
+    """True when `path` is a rejects.jsonl that midpo wrote (each line {file, row, reason, detail})."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline(1 << 16)
+        return path.is_file() and (not first or set(json.loads(first)) == {"file", "row", "reason", "detail"})
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 class _Runner:
@@ -185,9 +232,11 @@ def _is_complete(out: Path, fingerprint: str) -> dict | None:
 
 
 def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, *,
-            force: bool = False) -> dict:
-    """Run stage 1; returns the manifest. Raises InputError (unreadable input, undetectable format),
-    PrepError (too many rejects) or ValueError (bad tokenizer); a bad row never raises.
+            model_dirs: tuple[str | Path, ...] = (), force: bool = False) -> dict:
+    """Run stage 1; returns the manifest. Raises InputError (unreadable or empty input, undetectable format),
+    PrepError (too many rejects, max_length over the model's positions), OutputDirError (an output folder
+    midpo may not replace) or ValueError (bad tokenizer); a bad row never raises.
+    model_dirs: folders of the models that will train on the data (the tokenizer folder is checked too).
     force: rebuild even when `out_dir` is complete and intact for the same fingerprint."""
     out = Path(out_dir)
     tokenizer_dir = str(tokenizer_dir)
@@ -196,7 +245,11 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
     if not Path(tokenizer_dir).is_dir():
         raise InputError(f"tokenizer folder {tokenizer_dir} does not exist")
     sources = resolve_inputs(list(inputs))
-    check_replaceable(out, inputs=tuple(f for s in sources for f in s.files))  # before any work
+    input_files = tuple(f for s in sources for f in s.files)
+    check_replaceable(out, inputs=input_files)  # before any work
+    _check_positions(cfg.max_length, (tokenizer_dir, *model_dirs))
+    for src in sources:
+        _check_not_empty(src)
     tok_fp = tokenizer_fingerprint(tokenizer_dir)
     src_fps = [source_fingerprint(s) for s in sources]
     fingerprint = hash_json({"format_version": FORMAT_VERSION, "tokenizer": tok_fp["fingerprint"],
@@ -220,6 +273,7 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
         examples: dict[str, list] = collections.defaultdict(list)
         seen: set[int] = set()
         trunc = {"prompts_truncated": 0, "responses_truncated": 0}
+        longest = 0  # prompt + longer response, in tokens: what a model's positions must cover
         src_stats = []
         runner = _Runner(encoder, tokenizer_dir, settings, cfg.num_proc)
         from tqdm.auto import tqdm
@@ -229,7 +283,7 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
         with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rej_f:
 
             def reject(file: str, row: int, reason: str, detail: str, stats: dict) -> None:
-                rec = {"file": file, "row": row, "reason": reason, "detail": detail}
+                rec = {"file": file, "row": row, "reason": reason, "detail": detail[:DETAIL_CHARS]}
                 rej_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 reject_counts[reason] += 1
                 stats["rows_rejected"] += 1
@@ -264,6 +318,7 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
                         c["rejected_ids"].append(res.rejected_ids)
                         trunc["prompts_truncated"] += res.prompt_truncated
                         trunc["responses_truncated"] += res.responses_truncated
+                        longest = max(longest, len(res.prompt_ids) + max(len(res.chosen_ids), len(res.rejected_ids)))
                         stats["rows_kept"] += 1
                     for s, c in cols.items():
                         if c["id"]:
@@ -279,18 +334,19 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
         kept = sum(s["rows_kept"] for s in src_stats)
         rejected = sum(reject_counts.values())
         assert read == kept + rejected, (read, kept, rejected)  # every row accounted for
-        # duplicates are not broken input: they do not count toward the failure threshold
-        bad = rejected - reject_counts.get("duplicate", 0)
+        # Duplicates are not broken input (the first copy is kept): they are reported (duplicate_fraction)
+        # but do not count toward data.max_reject_fraction, which bounds unusable rows only.
+        duplicates = reject_counts.get("duplicate", 0)
+        bad = rejected - duplicates
         if read and bad / read > cfg.max_reject_fraction:
-            kept_rejects = out.parent / f"{out.name}.rejects.jsonl"
-            shutil.copyfile(tmp / "rejects.jsonl", kept_rejects)
-            top = reject_counts.most_common(3)
+            kept_rejects = _keep_rejects(tmp / "rejects.jsonl", out, input_files)
+            top = [(r, n) for r, n in reject_counts.most_common() if r != "duplicate"][:3]
             lines = [f"  {r}: {n} rows ({fmts.REJECT_REASONS[r]}); e.g. " + "; ".join(
                 f"{e['file']} row {e['row']}: {e['detail']}" for e in examples[r][:2]) for r, n in top]
             raise PrepError(
                 f"prep: {bad} of {read} rows ({bad / read:.1%}) are unusable, over data.max_reject_fraction="
-                f"{cfg.max_reject_fraction:.1%}. Top reasons:\n" + "\n".join(lines)
-                + f"\nAll rejected rows: {kept_rejects}. No output was written to {out}.")
+                f"{cfg.max_reject_fraction:.1%} (duplicates are not counted: {duplicates} rows). Top reasons:\n"
+                + "\n".join(lines) + f"\nAll rejected rows: {kept_rejects}. No output was written to {out}.")
 
         splits = {s: w.close(hash_json([fingerprint, s])) for s, w in writers.items()}
         manifest = {
@@ -313,10 +369,14 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
                         "rejected_ids": "list<int32>"},
             "sources": src_stats,
             "rows": {"read": read, "kept": kept, "rejected": rejected},
+            "longest_pair_tokens": longest,
             "splits": splits,
             "rejects": {
                 "file": "rejects.jsonl",
                 "by_reason": dict(sorted(reject_counts.items())),
+                # the threshold (data.max_reject_fraction) applies to unusable rows; duplicates are reported apart
+                "unusable_fraction": round(bad / read, 6) if read else 0.0,
+                "duplicate_fraction": round(duplicates / read, 6) if read else 0.0,
                 "explanations": {r: fmts.REJECT_REASONS[r] for r in sorted(reject_counts)},
                 "examples": {r: examples[r] for r in sorted(examples)},
             },
@@ -332,6 +392,12 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
     log.info("prep: %d rows read, %d kept (train %d, eval %d), %d rejected %s in %.1fs -> %s",
              read, kept, splits["train"]["rows"], splits["eval"]["rows"], rejected,
              dict(reject_counts) or "", elapsed, out)
+    log.info("prep: %.1f%% of rows unusable (limit data.max_reject_fraction=%.1f%%), %.1f%% duplicates (not counted "
+             "toward the limit); longest pair %d tokens (data.max_length %d)", 100 * bad / max(read, 1),
+             100 * cfg.max_reject_fraction, 100 * duplicates / max(read, 1), longest, cfg.max_length)
+    if splits["eval"]["rows"] == 0:
+        log.warning("prep: the eval split is empty (data.eval_fraction=%s, %d rows kept): training will run without "
+                    "evaluation", cfg.eval_fraction, kept)
     return manifest
 
 
@@ -392,7 +458,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: Any):
-    """(DataConfig, inputs, tokenizer_dir, out_dir) from CLI args, recipe and overrides."""
+    """(DataConfig, inputs, tokenizer_dir, out_dir, model folders the recipe names) from CLI args, recipe and
+    overrides."""
     from pipeline.config import load_config
 
     cfg = load_config(getattr(args, "config", None), list(getattr(args, "overrides", []) or []))
@@ -402,13 +469,14 @@ def resolve(args: Any):
     inputs = list(getattr(args, "inputs", None) or data.inputs or [str(cfg.run_path / "synth" / "pairs.jsonl")])
     tokenizer = data.tokenizer or cfg.model.policy or str(cfg.run_path / "synth" / "model")
     out = args.out or str(cfg.run_path / "data")
-    return data, inputs, tokenizer, out
+    models = tuple(m for m in (cfg.model.policy, cfg.model.reference) if m)
+    return data, inputs, tokenizer, out, models
 
 
 def run(args: Any) -> int:
     try:
-        data, inputs, tokenizer, out = resolve(args)
-        manifest = prepare(data, inputs, tokenizer, out, force=getattr(args, "force", False))
+        data, inputs, tokenizer, out, models = resolve(args)
+        manifest = prepare(data, inputs, tokenizer, out, model_dirs=models, force=getattr(args, "force", False))
     except (ConfigError, InputError, PrepError, OutputDirError, ValueError) as e:
         print(f"midpo prep: error: {e}", file=sys.stderr)
         return 1

@@ -112,11 +112,27 @@ def iter_rows(src: Source) -> Iterator[tuple[int, Any]]:
         raise InputError(f"{src.path}: unknown source kind {src.kind}")
 
 
+_UTF8_BOM = codecs.BOM_UTF8
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, start=1):
+            if line_no == 1:
+                line = _strip_bom(path, line)
             # blank lines are layout, not rows: yielded as None so the caller counts them
             yield line_no, (line if line.strip() else None)
+
+
+def _strip_bom(path: Path, head: bytes) -> bytes:
+    """The first bytes of a file without a UTF-8 byte-order mark (editors on Windows write one; it is
+    not part of the first row). A UTF-16 file cannot be read as UTF-8 at all: an InputError, not
+    one invalid_utf8 reject per row."""
+    if head.startswith(_UTF16_BOMS):
+        raise InputError(f"input {path} is UTF-16 encoded (byte-order mark {head[:2].hex()}); "
+                         "midpo reads UTF-8: convert the file, e.g. `iconv -f UTF-16 -t UTF-8`")
+    return head[len(_UTF8_BOM):] if head.startswith(_UTF8_BOM) else head
 
 
 def decode_json_row(payload: bytes) -> Any:
@@ -133,9 +149,7 @@ def decode_json_row(payload: bytes) -> Any:
 
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith(b"\xef\xbb\xbf"):
-        head = head[3:].lstrip()
+        head = _strip_bom(path, f.read(4096)).lstrip()
     if not head.startswith(b"["):
         yield from _iter_jsonl(path)  # many `.json` files are JSON lines
         return

@@ -60,7 +60,7 @@ class DataConfig:
     eval_fraction: float = 0.05  # deterministic by row id
     shard_rows: int = 50_000  # rows per Arrow shard
     num_proc: int = 1  # tokenization worker processes
-    max_reject_fraction: float = 0.05  # fail loudly above this fraction of rejected rows
+    max_reject_fraction: float = 0.05  # fail above this fraction of unusable rows (duplicates not counted), in [0, 1]
     dedup: bool = True  # reject repeats of a pair (same row id), keeping the first
     system_prompt: str | None = None  # prepended as a system message when the input has none
     prompt_overflow: str = "truncate"  # truncate (keep the END, BOS kept) | drop: prompts over max_prompt_tokens
@@ -74,6 +74,8 @@ class DataConfig:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_prompt_tokens >= self.max_length:
             raise ConfigError("data.max_prompt_tokens must be smaller than data.max_length")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ConfigError(f"data.max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
 
 
 @dataclass

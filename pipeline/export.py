@@ -271,6 +271,7 @@ def run(args) -> int:
     # Use the checkpoint's own resolved config: it names the policy the weights belong to.
     if (ckpt / "config.yaml").exists():
         cfg = load_config(ckpt / "config.yaml", getattr(args, "overrides", []))
+    check_replaceable(Path(args.out) if args.out else cfg.run_path / "export")  # before merging the checkpoint
     out = export_from_checkpoint(ckpt, cfg, args.out)
     print(f"exported {ckpt} -> {out}")
     if (ckpt / "prior").is_dir():  # loss.prior=learned: the prior network's own ZeRO checkpoint

@@ -109,6 +109,53 @@ def compile_stats() -> str:
             f"{sum(counters['graph_break'].values())} graph breaks")
 
 
+# Config keys that hold a model's position limit (Llama/Mistral/Qwen..., GPT-2, others).
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence, in tokens, a model's positions cover: from an HF config object or a config.json
+    dict; None when it names no limit."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    for key in _POSITION_KEYS:
+        value = get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def folder_max_positions(folder: str | Path) -> int | None:
+    """max_positions of the model whose folder this is (its config.json), or None (no model config there)."""
+    path = Path(folder) / "config.json"
+    try:
+        return max_positions(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def longest_pair(ds) -> int:
+    """The longest prompt + longer response, in tokens, of a tokenized split (a `datasets.Dataset` with
+    prompt_ids/chosen_ids/rejected_ids): the most positions one forward of it uses. Reads list lengths only."""
+    import pyarrow.compute as pc
+
+    table = getattr(ds.data, "table", ds.data)
+    longest = 0
+    for batch in table.to_batches():
+        lengths = [pc.list_value_length(batch.column(c)) for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        n = pc.max(pc.add(lengths[0], pc.max_element_wise(lengths[1], lengths[2]))).as_py()
+        longest = max(longest, n or 0)
+    return longest
+
+
+def positions_problem(longest: int, limit: int | None, *, what: str, model: str | Path) -> str | None:
+    """Why `longest` tokens do not fit a model with `limit` positions (None when they do, or no limit is known).
+    Past its limit a RoPE model runs on, silently, on positions it was never trained on."""
+    if limit is None or longest <= limit:
+        return None
+    return (f"{what} is {longest} tokens, but the model {model} has max_position_embeddings={limit}. "
+            f"Lower data.max_length to at most {limit} (or choose a model with more positions) and re-run `midpo prep`")
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.atomic_dir import check_replaceable, publish_dir, temp_dir_for
 from data_prep.synth_task import check_answer, render_answer, solve
 from pipeline.config import Config, OnPolicyConfig, load_config
 from pipeline.evaluate import answer_token_budget, generate_answers, read_prompts
@@ -90,6 +91,7 @@ def sample_pairs(model_dir: str | Path, prompts_path: str | Path, out_dir: str |
         if manifest.get("key") == key:
             log.info("sample: %s is complete for this model and prompts; reusing it", out_dir)
             return manifest
+    check_replaceable(out_dir, inputs=(prompts_path, model_dir))  # before the work: never over a user's folder
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     records = read_prompts(prompts_path, cfg.max_prompts if cfg.max_prompts > 0 else None)
@@ -117,15 +119,14 @@ def sample_pairs(model_dir: str | Path, prompts_path: str | Path, out_dir: str |
     if not rows:
         raise ValueError(f"sample: no pairs from {len(records)} prompts of {prompts_path} (the model answered every "
                          f"sample correctly or not at all: {dict(counts)}); raise onpolicy.temperature or samples")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (PAIRS + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    tmp = temp_dir_for(out_dir, "sample")
+    with open(tmp / PAIRS, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    tmp.replace(out_dir / PAIRS)
     manifest = {"key": key, "model": str(model_dir), "prompts_file": str(prompts_path), "samples": cfg.samples,
                 "temperature": cfg.temperature, "sample_accuracy": sample_acc, "counts": dict(sorted(counts.items()))}
-    atomic_write_json(manifest_path, manifest)  # written last: its presence means the pairs are complete
+    atomic_write_json(tmp / MANIFEST, manifest)  # written last: its presence means the pairs are complete
+    publish_dir(tmp, out_dir)  # the whole folder at once, and only over a folder midpo wrote
     log.info("sample: %d pairs from %d prompts (sample accuracy %.3f): %s", len(rows), len(records), sample_acc,
              dict(sorted(counts.items())))
     return manifest

@@ -424,7 +424,8 @@ def merge_split(spec: StageSpec, split: str, data, n_chunks: int) -> dict:
                  fix=f"not published. The forward produced it (bf16/fp16 overflow? try model.dtype=fp32) or a chunk "
                  f"under {work} is damaged; re-run `midpo {spec.name} --force`")
     tmp = temp_dir_for(spec.out_dir / split, spec.name)
-    Dataset(table).save_to_disk(str(tmp))
+    # an empty split as one empty shard: datasets writes 0 shards for 0 rows, which load_from_disk cannot read
+    Dataset(table).save_to_disk(str(tmp), num_shards=1 if len(table) == 0 else None)
     hashes = hash_split(tmp)  # the manifest (written last) records them; every reader re-checks them
     publish_dir(tmp, spec.out_dir / split)
     return {"rows": len(table), "chosen_tokens": int(sum(len(x) for x in data["chosen_ids"])),
@@ -544,6 +545,19 @@ def reference_plan(cfg: Config, data_dir: Path, model_path: Path) -> dict:
     }
 
 
+def check_positions(data_dir: Path, splits: list[str], model_path: Path) -> None:
+    """Before loading the reference: refuse data whose longest pair runs past its positions (a RoPE model
+    would score positions it was never trained on, silently)."""
+    from pipeline.models import folder_max_positions, longest_pair, positions_problem
+
+    limit = folder_max_positions(model_path)
+    for split in splits:
+        problem = positions_problem(longest_pair(load_split(data_dir, split)), limit, model=model_path,
+                                    what=f"the longest {split} pair (prompt + longer response) in {data_dir}")
+        if problem:
+            raise ReferenceStageError(problem)
+
+
 def pad_id_of(model) -> int:
     cfg = model.config
     for name in ("pad_token_id", "eos_token_id"):
@@ -564,6 +578,7 @@ def main(cfg: Config, splits: list[str] | None = None, force: bool = False) -> d
         if not splits:
             raise ReferenceStageError(f"{data_dir}: no train/ or eval/ split; run `midpo prep` first")
         plan = reference_plan(cfg, data_dir, model_path)
+        check_positions(data_dir, splits, model_path)
         model = load_reference(model_path, cfg)
         pad_id = pad_id_of(model)
         schema = pa.schema(list(REF_SCHEMA) + (list(TOPK_SCHEMA) if cfg.ref.topk > 0 else []))

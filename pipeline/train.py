@@ -397,6 +397,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     cache_manifest = {} if online else read_cache_manifest(cfg.run_path / "ref")
 
     hf_config = AutoConfig.from_pretrained(str(paths["policy"]), trust_remote_code=cfg.model.trust_remote_code)
+    check_data(train_split, eval_split, hf_config, paths["policy"])
     prior = build_prior(cfg.loss, model_config=hf_config)
     prior_has_params = any(p.requires_grad for p in prior.parameters())  # SparsePO's mask network
     check_needs(prior, available_inputs(train_split, online)
@@ -669,6 +670,21 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
             log.info("torch.compile: %s", compile_stats())
         log.info("done: %s", summary)
     return summary
+
+
+def check_data(train_split, eval_split, hf_config, policy: Path) -> None:
+    """At start: refuse pairs longer than the policy's positions (a RoPE model would train on positions past
+    them, silently); say so when there is no eval split (training then runs without evaluation)."""
+    from pipeline.models import longest_pair, max_positions, positions_problem
+
+    for split in (train_split, eval_split):
+        if split is not None:
+            problem = positions_problem(longest_pair(split.data), max_positions(hf_config), model=policy,
+                                        what=f"the longest {split.name} pair (prompt + longer response)")
+            if problem:
+                raise TrainError(problem)
+    if (eval_split is None or len(eval_split) == 0) and pdist.is_main():
+        log.warning("the eval split is empty (data.eval_fraction=0, or too few rows): training runs without evaluation")
 
 
 def tokenizer_fp(path: Path) -> str:

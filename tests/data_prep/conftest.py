@@ -34,3 +34,33 @@ def sp(tiny_default):
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(tiny_default["root"] / "spm.model"))
+
+
+@pytest.fixture(scope="session")
+def bbpe_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE (GPT-2 style pre-tokenizer, trained here with `tokenizers`) with the embedded chat
+    template: the other tokenizer family midpo must handle. Its corpus holds runs of one character, so it has
+    merges whose tokens in such a run depend on where the run starts."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data_prep.synthetic import CHAT_TEMPLATE, ROLE_TOKENS
+
+    rng = random.Random(0)
+    words = ["sort", "reverse", "the", "apple", "naïve", "日本語", "😀", "def", "return", "    ", "\n", "3.14"]
+    corpus = [" ".join(rng.choice(words) + str(rng.randint(0, 99)) for _ in range(40)) for _ in range(1000)]
+    corpus += ["a" * n for n in range(1, 64)] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", "<pad>", *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    out = tmp_path_factory.mktemp("bbpe") / "tokenizer"
+    fast.save_pretrained(str(out))
+    return out

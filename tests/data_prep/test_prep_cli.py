@@ -71,3 +71,53 @@ def test_cli_prep_explicit_paths_and_errors(tmp_path, tok_dir, capsys):
     assert cli.main(["prep", str(f), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "o3"),
                      "--max-prompt-tokens", "600"]) == 1
     assert "max_prompt_tokens must be smaller" in capsys.readouterr().err
+
+
+def _prep(src, tok_dir, out, *more) -> int:
+    return cli.main(["prep", str(src), "--tokenizer", str(tok_dir), "--out", str(out), "--eval-fraction", "0",
+                     "--max-prompt-tokens", "64", *more])
+
+
+def test_prep_replaces_only_folders_it_wrote(tmp_path, tok_dir, capsys):
+    """--out naming a user's folder, or the folder of the input itself, is refused (exit 1, the folder as it was);
+    an empty folder is accepted, and a re-run replaces midpo's own previous output."""
+    f = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "sort: 2 1", "chosen": "1 2", "rejected": "2 1"}])
+    user = tmp_path / "important"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    assert _prep(f, tok_dir, user) == 1
+    err = capsys.readouterr().err
+    assert f"midpo prep: error: output folder {user} exists and was not written by midpo" in err
+    assert [p.name for p in user.iterdir()] == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
+
+    in2 = tmp_path / "in2"
+    in2.mkdir()
+    own_input = write_jsonl(in2 / "pairs.jsonl", [{"prompt": "sort: 3 1", "chosen": "1 3", "rejected": "3 1"}])
+    before = own_input.read_bytes()
+    assert _prep(own_input, tok_dir, in2) == 1
+    assert f"output folder {in2} contains the input {own_input}" in capsys.readouterr().err
+    assert list(in2.iterdir()) == [own_input] and own_input.read_bytes() == before
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _prep(f, tok_dir, empty) == 0
+    first = json.loads((empty / "manifest.json").read_text())
+    assert _prep(f, tok_dir, empty, "--max-length", "100") == 0  # a changed setting: rebuilt in place
+    second = json.loads((empty / "manifest.json").read_text())
+    assert second["fingerprint"] != first["fingerprint"] and second["settings"]["max_length"] == 100
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_prep_refuses_max_length_over_the_models_positions(tmp_path, tiny_default, capsys):
+    """The tiny model has 256 positions: a max_length of 300 could never be trained on whole. Refused when the
+    tokenizer folder is the model folder, or when the recipe names the model."""
+    f = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "sort: 2 1", "chosen": "1 2", "rejected": "2 1"}])
+    model = tiny_default["model"]
+    assert _prep(f, model, tmp_path / "o1", "--max-length", "300") == 1
+    err = capsys.readouterr().err
+    assert f"data.max_length is 300 tokens, but the model {model} has max_position_embeddings=256" in err
+    assert "Lower data.max_length to at most 256" in err
+    assert _prep(f, tiny_default["tokenizer"], tmp_path / "o2", "--max-length", "300", f"model.policy={model}") == 1
+    assert "max_position_embeddings=256" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert _prep(f, model, tmp_path / "o3", "--max-length", "256") == 0

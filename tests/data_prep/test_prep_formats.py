@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
@@ -194,3 +195,27 @@ def test_input_errors_name_the_input(tmp_path, tok_dir):
     with pytest.raises(InputError, match="not a datasets.save_to_disk folder"):
         prepare(data_cfg(), [str(tmp_path / "plain")], tok_dir, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["bom.jsonl", "bom.json"])
+def test_utf8_bom_does_not_cost_the_first_row(tmp_path, tok_dir, sp, name):
+    """Editors on Windows start a file with a byte-order mark; it is not part of the first row (which used
+    to be rejected as invalid JSON: with max_reject_fraction=0 the whole stage failed)."""
+    f = tmp_path / name
+    f.write_bytes(codecs.BOM_UTF8 + b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in STD))
+    m = prepare(data_cfg(max_reject_fraction=0.0), [str(f)], tok_dir, tmp_path / "out")
+    assert m["rows"] == {"read": 3, "kept": 3, "rejected": 0}
+    _check(tmp_path / "out", sp, _triples())
+
+
+def test_utf16_and_empty_inputs_are_errors_naming_the_file(tmp_path, tok_dir):
+    good = write_jsonl(tmp_path / "good.jsonl", STD)
+    u16 = tmp_path / "u16.jsonl"
+    u16.write_bytes("\n".join(json.dumps(r) for r in STD).encode("utf-16"))  # with its byte-order mark
+    with pytest.raises(InputError, match=r"u16.jsonl is UTF-16 encoded"):
+        prepare(data_cfg(), [str(good), str(u16)], tok_dir, tmp_path / "out")
+    for name, content in (("empty.jsonl", b""), ("blank.jsonl", b"\n \n"), ("empty.json", b"[]")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(InputError, match=rf"{name} holds no rows"):
+            prepare(data_cfg(), [str(good), str(tmp_path / name)], tok_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

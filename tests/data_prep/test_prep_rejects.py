@@ -11,6 +11,7 @@ from prep_helpers import all_rows, data_cfg, read_rejects, write_jsonl
 
 from data_prep.formats import REJECT_REASONS
 from data_prep.prep import PrepError, prepare
+from pipeline.config import ConfigError
 
 GOOD = {"prompt": "sort: 3 1 2", "chosen": "1 2 3", "rejected": "1 3 2"}
 LONG_PROMPT = "sort: " + " ".join(str(i % 90) for i in range(200))
@@ -76,7 +77,9 @@ def test_implicit_and_hh_without_shared_prompt(tmp_path, tok_dir):
 
 
 def test_reject_reasons_are_all_tested_or_documented():
-    tested = {r for _, r in ROWS if r} | {"no_shared_prompt", "template_boundary"}
+    # identical_after_truncation: below; truncation_unstable: test_prep_long_rows.py
+    tested = {r for _, r in ROWS if r} | {"no_shared_prompt", "template_boundary", "identical_after_truncation",
+                                          "truncation_unstable"}
     untested = set(REJECT_REASONS) - tested
     assert untested == {"unexpected_error"}  # the catch-all; see test below
 
@@ -115,13 +118,62 @@ def test_too_many_rejects_fail_loudly_and_write_nothing(tmp_path, tok_dir):
     assert prepare(data_cfg(max_reject_fraction=0.5), [str(f)], tok_dir, out)["rows"]["kept"] == 12
 
 
-def test_duplicates_do_not_count_toward_the_failure_threshold(tmp_path, tok_dir):
+def test_duplicates_do_not_count_toward_the_failure_threshold(tmp_path, tok_dir, caplog):
+    """Duplicates are not broken input (the first copy is kept): data.max_reject_fraction bounds unusable rows
+    only; the duplicate fraction is reported in the manifest and the log line, and the failure message says
+    duplicates were not counted."""
     f = write_jsonl(tmp_path / "dups.jsonl", [GOOD] * 10)
-    m = prepare(data_cfg(max_reject_fraction=0.05), [str(f)], tok_dir, tmp_path / "out")
+    with caplog.at_level("INFO", logger="data_prep.prep"):
+        m = prepare(data_cfg(max_reject_fraction=0.05), [str(f)], tok_dir, tmp_path / "out")
     assert m["rows"] == {"read": 10, "kept": 1, "rejected": 9}
     assert m["rejects"]["by_reason"] == {"duplicate": 9}
+    assert m["rejects"]["duplicate_fraction"] == 0.9 and m["rejects"]["unusable_fraction"] == 0.0
+    assert "90.0% duplicates (not counted toward the limit)" in caplog.text
     m = prepare(data_cfg(dedup=False), [str(f)], tok_dir, tmp_path / "out2")
     assert m["rows"]["kept"] == 10
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD] * 6 + [b"not json"] * 4)
+    with pytest.raises(PrepError, match=r"4 of 10 rows \(40.0%\) are unusable, over data.max_reject_fraction=10.0% "
+                       r"\(duplicates are not counted: 5 rows\)"):
+        prepare(data_cfg(max_reject_fraction=0.1), [str(bad)], tok_dir, tmp_path / "out3")
+
+
+@pytest.mark.parametrize("value", [-1.0, -0.01, 1.5, 2.0])
+def test_max_reject_fraction_must_be_a_fraction(value):
+    with pytest.raises(ConfigError, match=rf"data.max_reject_fraction must be in \[0, 1\], got {value}"):
+        data_cfg(max_reject_fraction=value)
+
+
+def test_pairs_identical_after_truncation_are_rejects_with_their_own_reason(tmp_path, tok_dir):
+    """response_overflow=truncate cut two responses that differ only past the cut to the same ids: no
+    preference is left, so the pair is a reject (counted), not a training row."""
+    shared = " ".join(str(i % 10) for i in range(80))
+    rows = [GOOD, {"prompt": "sort: 9 8", "chosen": shared + " 1", "rejected": shared + " 2"},
+            {"prompt": "sort: 7 6", "chosen": shared + " 1", "rejected": "6 7"}]
+    f = write_jsonl(tmp_path / "x.jsonl", rows)
+    m = prepare(data_cfg(max_prompt_tokens=20, max_length=40, response_overflow="truncate"), [str(f)], tok_dir,
+                tmp_path / "out")
+    (rej,) = read_rejects(tmp_path / "out")
+    assert rej["row"] == 2 and rej["reason"] == "identical_after_truncation" and "max_length 40" in rej["detail"]
+    assert m["rejects"]["by_reason"] == {"identical_after_truncation": 1} and m["rows"]["kept"] == 2
+    assert all(r["chosen_ids"] != r["rejected_ids"] for r in all_rows(tmp_path / "out"))
+    m = prepare(data_cfg(max_prompt_tokens=20, max_length=40), [str(f)], tok_dir, tmp_path / "drop")
+    assert m["rejects"]["by_reason"] == {"response_too_long": 2}
+
+
+def test_failed_run_keeps_its_rejects_without_overwriting_other_files(tmp_path, tok_dir):
+    """The rejects of a failed run go beside the output folder, but never over a file midpo did not write:
+    here the input itself is named like that file."""
+    rows = [GOOD] + [b"not json"] * 3
+    f = write_jsonl(tmp_path / "out.rejects.jsonl", rows)
+    before = f.read_bytes()
+    with pytest.raises(PrepError, match=r"All rejected rows: .*out.rejects.1.jsonl"):
+        prepare(data_cfg(max_reject_fraction=0.1), [str(f)], tok_dir, tmp_path / "out")
+    assert f.read_bytes() == before
+    assert [json.loads(x)["reason"] for x in (tmp_path / "out.rejects.1.jsonl").read_text().splitlines()] == [
+        "invalid_json"] * 3
+    with pytest.raises(PrepError):  # a re-run replaces its own rejects file
+        prepare(data_cfg(max_reject_fraction=0.1), [str(f)], tok_dir, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rejects.1.jsonl", "out.rejects.jsonl"]
 
 
 def _with_template(tok_dir, dest, template):

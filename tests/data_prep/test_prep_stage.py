@@ -53,6 +53,13 @@ def test_arrow_round_trips_to_independently_tokenized_ids(prepared, tiny_default
     assert m["splits"]["train"]["tokens"]["chosen"] == tokens
 
 
+def test_manifest_records_the_longest_pair(prepared):
+    """prompt + longer response, in tokens, over every kept row: what a model's positions must cover."""
+    out, m, _ = prepared
+    assert m["longest_pair_tokens"] == max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
+                                           for r in all_rows(out))
+
+
 def test_split_is_deterministic_by_id(prepared):
     out, m, cfg = prepared
     train, ev = load_split(out, "train"), load_split(out, "eval")
@@ -200,6 +207,7 @@ def test_parallel_workers_give_identical_output(tmp_path, tiny_default, prepared
 
     out, m, cfg = prepared
     monkeypatch.setattr(prep, "CHUNK_ROWS", 37)  # many chunks in flight, odd sizes
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 3000)  # ... some cut by their bytes first
     mp_ = prepare(dataclasses.replace(cfg, num_proc=2), [str(tiny_default["pairs"])], tiny_default["model"],
                   tmp_path / "p2")
     assert mp_["fingerprint"] == m["fingerprint"]

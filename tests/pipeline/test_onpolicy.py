@@ -71,6 +71,20 @@ def test_synth_writes_fresh_onpolicy_prompts(tiny_default) -> None:
     assert all(check_answer(r, r["answer"]) == 1.0 for r in fresh)
 
 
+def test_sample_never_writes_into_a_folder_it_did_not_write(tiny_default, tmp_path) -> None:
+    """`midpo sample --out DIR` over a user's folder (holding a pairs.jsonl of its own) is refused before any
+    sampling; it used to overwrite DIR/pairs.jsonl."""
+    from data_prep.atomic_dir import OutputDirError
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "pairs.jsonl").write_text("my data\n")
+    cfg = OnPolicyConfig(enabled=True, samples=1, chosen="sample_or_gold", max_prompts=2)
+    with pytest.raises(OutputDirError, match=f"output folder {user} exists and was not written by midpo"):
+        sample_pairs(tiny_default["model"], tiny_default["onpolicy_prompts"], user, cfg, seed=0)
+    assert [p.name for p in user.iterdir()] == ["pairs.jsonl"] and (user / "pairs.jsonl").read_text() == "my data\n"
+
+
 @pytest.mark.slow
 def test_sample_stage_end_to_end(tiny_default, tmp_path) -> None:
     """A tiny random model answers badly: pairs need `sample_or_gold`. The output is complete, every
