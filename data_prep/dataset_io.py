@@ -10,10 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import MidpoError
+
 SPLITS = ("train", "eval")
 
 
-class DataNotReady(FileNotFoundError):
+class DataNotReady(MidpoError, FileNotFoundError):
     """The data folder is missing, incomplete, or not a `midpo prep` output."""
 
 
