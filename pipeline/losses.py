@@ -40,7 +40,7 @@ METRIC_NAMES = (
 class LossOutput:
     losses: torch.Tensor  # (B,) per-pair loss, with grad; the trainer averages (or sums) it
     margins: torch.Tensor  # (B,) detached, chosen_rewards - rejected_rewards = sigmoid's argument + a * (k_w - k_l)
-    chosen_rewards: torch.Tensor  # (B,) detached, a * (logp_theta(y_w) - log zeta(y_w))
+    chosen_rewards: torch.Tensor  # (B,) detached, a * (logp_theta(y_w) - log zeta(y_w)), log zeta less k_w
     rejected_rewards: torch.Tensor  # (B,) detached
     policy_chosen_logps: torch.Tensor  # (B,) detached sum of policy log-probs of y_w
     policy_rejected_logps: torch.Tensor  # (B,) detached
