@@ -561,7 +561,8 @@ def launch_torchrun(module: str, argv: list[str], nproc: int) -> int:
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, start_new_session=True)
     with forward_signals(proc.pid):
-        return proc.wait()
+        code = proc.wait()
+    return 128 - code if code < 0 else code  # -N: the agent died of signal N (the shell's 128 + N)
 
 
 def run_module(args: argparse.Namespace, module: str, main_fn: Callable[[Config, list[str] | None], Any]) -> int:

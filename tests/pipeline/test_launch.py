@@ -93,3 +93,16 @@ def test_killed_launcher_takes_agent_and_workers(recipe, tmp_path, how):
             except ProcessLookupError:
                 pass
         proc.wait()
+
+
+def test_a_process_whose_parent_is_already_gone_takes_its_death_signal_at_once():
+    """The race `die_with_parent` closes: the parent died before the child asked for its death signal (the child
+    was re-parented): the child must not run on. Here the expected parent pid is not the real one."""
+    code = "import os, signal; from pipeline.launch import die_with_parent; die_with_parent(signal.SIGTERM, -1)"
+    proc = subprocess.run([sys.executable, "-c", code + "; print('still running')"], env=clean_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM and "still running" not in proc.stdout, proc.stderr
+    ok = "import os, signal; from pipeline.launch import die_with_parent; assert die_with_parent(signal.SIGTERM, "
+    proc = subprocess.run([sys.executable, "-c", ok + "os.getppid()); print('still running')"], env=clean_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "still running" in proc.stdout, proc.stderr
