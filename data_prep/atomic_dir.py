@@ -18,10 +18,12 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.errors import MidpoError
+
 OUTPUT_MARKER = ".midpo-output.json"
 
 
-class OutputDirError(FileExistsError):
+class OutputDirError(MidpoError, FileExistsError):
     """An output path midpo must not replace: a folder (or file) it did not write, or one holding an input."""
 
 

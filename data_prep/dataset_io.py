@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.integrity import split_damage
+from pipeline.errors import MidpoError
 
 SPLITS = ("train", "eval")
 REBUILD = "re-run `midpo prep --force`"
 
 
-class DataNotReady(FileNotFoundError):
+class DataNotReady(MidpoError, FileNotFoundError):
     """The data folder is missing, incomplete, or not a `midpo prep` output."""
 
 

@@ -41,6 +41,7 @@ from data_prep.integrity import split_damage
 from data_prep.sources import InputError, RowError, Source, decode_json_row, file_size, iter_rows, resolve_inputs
 from data_prep.tokenization import Encoded, EncodeSettings, PairEncoder, Rejected, is_eval
 from pipeline.config import ConfigError, DataConfig
+from pipeline.errors import MidpoError
 from pipeline.fingerprint import TOKENIZER_FILES, atomic_write_json, hash_dir, hash_file, hash_json
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ OUTPUT_SETTINGS = ("format", "max_prompt_tokens", "max_length", "prompt_overflow
                    "eval_fraction", "shard_rows", "dedup", "system_prompt")
 
 
-class PrepError(RuntimeError):
+class PrepError(MidpoError, RuntimeError):
     """The stage cannot produce a trustworthy output (e.g. too many rejected rows)."""
 
 

@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import MidpoError
+
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")
 _BATCH_ROWS = 1024
 _JSON_CHUNK = 1 << 20
 _JSON_MAX_ELEMENT = 256 << 20  # one array element larger than this is treated as corrupt
 
 
-class InputError(ValueError):
+class InputError(MidpoError, ValueError):
     """An input that cannot be read at all (missing, unsupported, not a dataset)."""
 
 

@@ -7,6 +7,11 @@
 
 Each stage module provides `add_arguments(parser)` and `run(args) -> int`; this file only routes,
 so `midpo --help` stays fast (stage modules are imported on use).
+
+Errors: a user error (`pipeline.errors.MidpoError`: bad recipe, missing or foreign input, output in the way) is
+printed as one line, `midpo <stage>: error: <message>`, exit code 1; usage errors exit 2 (argparse). Anything
+else is a bug and keeps its traceback. `run_stage` is that one place, for `midpo` and for the stage modules
+that torchrun runs (`pipeline.reference.cli`).
 """
 
 from __future__ import annotations
@@ -14,8 +19,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import re
 import sys
+from collections.abc import Callable
+
+from pipeline.errors import MidpoError
 
 # One registry of subcommands: name -> (module, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,6 +49,23 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     for tok in argv:
         (overrides if _OVERRIDE.match(tok) else rest).append(tok)
     return rest, overrides
+
+
+def stage_name(module: str) -> str:
+    """The subcommand that runs `module` (`pipeline.train` -> `train`), or the module's own name."""
+    return next((name for name, (mod, _) in COMMANDS.items() if mod == module), module)
+
+
+def run_stage(stage: str, run: Callable[[], int | None]) -> int:
+    """Run a stage: its exit code, or 1 after printing a user error as one line (no traceback). Under torchrun
+    every rank that fails prints its line, prefixed with its rank: an error seen on one rank only is not lost."""
+    try:
+        return int(run() or 0)
+    except MidpoError as e:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        where = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
+        print(f"midpo {stage}: error: {where}{e}", file=sys.stderr, flush=True)
+        return 1
 
 
 def build_parser(load_commands: list[str] | None = None) -> argparse.ArgumentParser:
@@ -71,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     args.overrides = overrides
-    module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    return run_stage(args.command, lambda: importlib.import_module(COMMANDS[args.command][0]).run(args))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import MidpoError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 DS_CONFIGS_DIR = REPO_ROOT / "ds_configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(MidpoError, ValueError):
     """A recipe or override that cannot be turned into a valid Config."""
 
 

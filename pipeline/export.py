@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -28,6 +29,7 @@ import torch
 from data_prep.atomic_dir import check_replaceable, publish_dir, temp_dir_for
 from pipeline import dist as pdist
 from pipeline.config import Config, load_config
+from pipeline.errors import MissingPathError
 from pipeline.models import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ def policy_path(cfg: Config) -> Path:
     for cand in (cfg.run_path / "sft", cfg.run_path / "synth" / "model", cfg.run_path / "model"):
         if (cand / "config.json").exists():
             return cand
-    raise FileNotFoundError(f"model.policy is not set and none of {cfg.run_path}/sft, {cfg.run_path}/synth/model, "
+    raise MissingPathError(f"model.policy is not set and none of {cfg.run_path}/sft, {cfg.run_path}/synth/model, "
                             f"{cfg.run_path}/model exists")
 
 
@@ -187,7 +189,7 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config, out_dir: str
                     shutil.copy2(f, tmp / f.name)
                     copied += 1
         if not copied:
-            raise FileNotFoundError(f"no tokenizer files found in {tokenizer_dir}")
+            raise MissingPathError(f"no tokenizer files found in {tokenizer_dir}")
 
     publish_dir(tmp, out)
     log.info("exported %d tensors (%s) to %s", len(tensors), dtype, out)
@@ -258,19 +260,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default <run_dir>/export)")
 
 
+def weights_config(recipe: Config, ckpt: Path, overrides: list[str]) -> Config:
+    """The recipe, with the model the checkpoint's weights belong to: the `model` section and the tokenizer of
+    the checkpoint's own resolved config (policy folder, dtype, remote code). Everything written (run_dir, the
+    export folder) stays the recipe's: a run folder copied elsewhere exports into the copy, never the original."""
+    saved = ckpt / "config.yaml"
+    if not saved.exists():
+        return recipe
+    own = load_config(saved, overrides)
+    return dataclasses.replace(recipe, model=own.model,
+                               data=dataclasses.replace(recipe.data, tokenizer=own.data.tokenizer))
+
+
 def run(args) -> int:
     from pipeline.checkpoint import latest_checkpoint
 
-    cfg = load_config(args.config, getattr(args, "overrides", []))
+    overrides = list(getattr(args, "overrides", []))
+    recipe = load_config(args.config, overrides)
     if args.checkpoint == "latest":
-        ckpt = latest_checkpoint(cfg.run_path / "checkpoints")
+        ckpt = latest_checkpoint(recipe.run_path / "checkpoints")
         if ckpt is None:
-            raise SystemExit(f"no checkpoint: {cfg.run_path}/checkpoints/latest does not exist (train first)")
+            raise MissingPathError(f"no checkpoint: {recipe.run_path}/checkpoints/latest does not exist (train first)")
     else:
         ckpt = Path(args.checkpoint)
-    # Use the checkpoint's own resolved config: it names the policy the weights belong to.
-    if (ckpt / "config.yaml").exists():
-        cfg = load_config(ckpt / "config.yaml", getattr(args, "overrides", []))
+        if not (ckpt / "trainer_state.json").is_file():
+            what = "is not a checkpoint folder (no trainer_state.json)" if ckpt.is_dir() else "does not exist"
+            raise MissingPathError(f"--checkpoint {ckpt} {what}")
+    cfg = weights_config(recipe, ckpt, overrides)
     check_replaceable(Path(args.out) if args.out else cfg.run_path / "export")  # before merging the checkpoint
     out = export_from_checkpoint(ckpt, cfg, args.out)
     print(f"exported {ckpt} -> {out}")

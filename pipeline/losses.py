@@ -1,8 +1,15 @@
 """The generalized MI-DPO loss (docs/algorithms.md), a pure function of tensors.
 
-    margin = a * [(logp_theta(y_w) - log zeta(y_w)) - (logp_theta(y_l) - log zeta(y_l))],  a = beta
-    loss   = -(1 - eps) * logsigmoid(margin) - eps * logsigmoid(-margin)      (cDPO; eps = 0 is DPO)
+    reward(y) = a * (logp_theta(y) - log zeta(y)),  a = beta
+    margin = reward(y_w) - reward(y_l)
+    loss   = -(1 - eps) * logsigmoid(m) - eps * logsigmoid(-m),  m = margin - a * (k_w - k_l)   (cDPO; eps = 0: DPO)
              + sft_weight * NLL(y_w) / |y_w|  + prior extra terms (e.g. SparsePO's L1)
+
+k_w, k_l: a prior's per-side CONSTANT part of log zeta (SimPO's gamma/beta on the winner). It enters the loss
+but not the rewards, so `rewards/*` mean what TRL logs (SimPO: beta * mean log-prob, without gamma).
+Two entry points, one loss: `mi_dpo_loss` takes log zeta; `implicit_reward_loss` takes logp_theta - log zeta
+itself, for priors whose log zeta contains the policy's own log-prob (SimPO, cEntropy): subtracting two
+sums of ~-500 to get ~-8 loses fp32 precision that computing the difference directly keeps.
 
 Sides: chosen = winner (y_w), rejected = loser (y_l). Per-token tensors are left-aligned
 (pipeline.logprobs.ResponseLogps). Math runs in fp32 (float64 inputs stay float64).
@@ -32,8 +39,8 @@ METRIC_NAMES = (
 @dataclass
 class LossOutput:
     losses: torch.Tensor  # (B,) per-pair loss, with grad; the trainer averages (or sums) it
-    margins: torch.Tensor  # (B,) detached, the sigmoid's argument = chosen_rewards - rejected_rewards
-    chosen_rewards: torch.Tensor  # (B,) detached, a * (logp_theta(y_w) - log zeta(y_w))
+    margins: torch.Tensor  # (B,) detached, chosen_rewards - rejected_rewards = sigmoid's argument + a * (k_w - k_l)
+    chosen_rewards: torch.Tensor  # (B,) detached, a * (logp_theta(y_w) - log zeta(y_w)), log zeta less k_w
     rejected_rewards: torch.Tensor  # (B,) detached
     policy_chosen_logps: torch.Tensor  # (B,) detached sum of policy log-probs of y_w
     policy_rejected_logps: torch.Tensor  # (B,) detached
@@ -97,6 +104,7 @@ def mi_dpo_loss(
     label_smoothing: float = 0.0,
     sft_weight: float = 0.0,
     extra_losses: Mapping[str, torch.Tensor] | None = None,
+    log_prior_const: tuple[float, float] = (0.0, 0.0),
 ) -> LossOutput:
     """Generalized MI-DPO loss per pair.
 
@@ -105,21 +113,54 @@ def mi_dpo_loss(
     tensor, summed over its mask) or per sequence (B,). Gradient flows through them where the prior
     depends on the policy. beta: a = beta_X of the recovered algorithm.
     extra_losses: per-pair (B,) terms added to the loss (e.g. SparsePO's L1), reported as loss/<name>.
+    log_prior_const: (k_w, k_l), a constant part of log zeta per side kept out of the rewards (module docstring).
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     dt = _fdtype(policy.chosen, policy.rejected, log_prior_chosen, log_prior_rejected)
     pc = _seq_sum(policy.chosen, policy.chosen_mask, "policy.chosen", dt)  # (B,)
     pr = _seq_sum(policy.rejected, policy.rejected_mask, "policy.rejected", dt)  # (B,)
     zc = _seq_sum(log_prior_chosen, policy.chosen_mask, "log_prior_chosen", dt)  # (B,)
     zr = _seq_sum(log_prior_rejected, policy.rejected_mask, "log_prior_rejected", dt)  # (B,)
+    return _loss(policy, pc, pr, pc - zc, pr - zr, dt, beta=beta, label_smoothing=label_smoothing,
+                 sft_weight=sft_weight, extra_losses=extra_losses, log_prior_const=log_prior_const)
 
-    chosen_r = beta * (pc - zc)  # (B,)
-    rejected_r = beta * (pr - zr)  # (B,)
+
+def implicit_reward_loss(
+    policy: ResponseLogps,
+    log_ratio_chosen: torch.Tensor,
+    log_ratio_rejected: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+    extra_losses: Mapping[str, torch.Tensor] | None = None,
+    log_prior_const: tuple[float, float] = (0.0, 0.0),
+) -> LossOutput:
+    """The same loss from logp_theta(y) - log zeta(y) given directly (per token or per sequence, as log zeta
+    in `mi_dpo_loss`), without the constant part: a prior computes it where log zeta holds the policy's own
+    log-prob, so the loss never subtracts two large, nearly equal sums."""
+    dt = _fdtype(policy.chosen, policy.rejected, log_ratio_chosen, log_ratio_rejected)
+    pc = _seq_sum(policy.chosen, policy.chosen_mask, "policy.chosen", dt)  # (B,)
+    pr = _seq_sum(policy.rejected, policy.rejected_mask, "policy.rejected", dt)  # (B,)
+    hc = _seq_sum(log_ratio_chosen, policy.chosen_mask, "log_ratio_chosen", dt)  # (B,)
+    hr = _seq_sum(log_ratio_rejected, policy.rejected_mask, "log_ratio_rejected", dt)  # (B,)
+    return _loss(policy, pc, pr, hc, hr, dt, beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                 extra_losses=extra_losses, log_prior_const=log_prior_const)
+
+
+def _loss(policy: ResponseLogps, pc: torch.Tensor, pr: torch.Tensor, hc: torch.Tensor, hr: torch.Tensor,
+          dt: torch.dtype, *, beta: float, label_smoothing: float, sft_weight: float,
+          extra_losses: Mapping[str, torch.Tensor] | None, log_prior_const: tuple[float, float]) -> LossOutput:
+    """pc, pr: (B,) policy sums; hc, hr: (B,) logp_theta - log zeta per side, without the constant part."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_r = beta * hc  # (B,)
+    rejected_r = beta * hr  # (B,)
     margin = chosen_r - rejected_r  # (B,)
-    losses = -F.logsigmoid(margin)
+    k_w, k_l = (float(k) for k in log_prior_const)
+    arg = margin - beta * (k_w - k_l) if (k_w or k_l) else margin  # (B,) the sigmoid's argument
+    losses = -F.logsigmoid(arg)
     if label_smoothing:
-        losses = (1.0 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-margin)
+        losses = (1.0 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-arg)
 
     extra = {}
     if sft_weight:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.errors import MissingPathError, UnusableInputError
 from pipeline.fingerprint import TOKENIZER_FILES, hash_dir, hash_json
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"model.dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}") from None
+        raise ConfigError(f"model.dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}") from None
 
 
 def flash_attn_available() -> bool:
@@ -42,28 +43,28 @@ def resolve_attn(name: str) -> str:
     if name == "auto":
         return "flash_attention_2" if flash_attn_available() else "sdpa"
     if name not in ("flash_attention_2", "sdpa", "eager"):
-        raise ValueError(f"model.attn_implementation must be auto, flash_attention_2, sdpa or eager; got {name!r}")
+        raise ConfigError(f"model.attn_implementation must be auto, flash_attention_2, sdpa or eager; got {name!r}")
     if name == "flash_attention_2" and not flash_attn_available():
-        raise ValueError("model.attn_implementation=flash_attention_2 needs CUDA and `pip install midpo[gpu]`")
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs CUDA and `pip install midpo[gpu]`")
     return name
 
 
 def check_safe_weights(path: str | Path, trust_remote_code: bool) -> None:
     p = Path(path)
     if not p.is_dir():
-        raise FileNotFoundError(f"model folder {p} does not exist")
+        raise MissingPathError(f"model folder {p} does not exist")
     if not (p / "config.json").exists():
-        raise FileNotFoundError(f"{p} has no config.json: not a Hugging Face model folder")
+        raise MissingPathError(f"{p} has no config.json: not a Hugging Face model folder")
     if not any(p.glob("*.safetensors")):
         found = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        raise ValueError(
+        raise UnusableInputError(
             f"{p} has no .safetensors weights (found {found or 'none'}); midpo loads only safetensors. "
             "Convert once with `transformers` (`model.save_pretrained(dir, safe_serialization=True)`)."
         )
     if not trust_remote_code:
         cfg = json.loads((p / "config.json").read_text())
         if cfg.get("auto_map"):
-            raise ValueError(f"{p} needs custom code (auto_map in config.json); set model.trust_remote_code=true "
+            raise UnusableInputError(f"{p} needs custom code (auto_map in config.json); set model.trust_remote_code=true "
                              "only if you trust its source")
 
 
@@ -87,9 +88,14 @@ def load_model(path: str | Path, cfg: ModelConfig, *, device: torch.device | str
     else:
         model.eval()
         model.requires_grad_(False)
-    log.info("loaded %s (%s, attn=%s, %.1fM params)", path, dtype, attn,
-             sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info("loaded %s (%s, attn=%s, %.1fM params)", path, dtype, attn, param_count(model) / 1e6)
     return model
+
+
+def param_count(model) -> int:
+    """Parameters of the whole model. Under ZeRO-3 a parameter is a placeholder of numel 0 whose real size is
+    `ds_numel`; tied weights are counted once."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def compile_decoder(model) -> None:
@@ -166,7 +172,7 @@ def model_fingerprint(path: str | Path) -> str:
     """Hash of config + weight files on disk (never of a module's state_dict: blind under ZeRO-3)."""
     files = hash_dir(path, ("config.json", "*.safetensors", "*.safetensors.index.json"))
     if not files:
-        raise FileNotFoundError(f"no config/safetensors files under {path}")
+        raise MissingPathError(f"no config/safetensors files under {path}")
     return hash_json(files)
 
 
@@ -175,5 +181,5 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     `midpo prep` records in its manifest."""
     files = hash_dir(path, TOKENIZER_FILES)
     if not files:
-        raise FileNotFoundError(f"no tokenizer files under {path}")
+        raise MissingPathError(f"no tokenizer files under {path}")
     return hash_json(files)

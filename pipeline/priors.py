@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import LossConfig
+from pipeline.config import ConfigError, LossConfig
 from pipeline.logprobs import ResponseLogps, per_token_kl, per_token_kl_topk
-from pipeline.losses import LossOutput, mi_dpo_loss
+from pipeline.losses import LossOutput, implicit_reward_loss, mi_dpo_loss
 
 AVAILABLE_KEYS = (
     "ref_seq_logps",  # per-sequence reference log-prob sums (any reference cache)
@@ -161,9 +161,16 @@ class PriorInputs:
 
 @dataclass
 class PriorOutput:
+    """log zeta per side, or (``log_ratio``) logp_theta - log zeta itself: a prior whose log zeta holds the policy's
+    own log-prob returns the difference it stands for (SimPO's logp/|y|, cEntropy's c logp - logp_ref), so the loss
+    does not subtract two large, nearly equal sums. ``constant``: a per-side constant part of log zeta (SimPO's
+    gamma/beta on the winner), left out of chosen/rejected: it enters the loss, not the logged rewards."""
+
     chosen: torch.Tensor  # log zeta(y_w): (B, Lc) per token or (B,) per sequence
     rejected: torch.Tensor  # log zeta(y_l): (B, Lr) or (B,)
     extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) per-pair terms added to the loss
+    log_ratio: bool = False  # chosen/rejected are logp_theta - log zeta (less `constant`)
+    constant: tuple[float, float] = (0.0, 0.0)  # (winner, loser) constant part of log zeta
 
 
 _REQUIRED = object()  # marks an option without an official default
@@ -183,15 +190,15 @@ class Prior(nn.Module):
         cfg = loss_cfg if loss_cfg is not None else LossConfig(prior=self.name)
         self.beta = float(cfg.beta) if cfg.beta is not None else self.DEFAULT_BETA
         if not self.beta > 0:
-            raise ValueError(f"loss.beta must be > 0, got {self.beta}")
+            raise ConfigError(f"loss.beta must be > 0, got {self.beta}")
         unknown = sorted(set(cfg.options) - set(self.OPTIONS))
         if unknown:
             valid = ", ".join(sorted(self.OPTIONS)) or "none"
-            raise ValueError(f"prior {self.name!r}: unknown loss.options {unknown}; valid options: {valid}")
+            raise ConfigError(f"prior {self.name!r}: unknown loss.options {unknown}; valid options: {valid}")
         opts = {**self.OPTIONS, **cfg.options}
         missing = sorted(k for k, v in opts.items() if v is _REQUIRED)
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"prior {self.name!r} needs loss.options.{missing[0]} (no official default): {self._hint()}"
             )
         self.options = opts
@@ -278,7 +285,7 @@ class DICEPrior(DPOPrior):
 
 class CEntropyPrior(Prior):
     """H-DPO (centropy): log zeta = (1 - c) logp_theta + logp_ref (gradient flows through logp_theta),
-    so logp - log zeta = c logp_theta - logp_ref."""
+    so logp - log zeta = c logp_theta - logp_ref, which is what it returns (``log_ratio``)."""
 
     name = "centropy"
     NEEDS = Needs(ref_seq_logps=True)
@@ -296,14 +303,18 @@ class CEntropyPrior(Prior):
                 getattr(inputs.policy, side),
                 getattr(inputs.policy, f"{side}_mask"),
             )
-            out.append((1.0 - c) * pol + ref if ref.dim() == 2 else (1.0 - c) * _seq(pol, mask) + ref)
-        return PriorOutput(*out)
+            dt = torch.promote_types(torch.promote_types(pol.dtype, ref.dtype), torch.float32)
+            pol = pol.to(dt) if ref.dim() == 2 else _seq(pol.to(dt), mask)  # (B, L) per token, or (B,)
+            out.append(c * pol - ref.to(dt))
+        return PriorOutput(*out, log_ratio=True)
 
 
 class SimPOPrior(Prior):
     """SimPO: log zeta(y) = (1 - 1/|y|) logp_theta(y) + (gamma/b) 1[y = y_w] (gradient flows), so
     logp - log zeta = logp/|y| - gamma/b 1[y=y_w]: the token MEAN (EOS included), no reference.
-    Default beta 2.0; gamma_beta_ratio 0.5 is SimPO's README start value (its config default: 0.25)."""
+    It returns logp/|y| (``log_ratio``) and gamma/b as the winner's ``constant``: the loss has the margin
+    gamma, the rewards are b * mean log-prob (what TRL's CPO trainer with loss_type=simpo and SimPO's own
+    trainer log). Default beta 2.0; gamma_beta_ratio 0.5 is SimPO's README start value (its config default: 0.25)."""
 
     name = "simpo"
     NEEDS = Needs(labels=True, reference="none")
@@ -317,9 +328,8 @@ class SimPOPrior(Prior):
         for side in ("chosen", "rejected"):
             mask = getattr(p, f"{side}_mask")
             n = mask.sum(-1).to(dt)  # (B,) |y|, EOS included
-            out.append((1.0 - 1.0 / n) * _seq(getattr(p, side).to(dt), mask))
-        out[0] = out[0] + float(self.options["gamma_beta_ratio"])
-        return PriorOutput(*out)
+            out.append(_seq(getattr(p, side).to(dt), mask) / n)  # (B,) mean log-prob
+        return PriorOutput(*out, log_ratio=True, constant=(float(self.options["gamma_beta_ratio"]), 0.0))
 
 
 class RDPOPrior(Prior):
@@ -508,7 +518,7 @@ def get_prior_class(name: str) -> type[Prior]:
     try:
         return PRIORS[name]
     except KeyError:
-        raise ValueError(f"unknown loss.prior {name!r}; valid priors: {', '.join(PRIOR_NAMES)}") from None
+        raise ConfigError(f"unknown loss.prior {name!r}; valid priors: {', '.join(PRIOR_NAMES)}") from None
 
 
 def build_prior(loss_cfg: LossConfig, model_config: Any = None) -> Prior:
@@ -537,14 +547,15 @@ def check_needs(prior: str | Prior | type[Prior], available: set[str] | frozense
         if not any(k in available for k in _SERVED_BY[need])
     ]
     if problems:
-        raise ValueError("; ".join(problems) + f" (available: {', '.join(sorted(available)) or 'nothing'})")
+        raise ConfigError("; ".join(problems) + f" (available: {', '.join(sorted(available)) or 'nothing'})")
 
 
 def compute_loss(prior: Prior, inputs: PriorInputs, loss_cfg: LossConfig) -> LossOutput:
     """The trainer's one entry point: the prior's log zeta, then the generalized loss with a = prior.beta."""
     check_needs(prior, inputs.available())
     z = prior(inputs)
-    return mi_dpo_loss(
+    loss = implicit_reward_loss if z.log_ratio else mi_dpo_loss
+    return loss(
         inputs.policy,
         z.chosen,
         z.rejected,
@@ -552,4 +563,5 @@ def compute_loss(prior: Prior, inputs: PriorInputs, loss_cfg: LossConfig) -> Los
         label_smoothing=loss_cfg.label_smoothing,
         sft_weight=loss_cfg.sft_weight,
         extra_losses=z.extra_losses,
+        log_prior_const=z.constant,
     )

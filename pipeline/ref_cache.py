@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from data_prep.dataset_io import read_manifest
 from data_prep.integrity import data_files, read_arrow, split_damage
+from pipeline.errors import MidpoError
 from pipeline.fingerprint import hash_token_ids
 from pipeline.reference import REF_SCHEMA, TOPK_SCHEMA, data_fingerprints
 
@@ -41,7 +42,7 @@ REF_COLUMNS = tuple(REF_SCHEMA.names)  # id, tokens_hash, {chosen,rejected}_ref_
 TOPK_COLUMNS = tuple(TOPK_SCHEMA.names)  # with ref.topk = k > 0; per response token: (k,) logps, (k,) ids, tail
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(MidpoError, ValueError):
     """A cache that does not belong to the data/tokenizer/model in use, or rows that do not line up."""
 
 

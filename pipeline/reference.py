@@ -65,6 +65,7 @@ from data_prep.dataset_io import SPLITS, DataNotReady, load_split, read_manifest
 from data_prep.integrity import HASHES, hash_split, split_damage
 from pipeline import dist as pdist
 from pipeline.config import Config, load_config, save_config, to_dict
+from pipeline.errors import MidpoError
 from pipeline.fingerprint import atomic_write_json, hash_json, hash_token_ids
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ TOPK_SCHEMA = pa.schema([
 ])
 
 
-class ReferenceStageError(RuntimeError):
+class ReferenceStageError(MidpoError, RuntimeError):
     """An input or partial output the stage cannot use; the message names file/row and reason."""
 
 
@@ -613,11 +614,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def launch_torchrun(module: str, argv: list[str], nproc: int) -> int:
-    """Re-run `module` under torchrun with nproc processes on this machine; its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *argv]
+    """Re-run `module` under torchrun with nproc processes on this machine; its exit code. The agent runs in a
+    session of its own, gets this process's SIGTERM/SIGINT/SIGHUP and dies with it even on SIGKILL; its workers
+    die with the agent (pipeline.launch)."""
+    from pipeline.launch import agent_command, forward_signals
+
+    cmd = agent_command(os.getpid(), ["--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv])
     log.info("launching: %s", " ".join(cmd))
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    with forward_signals(proc.pid):
+        code = proc.wait()
+    return 128 - code if code < 0 else code  # -N: the agent died of signal N (the shell's 128 + N)
 
 
 def run_module(args: argparse.Namespace, module: str, main_fn: Callable[..., Any]) -> int:
@@ -637,8 +644,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def cli(argv: list[str] | None = None, *, add=add_arguments, runner=run, prog: str = "pipeline.reference") -> int:
-    from pipeline.cli import split_overrides
+    from pipeline.cli import run_stage, split_overrides, stage_name
+    from pipeline.launch import worker_dies_with_agent
 
+    worker_dies_with_agent()  # under torchrun: never outlive the agent (pipeline.launch)
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = split_overrides(argv)
     parser = argparse.ArgumentParser(prog=prog)
@@ -649,7 +658,7 @@ def cli(argv: list[str] | None = None, *, add=add_arguments, runner=run, prog: s
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format=f"%(asctime)s %(levelname)s [rank {os.environ.get('RANK', '0')}] %(name)s: %(message)s")
     args.overrides = overrides
-    return int(runner(args) or 0)
+    return run_stage(stage_name(prog), lambda: runner(args))
 
 
 if __name__ == "__main__":

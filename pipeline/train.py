@@ -55,6 +55,7 @@ import torch.distributed as dist
 from pipeline import dist as pdist
 from pipeline.batching import DENSE_MASK_ROW_TOKENS, collate_pairs
 from pipeline.config import Config, load_config, save_config
+from pipeline.errors import MidpoError
 from pipeline.fingerprint import atomic_write_text
 
 log = logging.getLogger("pipeline.train")
@@ -65,7 +66,7 @@ TRAIN_TAGS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"
               "logps/rejected", "lr", "grad_norm", "tokens_per_s", "pairs_per_s", "padding_fraction", "mfu")
 
 
-class TrainError(RuntimeError):
+class TrainError(MidpoError, RuntimeError):
     """A start-up check or a run condition that stops training; the message says what to do."""
 
 
@@ -710,11 +711,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, getattr(args, "overrides", []))
     if args.nproc > 1 and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
         return launch_torchrun("pipeline.train", [f"--config={args.config}", *args.overrides], args.nproc)
-    try:
-        main(cfg)
-    except TrainError as e:
-        log.error("%s", e)
-        return 1
+    main(cfg)  # a TrainError (a MidpoError) becomes one `midpo train: error:` line in pipeline.cli.run_stage
     return 0
 
 

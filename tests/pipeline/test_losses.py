@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.logprobs import ResponseLogps
-from pipeline.losses import METRIC_NAMES, mi_dpo_loss, reduce_metrics
+from pipeline.losses import METRIC_NAMES, implicit_reward_loss, mi_dpo_loss, reduce_metrics
 
 
 def rand_side(g, B, L, lens):
@@ -88,3 +88,21 @@ def test_metrics_are_sums_with_counts_and_reduce_exactly():
     acc = (cat(lambda o: o.chosen_rewards) > cat(lambda o: o.rejected_rewards)).double().mean()
     assert red["rewards/accuracies"] == pytest.approx(float(acc), abs=1e-12)
     assert red["logps/rejected"] == pytest.approx(float(cat(lambda o: o.policy_rejected_logps).mean()), abs=1e-12)
+
+
+def test_log_ratio_form_and_constant_part_of_log_zeta():
+    """implicit_reward_loss(pi - z) == mi_dpo_loss(z); a per-side constant k of log zeta shifts the sigmoid's
+    argument by -b (k_w - k_l) and leaves the rewards, margins and accuracies alone:
+    loss = -logsig(b[(S pi_w - S z_w) - (S pi_l - S z_l)] - b (k_w - k_l))."""
+    pol, zc, zr = batch(6)
+    a = mi_dpo_loss(pol, zc, zr, beta=0.3)
+    b = implicit_reward_loss(pol, pol.chosen - zc, pol.rejected - zr, beta=0.3)
+    torch.testing.assert_close(b.losses, a.losses, rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.chosen_rewards, a.chosen_rewards, rtol=0, atol=1e-12)
+    k = (0.7, 0.2)
+    for out in (mi_dpo_loss(pol, zc, zr, beta=0.3, log_prior_const=k),
+                implicit_reward_loss(pol, pol.chosen - zc, pol.rejected - zr, beta=0.3, log_prior_const=k)):
+        torch.testing.assert_close(out.losses, -F.logsigmoid(a.margins - 0.3 * 0.5), rtol=0, atol=1e-12)
+        torch.testing.assert_close(out.margins, a.margins, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out.chosen_rewards, a.chosen_rewards, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out.rejected_rewards, a.rejected_rewards, rtol=0, atol=1e-12)

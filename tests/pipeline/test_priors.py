@@ -247,16 +247,74 @@ def test_tisdpo_with_unit_weights_is_dpo():
 
 
 def test_simpo_averages_with_eos_while_dpo_sums():
-    """Every token log-prob = -1: SimPO margin = 2*(-1) - 2*(-1) - gamma = -1 for any lengths;
-    DPO (ref = 0) margin = 0.1*(-|w| + |l|): the lengths (EOS included) enter the sum."""
+    """Every token log-prob = -1: SimPO reward margin = 2*(-1) - 2*(-1) = 0 and loss = -logsig(0 - gamma) with
+    gamma = 1, for any lengths; DPO (ref = 0) margin = 0.1*(-|w| + |l|): the lengths (EOS included) enter the sum."""
     d = make(5)
     for s in ("c", "r"):
         d[f"pt_{s}"] = torch.where(d[f"mask_{s}"], -1.0, 0.0).double()
         d[f"rt_{s}"] = torch.zeros_like(d[f"pt_{s}"])
     simpo = compute_loss(build_prior(LossConfig(prior="simpo")), inputs_of(d), LossConfig(prior="simpo"))
-    torch.testing.assert_close(simpo.margins, torch.full((B,), -1.0, dtype=torch.float64))
+    torch.testing.assert_close(simpo.margins, torch.zeros(B, dtype=torch.float64))
+    torch.testing.assert_close(simpo.losses, torch.full((B,), math.log1p(math.e), dtype=torch.float64))
     dpo = compute_loss(build_prior(LossConfig(prior="dpo")), inputs_of(d), LossConfig(prior="dpo"))
     torch.testing.assert_close(dpo.margins, 0.1 * (-LENS_C + LENS_R).double())
+
+
+def test_simpo_rewards_are_beta_mean_logp_without_gamma():
+    """TRL's CPO trainer (loss_type=simpo) and SimPO's own trainer log rewards = b * mean log-prob; gamma is in
+    the loss only. So rewards/chosen = b S_pi(w)/|w|, rewards/margins = rewards/chosen - rewards/rejected,
+    rewards/accuracies = mean[margin > 0] (not margin > gamma), loss = -logsig(margin - gamma)."""
+    d = make(9)
+    beta, gamma = 2.0, 1.0  # gamma_beta_ratio 0.5
+    mc, mr = d["mask_c"].double(), d["mask_r"].double()
+    # Winner means a little above the loser's: reward margins in (0, gamma) for some pairs.
+    d["pt_c"] = torch.where(d["mask_c"], -1.0 + 0.2 * torch.arange(B)[:, None] / B, 0.0).double()
+    d["pt_r"] = torch.where(d["mask_r"], -1.1 + 0.5 * torch.arange(B).flip(0)[:, None] / B, 0.0).double()
+    cfg = LossConfig(prior="simpo", beta=beta, options={"gamma_beta_ratio": gamma / beta})
+    out = compute_loss(build_prior(cfg), inputs_of(d), cfg)
+    r_w, r_l = beta * S(d["pt_c"], mc) / mc.sum(-1), beta * S(d["pt_r"], mr) / mr.sum(-1)
+    assert ((r_w - r_l > 0) & (r_w - r_l < gamma)).any() and (r_w - r_l < 0).any()  # the cases that tell
+    m = out.metrics()
+    torch.testing.assert_close(out.chosen_rewards, r_w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.rejected_rewards, r_l, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.margins, r_w - r_l, rtol=0, atol=1e-12)
+    assert float(m["rewards/accuracies"][0] / m["rewards/accuracies"][1]) == float((r_w > r_l).double().mean())
+    assert float(m["rewards/margins"][0] / m["rewards/margins"][1]) == pytest.approx(float((r_w - r_l).mean()))
+    torch.testing.assert_close(out.losses, -logsig(r_w - r_l - gamma), rtol=0, atol=1e-12)
+
+
+# fp32 tolerances of the loss on ~500-token responses (log-probs in [-2, 0]) against the published formula in
+# fp64: SimPO's margin is a difference of token means (~ -1): a few fp32 ulps of beta * mean -> 2e-6 (measured
+# <= 4.1e-7 over 10 seeds; the old (1 - 1/n) S - S form: 7.5e-5 to 1.1e-4). cEntropy's formula itself subtracts
+# sums: beta * (c S_pi - S_ref) with |S| ~ 500, one fp32 rounding at that size is 0.1 * 500 * 1.2e-7 = 6e-6;
+# per-token terms keep it below -> 5e-6 (measured <= 2.0e-6; the old S_pi - ((1 - c) S_pi + S_ref): 8.9e-6 to 1.4e-5).
+FP32_TOL = {"simpo": 2e-6, "centropy": 5e-6}
+
+
+@pytest.mark.parametrize("name", list(FP32_TOL))
+def test_fp32_loss_matches_the_published_formula_on_long_responses(name):
+    """SimPO and cEntropy compute logp - log zeta directly (PriorOutput.log_ratio): the fp32 loss on ~500-token
+    responses is as close to the fp64 formula as fp32 allows (FP32_TOL above)."""
+    g = torch.Generator().manual_seed(11)
+    n, L = 64, 560
+    masks = [torch.arange(L)[None] < torch.randint(480, L + 1, (n, 1), generator=g) for _ in range(2)]
+    pol_c, pol_r, ref_c, ref_r = (torch.where(m, -2 * torch.rand(n, L, generator=g), 0.0)
+                                  for m in (masks[0], masks[1], masks[0], masks[1]))  # fp32, ~ -1 per token
+    mc, mr = (m.double() for m in masks)
+    x = {k: v.double() for k, v in dict(pc=pol_c, pr=pol_r, rc=ref_c, rr=ref_r).items()}  # the same values in fp64
+    if name == "simpo":
+        beta, opts = 2.0, {"gamma_beta_ratio": 0.5}
+        m = beta * S(x["pc"], mc) / mc.sum(-1) - beta * S(x["pr"], mr) / mr.sum(-1) - 0.5 * beta
+    else:
+        beta, opts = 0.1, {"c": 0.8}
+        m = beta * ((0.8 * S(x["pc"], mc) - S(x["rc"], mc)) - (0.8 * S(x["pr"], mr) - S(x["rr"], mr)))
+    cfg = LossConfig(prior=name, beta=beta, options=opts)
+    inp = PriorInputs(policy=ResponseLogps(pol_c, masks[0], pol_r, masks[1]),
+                      ref=ResponseLogps(ref_c, masks[0], ref_r, masks[1]))
+    got = compute_loss(build_prior(cfg), inp, cfg).losses
+    assert got.dtype == torch.float32
+    err = float((got.double() - (-logsig(m))).abs().max())
+    assert err <= FP32_TOL[name], f"{name}: fp32 loss off the fp64 formula by {err:.2e}"
 
 
 def test_dpo_from_sequence_sums_equals_per_token():

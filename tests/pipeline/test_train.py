@@ -194,6 +194,35 @@ def test_zero2_and_zero0_match_zero3_through_a_sigkill_resume(base, ds_config):
         [r["ids"] for r in read_jsonl(base["run2"] / "logs" / "consumed_rows.jsonl")]
 
 
+def _folder_state(path: Path) -> dict:
+    """The folder's identity (inode, mtime) and every file's bytes and mtime."""
+    st = path.stat()
+    return {".": (st.st_ino, st.st_mtime_ns), **{str(f.relative_to(path)): (f.read_bytes(), f.stat().st_mtime_ns)
+                                                  for f in sorted(path.rglob("*")) if f.is_file()}}
+
+
+def test_export_of_a_copied_run_writes_into_the_copy(base, tmp_path):
+    """A finished run folder copied elsewhere and exported with a recipe whose run_dir is the copy: the export is
+    written into the copy, and the original's export folder is untouched (same inode, files, bytes, mtimes),
+    although the checkpoint's saved config still names the original run_dir (it only names the model)."""
+    a = base["run1"]
+    copy = tmp_path / "run"
+    shutil.copytree(a, copy)
+    shutil.rmtree(copy / "export")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text(copy, base["model"]))
+    before = _folder_state(a / "export")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--config", str(recipe)], env=clean_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _folder_state(a / "export") == before
+    assert f"-> {copy / 'export'}" in proc.stdout
+    got, want = export_weights(copy / "export"), export_weights(a / "export")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)
+
+
 def test_export_reloads_and_equals_zero3_weights(base):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -161,9 +161,12 @@ def float_offset(path: Path, value: float) -> int:
     return data.find(needle)
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def clean_env(**extra: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for k in LAUNCHER_ENV:
         env.pop(k, None)
     return env
 
@@ -297,3 +300,14 @@ def process_group():
     pdist.init_distributed()
     yield
     pdist.cleanup()
+
+
+@pytest.fixture(scope="module")
+def launcher_env_dropped():
+    """At the end of the module: drop the launcher variables that running a stage in this process left in
+    os.environ (pipeline.dist.init_distributed sets RANK, MASTER_PORT...). A later module's subprocess that
+    inherited them would join this process's rendezvous port instead of starting its own. The process group
+    stays (a later in-process init finds it and sets the variables again)."""
+    yield
+    for k in LAUNCHER_ENV:
+        os.environ.pop(k, None)
