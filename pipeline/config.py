@@ -248,6 +248,53 @@ class Config:
         return Path(self.run_dir)
 
 
+# Keys a resumed run may change (`midpo train` resuming from checkpoints/latest); every other key must equal the
+# checkpoint's config.yaml, or `midpo train --force` starts the run over. One line each: why a change is safe.
+RESUME_MUTABLE: dict[str, str] = {
+    "run_dir": "where the run folder lives; moving it changes nothing it holds",
+    "train.max_steps": "the run's length: it continues from its step; the lr schedule is laid over the new length",
+    "train.epochs": "the run's length, as train.max_steps (it sets the length when max_steps is -1)",
+    "train.micro_batch_size": "accepted only when micro x accum x processes (the global batch) stays the same",
+    "train.grad_accum": "accepted only when micro x accum x processes (the global batch) stays the same",
+    "train.eval_every": "when to evaluate: read-only passes",
+    "train.save_every": "when to checkpoint",
+    "train.keep_last": "how many checkpoints to keep",
+    "train.log_every": "how often metrics are reduced and logged",
+    "train.record_rows": "whether each step's row ids are logged",
+    "train.export_at_end": "whether the end writes <run_dir>/export",
+    "train.probe_rows": "the start-of-run probe runs on a fresh start only",
+    "train.probe_tolerance": "the start-of-run probe runs on a fresh start only",
+    "train.peak_flops": "the MFU denominator only",
+    "train.max_bad_steps": "when to give up on non-finite steps; no effect on a finite step",
+    "model.gradient_checkpointing": "recomputes activations instead of keeping them: memory for time, same math",
+    "data.num_proc": "stage 1 worker processes; training checks the data by fingerprint",
+    "data.shard_rows": "stage 1 file layout; training checks the data by fingerprint",
+    "ref.micro_batch_tokens": "stage 2 batching; training checks the cache by fingerprint",
+    "ref.rows_per_shard": "stage 2 resume granularity; training checks the cache by fingerprint",
+    "ref.zero3": "how stage 2 holds the reference; training checks the cache by fingerprint",
+    "sft.num_threads": "threads of the single-process stages",
+}
+
+
+def flat_items(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`section.key` -> value for every leaf of a Config (dicts such as loss.options flattened too)."""
+    tree = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):  # an empty mapping has no leaves: {} -> {"c": 1} reads as `loss.options.c: None -> 1`
+            out.update(flat_items(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every leaf that differs (None where a side lacks the key), key order."""
+    a, b = flat_items(old), flat_items(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 # ---------------------------------------------------------------------------------------------
 # building from plain data
 
@@ -394,6 +441,23 @@ def save_config(cfg: Config, path: str | Path) -> Path:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     tmp.replace(path)
     return path
+
+
+def update_saved_config(cfg: Config, path: str | Path) -> list[tuple[str, Any, Any]]:
+    """Write `cfg` to `path` unless it already holds the same values (then the file is left untouched); returns
+    the changed keys (config_changes) so the caller can say what it rewrote. An unreadable file counts as changed."""
+    path = Path(path)
+    if path.exists():
+        try:
+            changes = config_changes(load_config(path), cfg)
+        except (ConfigError, yaml.YAMLError) as e:
+            changes = [("(unreadable)", str(e), None)]
+        if not changes:
+            return []
+    else:
+        changes = []
+    save_config(cfg, path)
+    return changes
 
 
 def config_from_dict(data: dict) -> Config:
