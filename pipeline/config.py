@@ -10,6 +10,7 @@ Each field's docstring-comment is the help text users see; `__post_init__` rejec
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 DS_CONFIGS_DIR = REPO_ROOT / "ds_configs"
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -444,8 +447,9 @@ def save_config(cfg: Config, path: str | Path) -> Path:
 
 
 def update_saved_config(cfg: Config, path: str | Path) -> list[tuple[str, Any, Any]]:
-    """Write `cfg` to `path` unless it already holds the same values (then the file is left untouched); returns
-    the changed keys (config_changes) so the caller can say what it rewrote. An unreadable file counts as changed."""
+    """Write `cfg` to `path` unless it already holds the same values (then the file is left untouched); a file with
+    other values is rewritten with a warning naming every changed key (never silently). Returns those changes; an
+    unreadable file counts as changed."""
     path = Path(path)
     if path.exists():
         try:
@@ -454,6 +458,8 @@ def update_saved_config(cfg: Config, path: str | Path) -> list[tuple[str, Any, A
             changes = [("(unreadable)", str(e), None)]
         if not changes:
             return []
+        log.warning("%s: rewritten with this run's config; changed: %s", path,
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
     else:
         changes = []
     save_config(cfg, path)

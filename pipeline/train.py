@@ -527,10 +527,7 @@ def _train(cfg: Config, rank: int, world: int, force: bool = False) -> dict:  # 
                      else "the policy does not start from the reference weights")
     if pdist.is_main():
         logs_dir.mkdir(parents=True, exist_ok=True)
-        changed = update_saved_config(cfg, cfg.run_path / "config.yaml")  # untouched when the values are the same
-        if changed:
-            log.warning("%s: rewritten with this run's config; changed: %s", cfg.run_path / "config.yaml",
-                        "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed))
+        update_saved_config(cfg, cfg.run_path / "config.yaml")  # untouched when the values are the same
     pdist.barrier()
 
     # --- accounting ---
