@@ -55,7 +55,7 @@ def test_safe_loading_refuses_a_pickle_that_runs_code(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=r"optim_states.pt: refused to load.*could run code"):
         safe_load(bad)
     original = torch.load
-    with safe_torch_load(), pytest.raises(UnsafeCheckpointError):
+    with pytest.raises(UnsafeCheckpointError), safe_torch_load(), safe_torch_load():  # nested, left by the error
         torch.load(bad, map_location="cpu", weights_only=False)  # e.g. TorchCheckpointEngine.load
     assert torch.load is original  # the routing ends with the scope
     assert not marker.exists()

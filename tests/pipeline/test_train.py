@@ -20,14 +20,12 @@ import json
 import math
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_train_helpers import (
-    REPO,
     clean_env,
     export_weights,
     losses,
@@ -276,8 +274,7 @@ def test_crafted_checkpoint_file_is_refused_by_export_and_resume(base):
         assert "Traceback" not in proc.stderr and not (d / "out").exists()
         (ckpt / name).write_bytes(real)
     write_code_running_pickle(ckpt / name, marker)
-    proc = subprocess.run(train_cmd(recipe, 1), env=clean_env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_train(recipe, 1, check=False)
     assert not marker.exists(), "the crafted pickle ran"
     assert proc.returncode == 1 and f"refusing to load {ckpt}" in proc.stderr and name in proc.stderr, \
         proc.stderr[-3000:]
@@ -306,8 +303,7 @@ def test_finished_run_relaunch_changed_config_and_force(base):
     assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in watched] == before
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ckpts and len(losses(run)) == 6
 
-    proc = subprocess.run(train_cmd(recipe, 1, "loss.prior=simpo", "train.lr=1e-4"), env=clean_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_train(recipe, 1, "loss.prior=simpo", "train.lr=1e-4", check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "loss.prior: 'dpo' -> 'simpo'" in proc.stderr and "train.lr: 0.001 -> 0.0001" in proc.stderr
     assert "--force" in proc.stderr

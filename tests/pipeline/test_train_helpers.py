@@ -116,10 +116,12 @@ def train_cmd(recipe: Path, nproc: int, *overrides: str) -> list[str]:
                                                             *overrides]
 
 
-def run_train(recipe: Path, nproc: int = 1, *overrides: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+def run_train(recipe: Path, nproc: int = 1, *overrides: str, timeout: int = 300, check: bool = True,
+              **env) -> subprocess.CompletedProcess:
+    """Training in a subprocess; `check`: it must succeed (else the caller asserts on the outcome)."""
     proc = subprocess.run(train_cmd(recipe, nproc, *overrides), env=clean_env(**env), cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
-    assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0 or not check, f"training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
