@@ -10,6 +10,7 @@ Each field's docstring-comment is the help text users see; `__post_init__` rejec
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from pipeline.errors import MidpoError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 DS_CONFIGS_DIR = REPO_ROOT / "ds_configs"
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(MidpoError, ValueError):
@@ -252,6 +255,53 @@ class Config:
         return Path(self.run_dir)
 
 
+# Keys a resumed run may change (`midpo train` resuming from checkpoints/latest); every other key must equal the
+# checkpoint's config.yaml, or `midpo train --force` starts the run over. One line each: why a change is safe.
+RESUME_MUTABLE: dict[str, str] = {
+    "run_dir": "where the run folder lives; moving it changes nothing it holds",
+    "train.max_steps": "the run's length: it continues from its step; the lr schedule is laid over the new length",
+    "train.epochs": "the run's length, as train.max_steps (it sets the length when max_steps is -1)",
+    "train.micro_batch_size": "accepted only when micro x accum x processes (the global batch) stays the same",
+    "train.grad_accum": "accepted only when micro x accum x processes (the global batch) stays the same",
+    "train.eval_every": "when to evaluate: read-only passes",
+    "train.save_every": "when to checkpoint",
+    "train.keep_last": "how many checkpoints to keep",
+    "train.log_every": "how often metrics are reduced and logged",
+    "train.record_rows": "whether each step's row ids are logged",
+    "train.export_at_end": "whether the end writes <run_dir>/export",
+    "train.probe_rows": "the start-of-run probe runs on a fresh start only",
+    "train.probe_tolerance": "the start-of-run probe runs on a fresh start only",
+    "train.peak_flops": "the MFU denominator only",
+    "train.max_bad_steps": "when to give up on non-finite steps; no effect on a finite step",
+    "model.gradient_checkpointing": "recomputes activations instead of keeping them: memory for time, same math",
+    "data.num_proc": "stage 1 worker processes; training checks the data by fingerprint",
+    "data.shard_rows": "stage 1 file layout; training checks the data by fingerprint",
+    "ref.micro_batch_tokens": "stage 2 batching; training checks the cache by fingerprint",
+    "ref.rows_per_shard": "stage 2 resume granularity; training checks the cache by fingerprint",
+    "ref.zero3": "how stage 2 holds the reference; training checks the cache by fingerprint",
+    "sft.num_threads": "threads of the single-process stages",
+}
+
+
+def flat_items(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`section.key` -> value for every leaf of a Config (dicts such as loss.options flattened too)."""
+    tree = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):  # an empty mapping has no leaves: {} -> {"c": 1} reads as `loss.options.c: None -> 1`
+            out.update(flat_items(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every leaf that differs (None where a side lacks the key), key order."""
+    a, b = flat_items(old), flat_items(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 # ---------------------------------------------------------------------------------------------
 # building from plain data
 
@@ -398,6 +448,26 @@ def save_config(cfg: Config, path: str | Path) -> Path:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     tmp.replace(path)
     return path
+
+
+def update_saved_config(cfg: Config, path: str | Path) -> list[tuple[str, Any, Any]]:
+    """Write `cfg` to `path` unless it already holds the same values (then the file is left untouched); a file with
+    other values is rewritten with a warning naming every changed key (never silently). Returns those changes; an
+    unreadable file counts as changed."""
+    path = Path(path)
+    if path.exists():
+        try:
+            changes = config_changes(load_config(path), cfg)
+        except (ConfigError, yaml.YAMLError) as e:
+            changes = [("(unreadable)", str(e), None)]
+        if not changes:
+            return []
+        log.warning("%s: rewritten with this run's config; changed: %s", path,
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+    else:
+        changes = []
+    save_config(cfg, path)
+    return changes
 
 
 def config_from_dict(data: dict) -> Config:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.atomic_dir import check_replaceable, publish_dir, temp_dir_for
+from data_prep.atomic_dir import check_replaceable, mark_output, publish_dir, temp_dir_for
 from pipeline import dist as pdist
 from pipeline.config import Config, load_config
 from pipeline.errors import MissingPathError
@@ -138,8 +138,10 @@ def gather_engine_state_dict(engine) -> dict[str, torch.Tensor] | None:
 
 
 def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config, out_dir: str | Path, *, dtype: torch.dtype,
-                    tokenizer_dir: str | Path | None, source_dir: str | Path | None, model=None) -> Path:
-    """Write `state_dict` as a HF folder (one process). Checks the key set first."""
+                    tokenizer_dir: str | Path | None, source_dir: str | Path | None, model=None,
+                    step: int | None = None) -> Path:
+    """Write `state_dict` as a HF folder (one process). Checks the key set first. `step`: the training step the
+    weights are from, kept in the folder's output marker (a relaunch of a finished run reads it)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -155,6 +157,8 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config, out_dir: str
                            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
     check_replaceable(out)  # before the work: never replace a folder midpo did not write
     tmp = temp_dir_for(out, "export")
+    if step is not None:
+        mark_output(tmp, "export", step=int(step))
 
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sorted(sd.items())}
     shards, cur, cur_bytes = [], {}, 0
@@ -216,37 +220,45 @@ def _write_generation_config(hf_config, out: Path, source_dir, tokenizer_dir) ->
     gen.save_pretrained(str(out))
 
 
-def export_from_engine(engine, cfg: Config, out_dir: str | Path | None = None) -> Path | None:
+def export_from_engine(engine, cfg: Config, out_dir: str | Path | None = None, step: int | None = None) -> Path | None:
     """COLLECTIVE: gather the live ZeRO-3 weights; rank 0 writes `<run_dir>/export` (or out_dir)."""
     out = Path(out_dir) if out_dir else cfg.run_path / "export"
     sd = gather_engine_state_dict(engine)
     if pdist.is_main():
         hf_config = copy.deepcopy(engine.module.config)
         write_hf_folder(sd, hf_config, out, dtype=resolve_dtype(cfg.model.dtype), tokenizer_dir=tokenizer_path(cfg),
-                        source_dir=policy_path(cfg), model=getattr(engine.module, "model", engine.module))
+                        source_dir=policy_path(cfg), model=getattr(engine.module, "model", engine.module), step=step)
     pdist.barrier()
     return out
 
 
 def export_from_checkpoint(ckpt_dir: str | Path, cfg: Config, out_dir: str | Path | None = None) -> Path:
     """One process, no collectives: merge the ZeRO-2/3 partitions of `ckpt_dir` (fp32 masters) and write. A
-    stage-0 checkpoint (no ZeRO partition files) holds the whole model in `mp_rank_00_model_states.pt`."""
+    stage-0 checkpoint (no ZeRO partition files) holds the whole model in `mp_rank_00_model_states.pt`.
+    Every file is read through pipeline.checkpoint.safe_load (zero_to_fp32's own torch.load included)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig
 
+    from pipeline.checkpoint import safe_load, safe_torch_load
+
     ckpt = Path(ckpt_dir)
     if list(ckpt.glob("*zero_pp_rank_*")):
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        with safe_torch_load():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:
-        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        states = safe_load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu")
         sd = {k: v.float() for k, v in states["module"].items()}
     # engine.PolicyLogps may also hold a prior's parameters (`prior.*`, SparsePO's mask network): not the HF model
     sd = {k: v for k, v in sd.items() if not k.startswith("prior.")}
     src = policy_path(cfg)
     hf_config = AutoConfig.from_pretrained(str(src), trust_remote_code=cfg.model.trust_remote_code)
     out = Path(out_dir) if out_dir else cfg.run_path / "export"
+    try:
+        step = int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        step = None  # not a midpo checkpoint folder: the export just does not say which step it holds
     return write_hf_folder(sd, hf_config, out, dtype=resolve_dtype(cfg.model.dtype), tokenizer_dir=tokenizer_path(cfg),
-                           source_dir=src)
+                           source_dir=src, step=step)
 
 
 # ---------------------------------------------------------------------------------------------

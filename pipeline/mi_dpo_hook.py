@@ -256,9 +256,11 @@ class MIDPOHook:
             (ckpt_dir / "prior_state.json").write_text(json.dumps(self.state_dict()))
 
     def load_checkpoint(self, ckpt_dir: Path) -> None:
+        """Collective. Through pipeline.checkpoint.load_engine: safe loading, another process count supported."""
+        from pipeline.checkpoint import load_engine
+
         ckpt_dir = Path(ckpt_dir)
-        load_path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=CKPT_TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+        load_path = load_engine(self.engine, ckpt_dir, CKPT_TAG)
         if load_path is None:
             raise RuntimeError(f"no prior checkpoint in {ckpt_dir}/{CKPT_TAG} (was the run trained with "
                                "loss.prior=learned?)")
@@ -298,11 +300,13 @@ def export_prior_from_checkpoint(ckpt_dir: str | Path, cfg: Config, out_dir: str
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig
 
+    from pipeline.checkpoint import safe_torch_load
     from pipeline.export import write_hf_folder
     from pipeline.models import resolve_dtype
 
     ckpt = Path(ckpt_dir)
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=CKPT_TAG)
+    with safe_torch_load():  # zero_to_fp32 unpickles with weights_only=False: route it through the allow-list
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=CKPT_TAG)
     hf_config = AutoConfig.from_pretrained(str(ckpt / "prior_hf_config"))
     out = Path(out_dir) if out_dir else cfg.run_path / "export" / "prior"
     return write_hf_folder(sd, hf_config, out, dtype=resolve_dtype(cfg.model.dtype), tokenizer_dir=_tokenizer_dir(cfg),

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import Config, load_config, save_config
+from pipeline.config import Config, load_config, update_saved_config
 from pipeline.fingerprint import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,8 @@ def prepare_base(cfg: Config, nproc: int, timings: dict[str, float]) -> Path:
                sample_pairs, model, prompts, out, cfg.onpolicy, cfg.seed, cfg.sft.num_threads)
         _timed(timings, "prep_onpolicy", "prep (on-policy pairs)", prepare, cfg.data, [str(out / PAIRS)], tokenizer,
                root / "data")
-    cfg_path = save_config(cfg, root / "config.yaml")
+    cfg_path = root / "config.yaml"
+    update_saved_config(cfg, cfg_path)  # a relaunch with other values says so (and train refuses what it cannot take)
     _timed(timings, "ref", f"ref ({nproc} processes)", _launch, "ref", cfg_path, nproc)
     return cfg_path
 

@@ -18,8 +18,10 @@ SparsePO). A prior with parameters (SparsePO's mask network) is optimized and ch
 policy engine (pipeline.engine.PolicyLogps, keys `prior.*`).
 Outputs: `<run_dir>/checkpoints/step-NNNNNNN/` + `latest`, `<run_dir>/tensorboard/`,
 `<run_dir>/logs/{train_metrics,consumed_rows}.jsonl`, `<run_dir>/export/` (HF folder) at the end.
-A run resumes automatically from `checkpoints/latest`. SIGTERM/SIGUSR1 (Slurm preemption) make the
-run checkpoint at the next step boundary and exit 0.
+A run resumes automatically from `checkpoints/latest`, after pipeline.checkpoint.check_resume accepted the
+changes between the checkpoint's config and this one (config.RESUME_MUTABLE), on any number of processes
+(pipeline.checkpoint.load_engine); `--force` starts the run over instead. SIGTERM/SIGUSR1 (Slurm preemption)
+make the run checkpoint at the next step boundary and exit 0.
 
 Step anatomy (every rank, same order, same number of collectives):
   sampler -> micro-batches (pairs stay whole on one rank) -> per micro-step: collate (packed by
@@ -54,7 +56,7 @@ import torch.distributed as dist
 
 from pipeline import dist as pdist
 from pipeline.batching import DENSE_MASK_ROW_TOKENS, collate_pairs
-from pipeline.config import Config, load_config, save_config
+from pipeline.config import Config, load_config, update_saved_config
 from pipeline.errors import MidpoError
 from pipeline.fingerprint import atomic_write_text
 
@@ -339,24 +341,67 @@ def _order_ids(per_rank_micro: list[list[list[str]]]) -> list[str]:
     return [i for k in range(accum) for r in range(len(per_rank_micro)) for i in per_rank_micro[r][k]]
 
 
-def main(cfg: Config) -> dict:
-    """Set up, train, evaluate, checkpoint, export, clean up. Returns a summary (rank 0's view)."""
+def main(cfg: Config, force: bool = False) -> dict:
+    """Set up, train, evaluate, checkpoint, export, clean up. Returns a summary (rank 0's view).
+    `force`: start the run over (checkpoint.start_over) instead of resuming from checkpoints/latest."""
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     owned = not dist.is_initialized()  # a caller's process group is the caller's to destroy
     rank, world, _ = pdist.init_distributed()
     try:
-        return _train(cfg, rank, world)
+        return _train(cfg, rank, world, force)
     finally:
         if owned:
             pdist.cleanup()
 
 
-def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop reads best in one place
+def _resume_point(cfg: Config, paths: dict, world: int, total_steps: int, inputs: dict, force: bool) -> Path | None:
+    """Collective. `force`: rank 0 first removes this run's training outputs (checkpoint.start_over). Then the
+    checkpoint to resume from, checked against this run's config and inputs (checkpoint.check_resume), or None."""
+    from pipeline.checkpoint import CheckpointError, check_resume, latest_checkpoint, start_over
+
+    if force:
+        err = ""
+        if pdist.is_main():
+            try:
+                removed = start_over(cfg.run_path)
+                log.warning("--force: starting %s over from step 0; removed %d training outputs%s", cfg.run_path,
+                            len(removed), f" ({', '.join(p.name for p in removed[:8])}...)" if removed else "")
+            except OSError as e:  # OutputDirError: an export/ midpo did not write; nothing was removed
+                err = str(e)
+        if not pdist.all_ranks_true(not err):
+            raise TrainError(f"--force: {err or 'rank 0 could not remove the run outputs (see its log)'}")
+    ckpt = latest_checkpoint(paths["ckpt"])
+    if ckpt is not None:
+        try:
+            accepted = check_resume(ckpt, cfg, world, inputs, total_steps)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        if pdist.is_main():
+            for line in accepted:
+                log.warning("resuming %s with a change: %s", ckpt.name, line)
+    return ckpt
+
+
+def _export_done(cfg: Config, hook, step: int) -> bool:
+    """<run_dir>/export already holds the weights of `step` (its output marker says so), with the prior's folder
+    when the hook exports one: a relaunch of a finished run must not write it again."""
+    from data_prep.atomic_dir import OUTPUT_MARKER
+
+    out = cfg.run_path / "export"
+    try:
+        marker = json.loads((out / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("step") == step and (not hasattr(hook, "export") or (out / "prior" / OUTPUT_MARKER).is_file())
+
+
+def _train(cfg: Config, rank: int, world: int, force: bool = False) -> dict:  # noqa: C901 - the loop reads best here
     import random
 
     from transformers import AutoConfig
 
-    from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from data_prep.dataset_io import read_manifest
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
     from pipeline.engine import NoOpHook, PolicyLogps, build_policy_engine, resolve_ds_config
     from pipeline.export import export_from_engine
     from pipeline.losses import METRIC_NAMES
@@ -411,6 +456,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * sampler.steps_per_epoch
     if total_steps <= 0:
         raise TrainError("no optimizer steps to run: set train.max_steps or train.epochs")
+    inputs = {"data": read_manifest(cfg.run_path / "data").get("fingerprint"), "reference": ref_fp}
+    ckpt = _resume_point(cfg, paths, world, total_steps, inputs, force)
 
     # --- engine ---
     ds_config = resolve_ds_config(cfg, world, hf_config.hidden_size)
@@ -455,7 +502,6 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     state = RunState()
     logs_dir = paths["logs"]
     metrics_file, rows_file = logs_dir / "train_metrics.jsonl", logs_dir / "consumed_rows.jsonl"
-    ckpt = latest_checkpoint(paths["ckpt"])
     resumed_step = -1
     if ckpt is not None:
         saved = load_checkpoint(ckpt, engine, hook)
@@ -469,17 +515,21 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
             for f in (metrics_file, rows_file):
                 _rewrite_jsonl_upto(f, state.step)
         log.info("resumed from %s at step %d (%d samples consumed)", ckpt, state.step, state.consumed_samples)
-    elif online:
-        log.info("start-of-run probe skipped (online reference: no cache to check)")
-    elif tc.probe_rows > 0 and model_fingerprint(paths["policy"]) == ref_fp:
-        stats = probe_reference(engine, train_split, cfg, collate, cache_manifest)
-        log.info("start-of-run probe passed: %s", stats)
     else:
-        log.info("start-of-run probe skipped (%s)", "train.probe_rows=0" if tc.probe_rows <= 0
-                 else "the policy does not start from the reference weights")
+        if pdist.is_main():  # a fresh start: lines a killed attempt logged before its first checkpoint go
+            for f in (metrics_file, rows_file):
+                _rewrite_jsonl_upto(f, 0)
+        if online:
+            log.info("start-of-run probe skipped (online reference: no cache to check)")
+        elif tc.probe_rows > 0 and model_fingerprint(paths["policy"]) == ref_fp:
+            stats = probe_reference(engine, train_split, cfg, collate, cache_manifest)
+            log.info("start-of-run probe passed: %s", stats)
+        else:
+            log.info("start-of-run probe skipped (%s)", "train.probe_rows=0" if tc.probe_rows <= 0
+                     else "the policy does not start from the reference weights")
     if pdist.is_main():
         logs_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, cfg.run_path / "config.yaml")
+        update_saved_config(cfg, cfg.run_path / "config.yaml")  # untouched when the values are the same
     pdist.barrier()
 
     # --- accounting ---
@@ -501,7 +551,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
         return {"step": state.step, "consumed_samples": state.consumed_samples, "sampler": sampler.state_dict(),
                 "world_size": world, "bad_steps_total": state.bad_steps_total,
                 "bad_steps_in_a_row": state.bad_steps_in_a_row, "dropped_tail_rows": state.dropped_tail_rows,
-                "eval_history": state.eval_history, "hook": hook.state_dict(), "total_steps": total_steps}
+                "eval_history": state.eval_history, "hook": hook.state_dict(), "total_steps": total_steps,
+                "inputs": inputs}
 
     def checkpoint_now() -> None:
         if not pdist.all_ranks_true(_local_params_finite(engine)):
@@ -656,13 +707,20 @@ def _train(cfg: Config, rank: int, world: int) -> dict:  # noqa: C901 - the loop
     if bar is not None:
         bar.close()
     if not stopped_early:
-        last_eval = run_eval()
-        if state.step > resumed_step:  # a relaunch of a finished run must not rewrite the checkpoint it loaded
+        # a relaunch of a finished run does nothing: no second final eval, no rewrite of the checkpoint it loaded
+        # or of an export that already holds this step
+        if state.eval_history and state.eval_history[-1]["step"] == state.step:
+            last_eval = {k: v for k, v in state.eval_history[-1].items() if k != "step"}
+        else:
+            last_eval = run_eval()
+        if state.step > resumed_step:
             checkpoint_now()
-        if tc.export_at_end:
-            export_from_engine(engine, cfg)
+        if tc.export_at_end and not (state.step == resumed_step and _export_done(cfg, hook, state.step)):
+            export_from_engine(engine, cfg, step=state.step)
             if hasattr(hook, "export"):
                 hook.export(cfg)  # after the policy: its folder is replaced as a whole
+        elif tc.export_at_end and pdist.is_main():
+            log.info("%s already holds step %d: not rewritten", cfg.run_path / "export", state.step)
     tb.close()
     summary = {"step": state.step, "bad_steps_total": state.bad_steps_total, "eval": last_eval,
                "dropped_tail_rows": state.dropped_tail_rows, "stopped_early": stopped_early}
@@ -702,6 +760,9 @@ def tokenizer_fp(path: Path) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="recipe (YAML path or name in recipes/)")
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (N>1 spawns torchrun)")
+    parser.add_argument("--force", action="store_true",
+                        help="start the run over: remove its checkpoints, training logs, tensorboard/ and export/ "
+                             "(only what midpo wrote) and train from step 0 with this config, instead of resuming")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
 
 
@@ -710,8 +771,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, getattr(args, "overrides", []))
     if args.nproc > 1 and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
-        return launch_torchrun("pipeline.train", [f"--config={args.config}", *args.overrides], args.nproc)
-    main(cfg)  # a TrainError (a MidpoError) becomes one `midpo train: error:` line in pipeline.cli.run_stage
+        return launch_torchrun("pipeline.train", [f"--config={args.config}", *(["--force"] if args.force else []),
+                                                  *args.overrides], args.nproc)
+    main(cfg, force=args.force)  # a MidpoError becomes one `midpo train: error:` line in pipeline.cli.run_stage
     return 0
 
 

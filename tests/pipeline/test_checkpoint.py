@@ -35,3 +35,123 @@ def test_prune_keeps_the_last_k(tmp_path):
         (tmp_path / step_dir_name(s)).mkdir()
     _prune(tmp_path, 2, keep=step_dir_name(10))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000003", "step-0000010"]
+
+
+# ---------------------------------------------------------------------------------------------
+# safe loading (issue #14: a checkpoint folder must not be able to run code)
+
+
+def test_safe_loading_refuses_a_pickle_that_runs_code(tmp_path):
+    """The crafted file runs code under a plain `torch.load(weights_only=False)` (the call DeepSpeed's loaders
+    make); safe_load refuses it, and inside safe_torch_load() that very DeepSpeed-style call is refused too."""
+    from test_train_helpers import write_code_running_pickle
+
+    from pipeline.checkpoint import UnsafeCheckpointError, safe_load, safe_torch_load, unsafe_files
+
+    marker = tmp_path / "MARKER"
+    (tmp_path / "ckpt").mkdir()
+    bad = write_code_running_pickle(tmp_path / "ckpt" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    torch.save({"module": {"w": torch.ones(2)}}, tmp_path / "ckpt" / "ok.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"optim_states.pt: refused to load.*could run code"):
+        safe_load(bad)
+    original = torch.load
+    with pytest.raises(UnsafeCheckpointError), safe_torch_load(), safe_torch_load():  # nested, left by the error
+        torch.load(bad, map_location="cpu", weights_only=False)  # e.g. TorchCheckpointEngine.load
+    assert torch.load is original  # the routing ends with the scope
+    assert not marker.exists()
+    found = unsafe_files(tmp_path / "ckpt")
+    assert len(found) == 1 and found[0].startswith(str(bad)) and "pathlib" in found[0]
+    assert torch.equal(safe_load(tmp_path / "ckpt" / "ok.pt")["module"]["w"], torch.ones(2))
+    torch.load(bad, weights_only=False)  # the control: the file really runs code when trusted
+    assert marker.exists()
+
+
+def test_deepspeed_optimizer_state_types_load_safely(tmp_path):
+    """The allow-list holds the types DeepSpeed pickles into optim_states (ZeroStageEnum, loss scalers, ZeRO-2's
+    fragment_address): a file with them loads under safe_load; torch's own weights_only default refuses it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from pipeline.checkpoint import safe_load, unsafe_files
+
+    sd = {"optimizer_state_dict": {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0),
+                                   "dyn": DynamicLossScaler(2.0 ** 16, 1000, 1.0, 2, False),
+                                   "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]}}
+    torch.save(sd, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=True)
+    got = safe_load(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+    assert got["zero_stage"] == 3 and got["loss_scaler"].cur_scale == 1.0 and got["dyn"].scale_window == 1000
+    assert got["param_slice_mappings"][0]["w"].numel == 4
+    assert unsafe_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# resume compatibility and --force
+
+
+def _cfg(*overrides: str):
+    from pipeline.config import load_config
+
+    return load_config(None, ["run_dir=/r", "train.micro_batch_size=2", "train.grad_accum=1", *overrides])
+
+
+def test_resume_differences_name_every_changed_key():
+    from pipeline.checkpoint import resume_differences
+
+    saved, state = _cfg(), {"world_size": 2, "step": 3, "total_steps": 6, "inputs": {"data": "d1", "reference": "r1"}}
+    refused, accepted = resume_differences(saved, state, _cfg("loss.prior=simpo", "train.lr=1e-3",
+                                                              "loss.options.c=2", "train.save_every=5"),
+                                           2, {"data": "d1", "reference": "r1"}, 6)
+    assert refused == ["loss.options.c: None -> 2", "loss.prior: 'dpo' -> 'simpo'", "train.lr: 5e-07 -> 0.001"]
+    assert accepted == ["train.save_every: 0 -> 5 (when to checkpoint)"]
+    # another process count: accepted with the same global batch (2 x 1 x 2 = 1 x 4 x 1 = 4), refused otherwise
+    refused, accepted = resume_differences(saved, state, _cfg("train.micro_batch_size=1", "train.grad_accum=4"), 1,
+                                           {}, 6)
+    assert refused == [] and any(a.startswith("processes: 2 -> 1") for a in accepted)
+    refused, _ = resume_differences(saved, state, _cfg(), 1, {}, 6)
+    assert len(refused) == 1 and "= 4 at the checkpoint" in refused[0] and "pass train.grad_accum=2" in refused[0]
+    # changed inputs, and a longer run (the lr schedule re-laid: said, with the lr jump)
+    refused, accepted = resume_differences(saved, state, _cfg("train.max_steps=12"), 2, {"data": "d2"}, 12)
+    assert refused == ["data fingerprint: d1 -> d2 (the data changed since the checkpoint)"]
+    assert any(a.startswith("run length: 6 -> 12 steps") and "lr of step 4" in a for a in accepted)
+
+
+def test_start_over_removes_only_what_training_wrote(tmp_path):
+    from data_prep.atomic_dir import OutputDirError, mark_output
+    from pipeline.checkpoint import start_over
+
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    for d in (ck / "step-0000003", ck / "step-0000006", run / "logs", run / "tensorboard", run / "export",
+              run / "data"):
+        d.mkdir(parents=True)
+    (ck / "latest").write_text("step-0000006\n")
+    (ck / "notes.txt").write_text("mine")
+    (ck / "zero_to_fp32.py").write_text("DeepSpeed writes it beside its checkpoints")
+    for f in ("train_metrics.jsonl", "consumed_rows.jsonl", "profile_rank0.txt", "other.log"):
+        (run / "logs" / f).write_text("x")
+    (run / "tensorboard" / "events.out.tfevents.1.host").write_text("x")
+    (run / "export" / "model.safetensors").write_text("x")
+    (run / "config.yaml").write_text("x")
+    with pytest.raises(OutputDirError, match="not written by midpo"):  # a foreign export/: nothing removed at all
+        start_over(run)
+    assert (ck / "latest").exists() and (run / "logs" / "train_metrics.jsonl").exists()
+    mark_output(run / "export", "export")
+    start_over(run)
+    assert sorted(p.name for p in ck.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["other.log"]
+    assert not (run / "tensorboard").exists() and not (run / "export").exists()
+    assert (run / "data").is_dir() and (run / "config.yaml").exists()
+
+
+def test_update_saved_config_rewrites_only_changed_values(tmp_path):
+    from pipeline.config import save_config, update_saved_config
+
+    path = save_config(_cfg(), tmp_path / "config.yaml")
+    path.write_text(path.read_text())  # same text, new mtime: then the call must leave it alone
+    before = path.stat().st_mtime_ns
+    assert update_saved_config(_cfg(), path) == [] and path.stat().st_mtime_ns == before
+    assert update_saved_config(_cfg("loss.prior=simpo"), path) == [("loss.prior", "dpo", "simpo")]
+    assert "simpo" in path.read_text()

@@ -8,32 +8,36 @@ Acceptance, with tolerances stated:
   within 1e-6, and the recorded row ids equal step by step (no row skipped or repeated).
 - export reloads with AutoModelForCausalLM and equals DeepSpeed's own merge of the final ZeRO-3 checkpoint;
   `midpo export` from a checkpoint gives the same weights; TensorBoard holds the listed tags.
+- a checkpoint of the 2-process run resumed by 1 process (universal checkpoint): losses and weights within 1e-5 of
+  the uninterrupted 1-process run, the same rows; a crafted checkpoint file is refused by export and resume; a
+  finished run relaunched does nothing, with a changed config is refused, and with --force starts over.
 The runs share one module-scoped fixture (the 6-step straight runs) to keep the file under a few minutes.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_train_helpers import (
-    REPO,
     clean_env,
     export_weights,
     losses,
     make_run,
     read_jsonl,
     recipe_text,
+    resume_copy,
+    run_midpo,
     run_then_kill_after_step,
     run_train,
     train_cmd,
+    write_code_running_pickle,
 )
 
 pytestmark = pytest.mark.distributed
@@ -76,8 +80,7 @@ def _fresh_run(base: dict, name: str, **train) -> tuple[Path, Path]:
 def _assert_cli_export_equals(recipe: Path, out: Path, expected: Path) -> None:
     """`midpo export` (offline, one process, from the run's latest checkpoint) into `out` writes exactly the
     weights of the HF folder `expected`."""
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--config", str(recipe), "--out", str(out)],
-                          env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_midpo("export", "--config", str(recipe), "--out", str(out), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = export_weights(out), export_weights(expected)
     assert a.keys() == b.keys()
@@ -212,8 +215,7 @@ def test_export_of_a_copied_run_writes_into_the_copy(base, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_text(copy, base["model"]))
     before = _folder_state(a / "export")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--config", str(recipe)], env=clean_env(),
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_midpo("export", "--config", str(recipe), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _folder_state(a / "export") == before
     assert f"-> {copy / 'export'}" in proc.stdout
@@ -259,3 +261,87 @@ def test_tensorboard_has_the_tags(base):
     assert max(lr) == pytest.approx(1e-3) and lr[-1] < lr[2]  # warmup then cosine decay
     acc_vals = [e.value for e in acc.Scalars("train/rewards/accuracies")]
     assert all(0.0 <= v <= 1.0 for v in acc_vals)
+
+
+def test_resume_on_another_process_count(base):
+    """A ZeRO-3 checkpoint of the 2-process run (step 3) resumed by 1 process: DeepSpeed's own loader refuses the
+    changed data-parallel world size; midpo converts the checkpoint to DeepSpeed's universal form once (in the step
+    folder) and loads that. The global batch stays 4 pairs (micro 2 x accum 1 x 2 -> micro 2 x accum 2 x 1), so the
+    rows of every step are the same as in the uninterrupted runs; losses and final weights equal the uninterrupted
+    1-process run within 1e-5, the bound to which the 2- and 1-process runs agree (their state at step 3 differs by
+    the gradient reduction order). The per-rank RNG streams are not restored (no dropout here: nothing reads them)."""
+    from data_prep.atomic_dir import written_by_midpo
+
+    recipe, run = resume_copy(base["run2"], 3, base["root"] / "reshard", base["model"])  # accum 2, as run1
+    proc = run_train(recipe, 1)
+    assert "processes: 2 -> 1" in proc.stderr and "RNG streams not restored" in proc.stderr
+    assert written_by_midpo(run / "checkpoints" / "step-0000003" / "universal")
+    np.testing.assert_allclose(losses(run), losses(base["run1"]), atol=LOSS_ATOL_DIST, rtol=0)
+    a, b = export_weights(run / "export"), export_weights(base["run1"] / "export")
+    assert a.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    assert [r["ids"] for r in read_jsonl(run / "logs" / "consumed_rows.jsonl")] == \
+        [r["ids"] for r in read_jsonl(base["run1"] / "logs" / "consumed_rows.jsonl")]
+
+
+def test_crafted_checkpoint_file_is_refused_by_export_and_resume(base):
+    """A file whose pickle runs code on load (here it creates MARKER), put in place of the model_states or the
+    optim_states file of a real ZeRO-3 checkpoint, is refused by `midpo export --checkpoint` and by the automatic
+    resume of `midpo train`, naming the file; the code never runs (DeepSpeed's loaders unpickle with
+    weights_only=False)."""
+    d = base["root"] / "crafted"
+    recipe, run = resume_copy(base["run1"], 6, d, base["model"])
+    ckpt, marker = run / "checkpoints" / "step-0000006", d / "MARKER"
+    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        real = (ckpt / name).read_bytes()
+        write_code_running_pickle(ckpt / name, marker)
+        proc = run_midpo("export", "--config", str(recipe), "--checkpoint", str(ckpt), "--out", str(d / "out"))
+        assert not marker.exists(), "the crafted pickle ran"
+        assert proc.returncode == 1 and f"{name}: refused to load" in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and not (d / "out").exists()
+        (ckpt / name).write_bytes(real)
+    write_code_running_pickle(ckpt / name, marker)
+    proc = run_train(recipe, 1, check=False)
+    assert not marker.exists(), "the crafted pickle ran"
+    assert proc.returncode == 1 and f"refusing to load {ckpt}" in proc.stderr and name in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not (run / "export").exists()
+
+
+def test_finished_run_relaunch_changed_config_and_force(base):
+    """A finished run relaunched with the same config does nothing (export/ and config.yaml untouched); with a
+    changed config (`loss.prior=simpo train.lr=1e-4`) it is refused, naming each key old -> new, and nothing is
+    written; `midpo train --force` removes this run's training outputs and trains from step 0 with the new config."""
+    from data_prep.atomic_dir import OUTPUT_MARKER
+    from pipeline.config import load_config, save_config
+
+    d = base["root"] / "relaunch"
+    run = d / "run"
+    shutil.copytree(base["run1"], run)
+    recipe = d / "recipe.yaml"
+    recipe.write_text(recipe_text(run, base["model"]))
+    save_config(load_config(recipe), run / "config.yaml")  # what this recipe's run would have written
+    watched = [run / "export" / OUTPUT_MARKER, run / "export" / "model.safetensors", run / "config.yaml"]
+    before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in watched]
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+
+    proc = run_train(recipe, 1)
+    assert "already holds step 6: not rewritten" in proc.stderr
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in watched] == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ckpts and len(losses(run)) == 6
+
+    proc = run_train(recipe, 1, "loss.prior=simpo", "train.lr=1e-4", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "loss.prior: 'dpo' -> 'simpo'" in proc.stderr and "train.lr: 0.001 -> 0.0001" in proc.stderr
+    assert "--force" in proc.stderr
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in watched] == before
+
+    proc = run_midpo("train", "--config", str(recipe), "--force", "loss.prior=simpo", "train.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000002"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+    assert load_config(run / "config.yaml").loss.prior == "simpo"
+    assert [r["step"] for r in read_jsonl(run / "logs" / "train_metrics.jsonl")] == [1, 2]
+    assert json.loads((run / "export" / OUTPUT_MARKER).read_text())["step"] == 2
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
