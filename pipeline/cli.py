@@ -64,7 +64,10 @@ def run_stage(stage: str, run: Callable[[], int | None]) -> int:
     except MidpoError as e:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         where = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
-        print(f"midpo {stage}: error: {where}{e}", file=sys.stderr, flush=True)
+        # the whole line in one write (print() writes the text and the newline apart): ranks sharing a stderr
+        # pipe must not interleave mid-line
+        sys.stderr.write(f"midpo {stage}: error: {where}{e}\n")
+        sys.stderr.flush()
         return 1
 
 
