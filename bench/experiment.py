@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import split_overrides  # noqa: E402
-from pipeline.config import load_config, save_config  # noqa: E402
+from midpo.cli import split_overrides  # noqa: E402
+from midpo.config import load_config, save_config  # noqa: E402
 
 METHODS: dict[str, list[str]] = {
     "dpo": ["loss.prior=dpo"],
@@ -69,8 +69,8 @@ def link_base(base: Path, run_dir: Path) -> None:
 
 def run_one(base_cfg_path: Path, out: Path, method: str, seed: int, overrides: list[str], nproc: int,
             n_prompts: int, sampled: bool) -> dict:
-    from pipeline.evaluate import evaluate_model, paired_difference
-    from pipeline.run import _launch, _read_last_eval
+    from midpo.demo.evaluate import evaluate_model, paired_difference
+    from midpo.demo.run import _launch, _read_last_eval
 
     base = base_cfg_path.parent
     run_dir = out / "runs" / f"{method}-s{seed}"
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipeline.evaluate import evaluate_model
-    from pipeline.run import prepare_base
+    from midpo.demo.evaluate import evaluate_model
+    from midpo.demo.run import prepare_base
 
     argv, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

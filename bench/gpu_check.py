@@ -12,7 +12,7 @@ What it checks, in one process on one GPU (world size 1, NCCL; the ZeRO-3 engine
    the first training micro-batch must be ln 2 (the policy/reference same-code-path property);
 3. throughput and MFU of ZeRO-3 bf16 training steps (DPO from cached reference log-probs), for the packed
    layout as training packs it (rows capped by `row_tokens_for`) and for the padded layout:
-   model FLOPs (pipeline.metrics.train_flops_per_token) / time / peak, against both a measured bf16 GEMM
+   model FLOPs (midpo.runtime.metrics.train_flops_per_token) / time / peak, against both a measured bf16 GEMM
    peak and the nominal dense bf16 peak given by --nominal-peak (H100 SXM: 989e12);
 4. with --prior-layers K: MI-DPO proper (loss.prior=learned, the marginal objective, a prior network of the
    policy's first K layers on its own ZeRO-3 engine, updated every step) on the same packed batches as the
@@ -70,14 +70,14 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from pipeline import dist as pdist
-    from pipeline.batching import collate_pairs, row_tokens_for
-    from pipeline.config import load_config
-    from pipeline.engine import PolicyLogps, build_policy_engine, ds_config_path, policy_logps, resolve_ds_config
-    from pipeline.logprobs import ResponseLogps
-    from pipeline.metrics import flop_params, measure_peak_flops, train_flops
-    from pipeline.models import resolve_attn
-    from pipeline.priors import build_prior
+    from midpo.config import load_config
+    from midpo.core.batching import collate_pairs, row_tokens_for
+    from midpo.core.logprobs import ResponseLogps
+    from midpo.core.priors import build_prior
+    from midpo.runtime import dist as pdist
+    from midpo.runtime.engine import PolicyLogps, build_policy_engine, ds_config_path, policy_logps, resolve_ds_config
+    from midpo.runtime.metrics import flop_params, measure_peak_flops, train_flops
+    from midpo.runtime.models import resolve_attn
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     pdist.init_distributed()
@@ -211,8 +211,8 @@ def dpo_steps(engine, batches: list, prior, cfg_loss, sync) -> tuple[list[float]
     """DPO training steps from the batches' "cached" reference log-probs -> (seconds of each step after the
     first 2, real tokens of those steps, their response (logit) tokens, their attention context
     (PairBatch.attention_context), the first step's loss)."""
-    from pipeline.engine import policy_logps
-    from pipeline.priors import PriorInputs, compute_loss
+    from midpo.core.priors import PriorInputs, compute_loss
+    from midpo.runtime.engine import policy_logps
 
     def step(i, b, ref):
         pol = policy_logps(engine, b)
@@ -232,13 +232,13 @@ def dpo_steps(engine, batches: list, prior, cfg_loss, sync) -> tuple[list[float]
 def time_mi_dpo(a, engine, cfg, hf, ref_dir: Path, batches: list, sync) -> dict:
     """Training steps of loss.prior=learned on `batches` (the DPO timing's): policy forward (flat detached
     logits on the prior's update steps), hook.before_loss (log zeta), loss, backward, step, hook.after_step
-    (the prior's own update) -- the order pipeline.train uses."""
+    (the prior's own update) -- the order midpo.stages.train uses."""
     import dataclasses
 
-    from pipeline.config import load_config
-    from pipeline.engine import policy_logps
-    from pipeline.mi_dpo_hook import build_midpo_hook
-    from pipeline.priors import PriorInputs, build_prior, compute_loss
+    from midpo.config import load_config
+    from midpo.core.priors import PriorInputs, build_prior, compute_loss
+    from midpo.runtime.engine import policy_logps
+    from midpo.train.prior_engine import build_midpo_hook
 
     lcfg = load_config(None, ["loss.prior=learned", "loss.beta=0.1", f"prior_net.num_layers={a.prior_layers}"])
     cfg = dataclasses.replace(cfg, prior_net=lcfg.prior_net)

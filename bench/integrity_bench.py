@@ -1,6 +1,6 @@
-"""Cost of the integrity checks that run whenever a cache split is opened (`pipeline.ref_cache.open_cache`):
-content hashes + row recount (`data_prep.integrity.split_damage`) and the value check
-(`pipeline.ref_cache.check_values`), on a synthetic reference cache of N rows written the way
+"""Cost of the integrity checks that run whenever a cache split is opened (`midpo.runtime.cache.open_cache`):
+content hashes + row recount (`midpo.runtime.integrity.split_damage`) and the value check
+(`midpo.runtime.cache.check_values`), on a synthetic reference cache of N rows written the way
 `midpo ref` writes it (`Dataset.save_to_disk`).
 
     python bench/integrity_bench.py --rows 100000 --mean-len 128 [--topk 0]
@@ -28,7 +28,7 @@ def list_column(lengths: np.ndarray, values: np.ndarray) -> pa.Array:
 def build(folder: Path, rows: int, mean_len: int, topk: int, seed: int = 0) -> dict:
     from datasets import Dataset
 
-    from data_prep.integrity import HASHES, hash_split
+    from midpo.runtime.integrity import HASHES, hash_split
 
     rng = np.random.default_rng(seed)
     cols: dict[str, pa.Array] = {"id": pa.array([f"r{i:08d}" for i in range(rows)]),
@@ -58,8 +58,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 
-    from data_prep.integrity import data_files, read_arrow, split_damage
-    from pipeline.ref_cache import check_values
+    from midpo.runtime.cache import check_values
+    from midpo.runtime.integrity import data_files, read_arrow, split_damage
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "train"

@@ -83,7 +83,7 @@ def run(root: Path, model: Path, name: str, prior: str, steps: int, threads: int
         f"  max_steps: {steps}\n  lr: 1.0e-4\n  export_at_end: false\n  ds_config: {ds_config}\n"
         f"  keep_last: 1\n  save_every: 0\n  eval_every: 0\n  log_every: 1\n  peak_flops: 1.0e11\n")
     metrics = run_dir / "logs" / "train_metrics.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--config", str(recipe)], env=env(threads),
+    proc = subprocess.Popen([sys.executable, "-m", "midpo.stages.train", "--config", str(recipe)], env=env(threads),
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     cpu, stderr = _cpu_per_step(proc, metrics, warmup)
     if proc.returncode != 0:
@@ -99,7 +99,7 @@ def flop_ratio(hf_config, prior_layers: int, prompt: float, response: float, upd
     backward 2x forward; attention scores, the KL's softmax and the optimizer left out). Per pair: the
     policy runs all layers on 2P+C+R tokens and the head on the C+R response tokens (DPO from the cache has
     no reference forward). The policy's head runs 3x its forward (forward, two backward matmuls), 4x when a
-    micro-batch's response tokens exceed one head chunk (`chunk`, pipeline.logprobs): the chunks are then
+    micro-batch's response tokens exceed one head chunk (`chunk`, midpo.core.logprobs): the chunks are then
     activation-checkpointed and recomputed -- except on the marginal prior's update steps, where its logits
     are kept for the KL (3x). The unconditioned prior runs its layers and the head on [BOS] + response per side
     (2+C+R): forward every step, backward only on its update steps (one in `update_every`)."""

@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO))
 
 
 def child(pairs: str, tok: str, out: str, num_proc: int) -> None:
-    from data_prep.prep import prepare
-    from pipeline.config import DataConfig
+    from midpo.config import DataConfig
+    from midpo.stages.prep import prepare
 
     cfg = DataConfig(max_prompt_tokens=96, max_length=160, eval_fraction=0.05, num_proc=num_proc, shard_rows=50_000)
     t0 = time.perf_counter()
@@ -48,9 +48,9 @@ def main() -> None:
         child(*args.child[:3], int(args.child[3]))
         return
 
-    from data_prep.synth_task import generate_pairs
-    from data_prep.synthetic import build_tiny_default
-    from pipeline.config import SynthConfig
+    from midpo.config import SynthConfig
+    from midpo.demo.synthetic import build_tiny_default
+    from midpo.demo.task import generate_pairs
 
     work = Path(args.work or tempfile.mkdtemp(prefix="prep_bench_"))
     paths = build_tiny_default(work / "synth", SynthConfig(n_pairs=2000))

@@ -32,8 +32,8 @@ def build(root: Path, pairs: int, hidden: int, layers: int, vocab: int, seed: in
     """Model folder + a stage-1 style data folder (train split only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from data_prep.arrow_shards import write_split
-    from pipeline.fingerprint import atomic_write_json, hash_json
+    from midpo.data.shards import write_split
+    from midpo.runtime.fingerprint import atomic_write_json, hash_json
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
@@ -80,10 +80,10 @@ def plain_loop(model_dir: Path, rows: list[dict], batch: int) -> float:
 
 
 def stage(model_dir: Path, data_dir: Path, out_root: Path, *, packing: bool, budget: int) -> float:
-    """Seconds of the whole single-process stage (`pipeline.reference.main`)."""
-    from pipeline.config import load_config
-    from pipeline.dist import free_port
-    from pipeline.reference import main
+    """Seconds of the whole single-process stage (`midpo.stages.ref.main`)."""
+    from midpo.config import load_config
+    from midpo.runtime.dist import free_port
+    from midpo.stages.ref import main
 
     run = out_root / f"run-{'packed' if packing else 'padded'}-{budget}"
     shutil.rmtree(run, ignore_errors=True)

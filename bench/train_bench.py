@@ -1,4 +1,4 @@
-"""Training throughput: midpo (`pipeline.train`, ZeRO-3, cached reference) vs TRL's DPOTrainer.
+"""Training throughput: midpo (`midpo.stages.train`, ZeRO-3, cached reference) vs TRL's DPOTrainer.
 
 Not a test; prints a table. Same Llama (hidden 256, 4 layers, 8 heads, 4 kv heads, vocab 2048), same
 data (512 sorting pairs, ~120 tokens per sequence), micro-batch 8, same step count, same threads.
@@ -70,8 +70,8 @@ def sorting_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def write_data(data_dir: Path, rows: list[dict], tok_fp: str) -> None:
-    from data_prep.arrow_shards import write_split
-    from pipeline.fingerprint import hash_json
+    from midpo.data.shards import write_split
+    from midpo.runtime.fingerprint import hash_json
 
     record = write_split(data_dir / "train", rows, max(1, -(-len(rows) // 2)), hash_json([tok_fp, len(rows)]))
     manifest = {"format_version": 1, "complete": True, "tokenizer": {"fingerprint": tok_fp},
@@ -83,7 +83,7 @@ def write_data(data_dir: Path, rows: list[dict], tok_fp: str) -> None:
 def build_base(root: Path, threads: int) -> tuple[Path, list[dict]]:
     """The benches' shared start: model, N_PAIRS sorting pairs as data, and their reference cache (the real
     `midpo ref` stage) under root/base; runs copy data/ and ref/ from there. -> (model folder, rows)."""
-    from pipeline.train import tokenizer_fp
+    from midpo.stages.train import tokenizer_fp
 
     model = build_model(root / "model")
     rows = sorting_pairs(N_PAIRS)
@@ -91,7 +91,7 @@ def build_base(root: Path, threads: int) -> tuple[Path, list[dict]]:
     recipe = root / "base" / "recipe.yaml"
     recipe.write_text(f"run_dir: {root / 'base'}\nmodel:\n  policy: {model}\n  dtype: fp32\n"
                       f"  attn_implementation: sdpa\nref:\n  micro_batch_tokens: 4096\n")
-    subprocess.run([sys.executable, "-m", "pipeline.reference", "--config", str(recipe)], env=env(threads),
+    subprocess.run([sys.executable, "-m", "midpo.stages.ref", "--config", str(recipe)], env=env(threads),
                    cwd=REPO, check=True, capture_output=True)
     return model, rows
 
@@ -132,7 +132,7 @@ def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, lay
     launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={world}"]
     t0 = time.perf_counter()
-    proc = subprocess.run(launcher + ["-m", "pipeline.train", "--config", str(recipe)], env=env(per_proc), cwd=REPO,
+    proc = subprocess.run(launcher + ["-m", "midpo.stages.train", "--config", str(recipe)], env=env(per_proc), cwd=REPO,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])
@@ -215,7 +215,7 @@ def main() -> None:
 
     import torch
 
-    from pipeline.metrics import measure_peak_flops
+    from midpo.runtime.metrics import measure_peak_flops
 
     def measure_peaks() -> dict[int, float]:
         """The MFU denominator: a 2048^3 fp32 GEMM per thread count a rank gets, best of 3 one-second tries

@@ -8,7 +8,7 @@
 #   MIDPO_SRUN_ARGS extra srun flags for the stage's step (e.g. "--cpu-bind=none"), word-split
 #
 # Per-task values (SLURM_PROCID, SLURM_LOCALID) are never expanded here: every task reads its own in
-# pipeline.dist.init_distributed(). Only job-wide values (MASTER_ADDR, MASTER_PORT) are set by the batch shell.
+# midpo.runtime.dist.init_distributed(). Only job-wide values (MASTER_ADDR, MASTER_PORT) are set by the batch shell.
 
 midpo_die() {
     echo "midpo slurm: error: $*" >&2
@@ -69,7 +69,7 @@ midpo_needs_synth() {
     local code answer
     code='import sys
 try:
-    from pipeline.config import load_config
+    from midpo.config import load_config
     cfg = load_config(sys.argv[1], sys.argv[2:])
 except Exception:  # a bad recipe: the stage itself reports it, with its own message
     print("unknown")

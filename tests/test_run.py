@@ -25,7 +25,7 @@ SMALL = ["synth.n_pairs=200", "synth.n_eval_prompts=20", "synth.n_onpolicy_promp
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("midpo_run") / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--config", "tiny", f"run_dir={out}", *SMALL,
+    cmd = [sys.executable, "-m", "midpo.cli", "run", "--config", "tiny", f"run_dir={out}", *SMALL,
            "--eval-prompts", "20"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"midpo run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"

@@ -1,6 +1,6 @@
 """Shared fixtures for stage-1 tests: one tiny default built once per session (300 pairs).
 
-Other test folders can reuse the builder, `data_prep.synthetic.build_tiny_default`, with TINY_SYNTH.
+Other test folders can reuse the builder, `midpo.demo.synthetic.build_tiny_default`, with TINY_SYNTH.
 Plain helpers live in prep_helpers.py.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import SynthConfig
+from midpo.config import SynthConfig
 
 TINY_SYNTH = dict(n_pairs=300, n_eval_prompts=40, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=2, num_kv_heads=1, max_position_embeddings=256)
@@ -18,7 +18,7 @@ TINY_SYNTH = dict(n_pairs=300, n_eval_prompts=40, hidden_size=32, intermediate_s
 
 @pytest.fixture(scope="session")
 def tiny_default(tmp_path_factory) -> dict[str, Path]:
-    from data_prep.synthetic import build_tiny_default
+    from midpo.demo.synthetic import build_tiny_default
 
     return build_tiny_default(tmp_path_factory.mktemp("tiny") / "synth", SynthConfig(**TINY_SYNTH))
 
@@ -46,7 +46,7 @@ def bbpe_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from data_prep.synthetic import CHAT_TEMPLATE, ROLE_TOKENS
+    from midpo.demo.synthetic import CHAT_TEMPLATE, ROLE_TOKENS
 
     rng = random.Random(0)
     words = ["sort", "reverse", "the", "apple", "naïve", "日本語", "😀", "def", "return", "    ", "\n", "3.14"]

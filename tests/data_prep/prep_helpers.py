@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.config import DataConfig
+from midpo.config import DataConfig
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -32,7 +32,7 @@ def read_rejects(out: Path) -> list[dict]:
 
 
 def all_rows(out: Path) -> list[dict]:
-    from data_prep.dataset_io import load_split
+    from midpo.runtime.prepared import load_split
 
     rows = []
     for split in ("train", "eval"):

@@ -8,8 +8,8 @@ import json
 import pytest
 from prep_helpers import write_jsonl
 
-from pipeline import cli
-from pipeline.config import DataConfig, load_config
+from midpo import cli
+from midpo.config import DataConfig, load_config
 
 
 def _help(capsys, *argv) -> str:

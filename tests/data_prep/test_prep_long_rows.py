@@ -1,4 +1,4 @@
-"""Over-long rows: tokenized from bounded windows (data_prep/tokenization.py), with the same result as
+"""Over-long rows: tokenized from bounded windows (midpo/data/tokenization.py), with the same result as
 tokenizing the whole texts and truncating, on both tokenizer families; memory bounded whatever one row holds."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from prep_helpers import all_rows, data_cfg, expected_ids, read_rejects, write_jsonl
 
-from data_prep.formats import RowReject, to_pair
-from data_prep.prep import prepare
-from data_prep.tokenization import Encoded, EncodeSettings, PairEncoder, Rejected
+from midpo.data.formats import RowReject, to_pair
+from midpo.data.tokenization import Encoded, EncodeSettings, PairEncoder, Rejected
+from midpo.stages.prep import prepare
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ["sort", "reverse", "the", "apple", "naïve", "日本語", "😀", "x", "    ", "\n", "!!", "3.14", "zq", "def"]
@@ -126,8 +126,8 @@ def test_the_tokenizer_never_sees_a_text_longer_than_the_window(tmp_path, tok_di
 RSS_SCRIPT = """
 import json, resource, sys
 from transformers import AutoTokenizer
-from data_prep.prep import prepare
-from pipeline.config import DataConfig
+from midpo.stages.prep import prepare
+from midpo.config import DataConfig
 cfg = DataConfig(eval_fraction=0.0, max_reject_fraction=1.0)
 AutoTokenizer.from_pretrained(sys.argv[2])  # imports and one tokenizer load before the baseline
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -10,11 +10,11 @@ import shutil
 import pytest
 from prep_helpers import all_rows, data_cfg, expected_ids, read_rejects, write_jsonl
 
-from data_prep import arrow_shards
-from data_prep.dataset_io import DataNotReady, load_split, read_manifest
-from data_prep.prep import prepare
-from data_prep.tokenization import is_eval
-from pipeline.config import DataConfig
+from midpo.config import DataConfig
+from midpo.data import shards as arrow_shards
+from midpo.data.tokenization import is_eval
+from midpo.runtime.prepared import DataNotReady, load_split, read_manifest
+from midpo.stages.prep import prepare
 
 
 def _synth_rows(tiny_default):
@@ -135,7 +135,7 @@ def test_rerun_is_a_noop_and_changed_input_rebuilds(tmp_path, tok_dir, caplog):
     out = tmp_path / "out"
     m1 = prepare(data_cfg(), [str(f)], tok_dir, out)
     stamp = (out / "manifest.json").stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="data_prep.prep"):
+    with caplog.at_level("INFO", logger="midpo.stages.prep"):
         m2 = prepare(data_cfg(), [str(f)], tok_dir, out)
     assert m2 == m1 and (out / "manifest.json").stat().st_mtime_ns == stamp
     assert "up to date" in caplog.text
@@ -203,7 +203,7 @@ def test_truncation_policies(tmp_path, tok_dir, sp):
 
 
 def test_parallel_workers_give_identical_output(tmp_path, tiny_default, prepared, monkeypatch):
-    from data_prep import prep
+    from midpo.stages import prep
 
     out, m, cfg = prepared
     monkeypatch.setattr(prep, "CHUNK_ROWS", 37)  # many chunks in flight, odd sizes
@@ -260,7 +260,7 @@ def test_damaged_or_edited_output_is_refused_then_rebuilt(tmp_path, tok_dir, cap
         load_split(out, "train")
     assert str(e.value).startswith(want) and str(e.value).endswith("; re-run `midpo prep --force`"), str(e.value)
     stamp = manifest.stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="data_prep.prep"):
+    with caplog.at_level("INFO", logger="midpo.stages.prep"):
         m2 = prepare(cfg, [str(f)], tok_dir, out)
     assert "up to date" not in caplog.text and f"{want}" in caplog.text and "rebuilding" in caplog.text
     assert manifest.stat().st_mtime_ns != stamp and m2["splits"] == m1["splits"]
@@ -268,7 +268,7 @@ def test_damaged_or_edited_output_is_refused_then_rebuilt(tmp_path, tok_dir, cap
 
 
 def test_force_rebuilds_a_complete_output(tmp_path, tok_dir, caplog):
-    from pipeline import cli
+    from midpo import cli
 
     f, out = _three_rows(tmp_path), tmp_path / "out"
     m1 = prepare(data_cfg(), [str(f)], tok_dir, out)

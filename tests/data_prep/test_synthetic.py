@@ -8,9 +8,9 @@ import random
 import pytest
 from conftest import TINY_SYNTH
 
-from data_prep import synth_task
-from data_prep.synthetic import build_tiny_default, check_answer, partial_credit
-from pipeline.config import SynthConfig
+from midpo.config import SynthConfig
+from midpo.demo import task as synth_task
+from midpo.demo.synthetic import build_tiny_default, check_answer, partial_credit
 
 
 def _pairs(n=400, seed=0, **kw):
@@ -187,7 +187,7 @@ def test_build_refuses_a_foreign_folder(tmp_path):
 
 def test_force_rebuilds_a_complete_build(tmp_path):
     """`midpo synth --force` rebuilds a complete folder (the manifest is rewritten); without it, a no-op."""
-    from pipeline import cli
+    from midpo import cli
 
     out = tmp_path / "s"
     small = ["synth.n_pairs=20", "synth.n_eval_prompts=3", "synth.n_onpolicy_prompts=3", "synth.hidden_size=16",

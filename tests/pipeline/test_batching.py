@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.batching import collate_pairs
+from midpo.core.batching import collate_pairs
 
 PAD = 0
 ROWS = [

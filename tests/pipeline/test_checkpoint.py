@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import _prune, latest_checkpoint, rng_state, set_rng_state, step_dir_name
+from midpo.runtime.checkpoint import _prune, latest_checkpoint, rng_state, set_rng_state, step_dir_name
 
 
 def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
@@ -46,7 +46,7 @@ def test_safe_loading_refuses_a_pickle_that_runs_code(tmp_path):
     make); safe_load refuses it, and inside safe_torch_load() that very DeepSpeed-style call is refused too."""
     from test_train_helpers import write_code_running_pickle
 
-    from pipeline.checkpoint import UnsafeCheckpointError, safe_load, safe_torch_load, unsafe_files
+    from midpo.runtime.checkpoint import UnsafeCheckpointError, safe_load, safe_torch_load, unsafe_files
 
     marker = tmp_path / "MARKER"
     (tmp_path / "ckpt").mkdir()
@@ -73,7 +73,7 @@ def test_deepspeed_optimizer_state_types_load_safely(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from pipeline.checkpoint import safe_load, unsafe_files
+    from midpo.runtime.checkpoint import safe_load, unsafe_files
 
     sd = {"optimizer_state_dict": {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0),
                                    "dyn": DynamicLossScaler(2.0 ** 16, 1000, 1.0, 2, False),
@@ -92,13 +92,13 @@ def test_deepspeed_optimizer_state_types_load_safely(tmp_path):
 
 
 def _cfg(*overrides: str):
-    from pipeline.config import load_config
+    from midpo.config import load_config
 
     return load_config(None, ["run_dir=/r", "train.micro_batch_size=2", "train.grad_accum=1", *overrides])
 
 
 def test_resume_differences_name_every_changed_key():
-    from pipeline.checkpoint import resume_differences
+    from midpo.runtime.checkpoint import resume_differences
 
     saved, state = _cfg(), {"world_size": 2, "step": 3, "total_steps": 6, "inputs": {"data": "d1", "reference": "r1"}}
     refused, accepted = resume_differences(saved, state, _cfg("loss.prior=simpo", "train.lr=1e-3",
@@ -119,8 +119,8 @@ def test_resume_differences_name_every_changed_key():
 
 
 def test_start_over_removes_only_what_training_wrote(tmp_path):
-    from data_prep.atomic_dir import OutputDirError, mark_output
-    from pipeline.checkpoint import start_over
+    from midpo.runtime.checkpoint import start_over
+    from midpo.runtime.files import OutputDirError, mark_output
 
     run = tmp_path / "run"
     ck = run / "checkpoints"
@@ -147,7 +147,7 @@ def test_start_over_removes_only_what_training_wrote(tmp_path):
 
 
 def test_update_saved_config_rewrites_only_changed_values(tmp_path):
-    from pipeline.config import save_config, update_saved_config
+    from midpo.config import save_config, update_saved_config
 
     path = save_config(_cfg(), tmp_path / "config.yaml")
     path.write_text(path.read_text())  # same text, new mtime: then the call must leave it alone

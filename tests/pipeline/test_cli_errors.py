@@ -1,8 +1,8 @@
-"""One error style for every stage (pipeline.cli.run_stage): a user error (a MidpoError) is one line on stderr,
+"""One error style for every stage (midpo.cli.run_stage): a user error (a MidpoError) is one line on stderr,
 `midpo <stage>: error: <message>`, exit code 1, no traceback; under torchrun each failing rank prints its line
 with its rank, and torchrun adds no traceback of its own; usage errors exit 2; a bug keeps its traceback.
 
-train and export run in this process through `pipeline.cli.main` (train on the session's process group, which
+train and export run in this process through `midpo.cli.main` (train on the session's process group, which
 it leaves alone); ref, torchrun and the bug run as real `midpo` processes.
 """
 
@@ -25,7 +25,7 @@ from test_train_helpers import (  # noqa: F401
     write_data,
 )
 
-from pipeline.cli import main
+from midpo.cli import main
 
 pytestmark = pytest.mark.usefixtures("process_group", "launcher_env_dropped")
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("process_group", "launcher_env_dropped")
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """A model, and a run folder whose data has a reference cache built for other inputs (a manifest only)."""
-    from pipeline.train import tokenizer_fp
+    from midpo.stages.train import tokenizer_fp
 
     root = tmp_path_factory.mktemp("cli_errors")
     model = make_model(root / "model")
@@ -81,7 +81,7 @@ def test_usage_error_exits_2(capsys):
 
 
 def _midpo(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline.cli", *args] if code is None else [sys.executable, "-c", code, *args]
+    cmd = [sys.executable, "-m", "midpo.cli", *args] if code is None else [sys.executable, "-c", code, *args]
     return subprocess.run(cmd, env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -105,8 +105,8 @@ def test_user_error_under_torchrun_names_each_rank(root):
 
 def test_a_bug_keeps_its_traceback(root):
     """Not a MidpoError (a ZeroDivisionError raised inside the export stage): the traceback is printed."""
-    bug = ("import sys, pipeline.checkpoint as c; c.latest_checkpoint = lambda root: 1 / 0; "
-           "from pipeline.cli import main; sys.exit(main(['export', *sys.argv[1:]]))")
+    bug = ("import sys, midpo.runtime.checkpoint as c; c.latest_checkpoint = lambda root: 1 / 0; "
+           "from midpo.cli import main; sys.exit(main(['export', *sys.argv[1:]]))")
     proc = _midpo("--config", recipe(root, "r", "run"), code=bug)
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr and "ZeroDivisionError" in proc.stderr

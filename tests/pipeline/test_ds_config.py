@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from pipeline.config import DS_CONFIGS_DIR, ConfigError, load_config
-from pipeline.engine import _walk, inference_ds_config, resolve_ds_config
+from midpo.config import DS_CONFIGS_DIR, ConfigError, load_config
+from midpo.runtime.engine import _walk, inference_ds_config, resolve_ds_config
 
 SHIPPED = sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json"))
 
@@ -72,7 +72,7 @@ def test_compile_with_zero3_is_refused(name, dtype):
 def test_prior_config_gets_its_own_stage_knobs():
     """prior_net.zero_stage differs from the policy's JSON: the prior's config carries that stage's bucket
     knobs, and the policy's train.compile (stage <= 2 only) does not apply to the uncompiled prior."""
-    from pipeline.mi_dpo_hook import prior_ds_config
+    from midpo.train.prior_engine import prior_ds_config
 
     cfg = load_config(None, ["train.ds_config=zero2_cpu_fp32", "model.dtype=fp32", "train.compile=true",
                              "prior_net.zero_stage=3", "prior_net.lr=3e-4"])
@@ -95,7 +95,7 @@ def test_equal_chunk_size_gives_every_rank_the_same_chunk_count(n_max):
     """Ranks with different response-token counts must call the output head the same number of times."""
     import math
 
-    from pipeline.engine import equal_chunk_size
+    from midpo.runtime.engine import equal_chunk_size
 
     k = math.ceil(n_max / 1024)
     for n in range(max(1, n_max - 300), n_max + 1):

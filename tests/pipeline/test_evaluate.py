@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from data_prep.synth_task import check_answer
-from pipeline.evaluate import interval95, paired_difference, read_prompts
-from pipeline.sft import collate_sft
+from midpo.demo.evaluate import interval95, paired_difference, read_prompts
+from midpo.demo.sft import collate_sft
+from midpo.demo.task import check_answer
 
 
 def test_right_answers_score_one_and_wrong_zero() -> None:

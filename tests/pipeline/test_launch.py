@@ -1,4 +1,4 @@
-"""A killed `midpo ref --nproc 2` launcher takes torchrun's agent and both workers with it (pipeline.launch).
+"""A killed `midpo ref --nproc 2` launcher takes torchrun's agent and both workers with it (midpo.runtime.launch).
 
 Killed during start-up, as in the reported hang: the launcher is killed as soon as the agent has started both
 workers. Cases: SIGKILL of the launcher (the agent gets SIGTERM from the kernel and stops its workers), SIGTERM
@@ -27,7 +27,7 @@ GONE_WITH_AGENT_S = 60.0  # agent killed too: a worker still importing goes when
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
-    from pipeline.train import tokenizer_fp
+    from midpo.stages.train import tokenizer_fp
 
     root = tmp_path_factory.mktemp("launch")
     model = make_model(root / "model")
@@ -53,7 +53,7 @@ def _alive(pid: int) -> bool:
 
 def _start_until_workers(recipe: Path, log: Path) -> tuple[subprocess.Popen, int, list[int]]:
     """`midpo ref --nproc 2` in a session of its own; returns once the agent has started both workers."""
-    cmd = [sys.executable, "-m", "pipeline.cli", "ref", "--config", str(recipe), "--nproc", "2"]
+    cmd = [sys.executable, "-m", "midpo.cli", "ref", "--config", str(recipe), "--nproc", "2"]
     proc = subprocess.Popen(cmd, env=clean_env(), cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 180
@@ -98,11 +98,11 @@ def test_killed_launcher_takes_agent_and_workers(recipe, tmp_path, how):
 def test_a_process_whose_parent_is_already_gone_takes_its_death_signal_at_once():
     """The race `die_with_parent` closes: the parent died before the child asked for its death signal (the child
     was re-parented): the child must not run on. Here the expected parent pid is not the real one."""
-    code = "import os, signal; from pipeline.launch import die_with_parent; die_with_parent(signal.SIGTERM, -1)"
+    code = "import os, signal; from midpo.runtime.launch import die_with_parent; die_with_parent(signal.SIGTERM, -1)"
     proc = subprocess.run([sys.executable, "-c", code + "; print('still running')"], env=clean_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGTERM and "still running" not in proc.stdout, proc.stderr
-    ok = "import os, signal; from pipeline.launch import die_with_parent; assert die_with_parent(signal.SIGTERM, "
+    ok = "import os, signal; from midpo.runtime.launch import die_with_parent; assert die_with_parent(signal.SIGTERM, "
     proc = subprocess.run([sys.executable, "-c", ok + "os.getppid()); print('still running')"], env=clean_env(),
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "still running" in proc.stdout, proc.stderr

@@ -1,8 +1,8 @@
-"""pipeline.links: every link against its published formula written here independently (scalar
+"""midpo.core.links: every link against its published formula written here independently (scalar
 arithmetic in 50-digit decimals from the standard library, one pair at a time, so the reference has
 no rounding or overflow to speak of), values and gradients (autograd vs central finite differences
 of that formula), on random inputs that include extreme margins; fp32 stability at log-ratios of
-+-1e4; the weighted combination; the registry's errors; and `sigmoid` == pipeline.losses.mi_dpo_loss
++-1e4; the weighted combination; the registry's errors; and `sigmoid` == midpo.core.losses.mi_dpo_loss
 (so moving DPO onto the link cannot change it).
 
 Notation: c = chosen log-ratio r_w, r = rejected log-ratio r_l, b = beta, x = b (c - r).
@@ -20,9 +20,9 @@ import pytest
 import torch
 from test_losses import batch
 
-from pipeline import links
-from pipeline.links import LINK_NAMES, LINKS, combine, get_link, link_loss
-from pipeline.losses import mi_dpo_loss
+from midpo.core import links
+from midpo.core.links import LINK_NAMES, LINKS, combine, get_link, link_loss
+from midpo.core.losses import mi_dpo_loss
 
 # --- the published formulas, in exact-enough decimal arithmetic ----------------------------------
 

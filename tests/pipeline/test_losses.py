@@ -1,4 +1,4 @@
-"""The generalized loss itself (pipeline.losses.mi_dpo_loss), against formulas written here."""
+"""The generalized loss itself (midpo.core.losses.mi_dpo_loss), against formulas written here."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.logprobs import ResponseLogps
-from pipeline.losses import METRIC_NAMES, implicit_reward_loss, mi_dpo_loss, reduce_metrics
+from midpo.core.logprobs import ResponseLogps
+from midpo.core.losses import METRIC_NAMES, implicit_reward_loss, mi_dpo_loss, reduce_metrics
 
 
 def rand_side(g, B, L, lens):

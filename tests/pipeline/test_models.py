@@ -1,4 +1,4 @@
-"""pipeline.models: the model-load log line counts the real parameters, also under ZeRO-3 (placeholders)."""
+"""midpo.runtime.models: the model-load log line counts the real parameters, also under ZeRO-3 (placeholders)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import logging
 import pytest
 from test_train_helpers import launcher_env_dropped, make_model, process_group  # noqa: F401
 
-from pipeline.config import ModelConfig
-from pipeline.models import load_model
+from midpo.config import ModelConfig
+from midpo.runtime.models import load_model
 
 pytestmark = pytest.mark.usefixtures("process_group", "launcher_env_dropped")
 
@@ -24,7 +24,7 @@ def test_param_count_under_zero3_is_the_real_count(tmp_path, caplog):
     want = sum(p.numel() for p in plain.parameters())  # 0.08M
     caplog.clear()
     keep = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})  # noqa: F841
-    with caplog.at_level(logging.INFO, logger="pipeline.models"):
+    with caplog.at_level(logging.INFO, logger="midpo.runtime.models"):
         z3 = load_model(path, cfg)
     del keep
     assert sum(p.numel() for p in z3.parameters()) < want  # placeholders: the case this test is about

@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from data_prep.synth_task import check_answer, render_answer, solve
-from pipeline.config import ConfigError, OnPolicyConfig
-from pipeline.onpolicy import build_pairs, sample_pairs
+from midpo.config import ConfigError, OnPolicyConfig
+from midpo.demo.onpolicy import build_pairs, sample_pairs
+from midpo.demo.task import check_answer, render_answer, solve
 
 SORT = {"prompt": "sort: 3 1 2", "task": "sort", "kind": "numbers", "items": ["3", "1", "2"]}
 REV = {"prompt": "reverse: a b", "task": "reverse", "kind": "words", "items": ["a", "b"]}
@@ -54,8 +54,8 @@ def test_gold_fallback_and_gold_only() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_default(tmp_path_factory):
-    from data_prep.synthetic import build_tiny_default
-    from pipeline.config import SynthConfig
+    from midpo.config import SynthConfig
+    from midpo.demo.synthetic import build_tiny_default
 
     cfg = SynthConfig(n_pairs=120, n_eval_prompts=20, n_onpolicy_prompts=12, hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=2, num_kv_heads=1, max_position_embeddings=256)
@@ -74,7 +74,7 @@ def test_synth_writes_fresh_onpolicy_prompts(tiny_default) -> None:
 def test_sample_never_writes_into_a_folder_it_did_not_write(tiny_default, tmp_path) -> None:
     """`midpo sample --out DIR` over a user's folder (holding a pairs.jsonl of its own) is refused before any
     sampling; it used to overwrite DIR/pairs.jsonl."""
-    from data_prep.atomic_dir import OutputDirError
+    from midpo.runtime.files import OutputDirError
 
     user = tmp_path / "mine"
     user.mkdir()
@@ -89,8 +89,8 @@ def test_sample_never_writes_into_a_folder_it_did_not_write(tiny_default, tmp_pa
 def test_sample_stage_end_to_end(tiny_default, tmp_path) -> None:
     """A tiny random model answers badly: pairs need `sample_or_gold`. The output is complete, every
     prompt is counted, rejected answers really fail the checker, and a re-run reuses the output."""
-    from data_prep.prep import prepare
-    from pipeline.config import DataConfig
+    from midpo.config import DataConfig
+    from midpo.stages.prep import prepare
 
     prompts = tiny_default["onpolicy_prompts"]
     cfg = OnPolicyConfig(enabled=True, samples=2, chosen="sample_or_gold", max_prompts=12, batch_size=8)

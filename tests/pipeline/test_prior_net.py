@@ -13,12 +13,12 @@ import math
 import pytest
 import torch
 
-from pipeline.batching import collate_pairs
-from pipeline.config import LossConfig, PriorNetConfig
-from pipeline.logprobs import response_logps
-from pipeline.mi_dpo_hook import torch_hook
-from pipeline.prior_net import prior_batch, prior_from_model, truncate_layers
-from pipeline.priors import PriorInputs, SidePair, build_prior, check_needs, compute_loss
+from midpo.config import LossConfig, PriorNetConfig
+from midpo.core.batching import collate_pairs
+from midpo.core.logprobs import response_logps
+from midpo.core.prior_net import prior_batch, prior_from_model, truncate_layers
+from midpo.core.priors import PriorInputs, SidePair, build_prior, check_needs, compute_loss
+from midpo.train.prior_engine import torch_hook
 
 V, PAD, BOS, EOS = 200, 0, 1, 2
 BETA = 0.1
@@ -384,7 +384,7 @@ def test_fused_head_terms_equal_autograd(softcap, objective):
     values bit-equal, gradients of the hidden states and of the head weight within 1e-6 relative.
     marginal: a weighted sum of KL(policy || zeta); logp_and_kl: log zeta and a second target's KL together
     (the general case the function supports). CPU fp32 (the suite has no GPU)."""
-    from pipeline.prior_net import _HeadTerms
+    from midpo.core.prior_net import _HeadTerms
 
     g = torch.Generator().manual_seed(0)
     m, H = 23, 16
@@ -422,8 +422,8 @@ def test_fused_head_terms_equal_autograd(softcap, objective):
 def test_prior_values_do_not_depend_on_the_row_budget(models):
     """The hook packs the unconditioned batch into rows of at most batching.row_tokens_for(prior) tokens
     (quadratic dense-mask attention otherwise): log zeta, entropy and KL equal the one-row layout's."""
-    from pipeline.batching import row_tokens_for
-    from pipeline.prior_net import PriorLM, flat_getter
+    from midpo.core.batching import row_tokens_for
+    from midpo.core.prior_net import PriorLM, flat_getter
 
     prior = PriorLM(prior_from_model(models["ref"], num_layers=1))
     batch = collate_pairs(rows(8, seed=4), layout="packed", pad_id=PAD)
@@ -456,7 +456,7 @@ def test_prior_chunks_are_equalized_over_ranks():
     """Under ZeRO-3 every head call is a collective: given the largest rank's per-side token counts, each side
     is cut into exactly ceil(max / chunk) chunks (some may be empty), covering its tokens once, in order,
     never straddling chosen/rejected; the prior's values do not depend on the cut."""
-    from pipeline.prior_net import PriorLM, _ranges, _side_token_counts
+    from midpo.core.prior_net import PriorLM, _ranges, _side_token_counts
 
     batch = collate_pairs(rows(3, seed=5), layout="packed", pad_id=PAD)
     nc, nr = _side_token_counts(batch)

@@ -27,12 +27,12 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from test_prior_net import BETA, PAD, llama, rows, train_step
 from transformers import AutoModelForCausalLM
-from pipeline import dist as pdist
-from pipeline.batching import collate_pairs
-from pipeline.config import Config, ModelConfig, PriorNetConfig, TrainConfig
-from pipeline.export import gather_engine_state_dict
-from pipeline.mi_dpo_hook import build_midpo_hook, export_prior_from_checkpoint, prior_ds_config, torch_hook
-from pipeline.prior_net import prior_from_model
+from midpo.runtime import dist as pdist
+from midpo.core.batching import collate_pairs
+from midpo.config import Config, ModelConfig, PriorNetConfig, TrainConfig
+from midpo.runtime.export import gather_engine_state_dict
+from midpo.train.prior_engine import build_midpo_hook, export_prior_from_checkpoint, prior_ds_config, torch_hook
+from midpo.core.prior_net import prior_from_model
 
 pdist.init_distributed()
 root = Path(sys.argv[1])

@@ -27,9 +27,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import LossConfig
-from pipeline.logprobs import ResponseLogps, topk_logprobs
-from pipeline.priors import (
+from midpo.config import LossConfig
+from midpo.core.logprobs import ResponseLogps, topk_logprobs
+from midpo.core.priors import (
     PRIOR_NAMES,
     PRIORS,
     PriorInputs,
@@ -387,5 +387,5 @@ def test_registry_and_options():
 
 
 def test_importing_losses_and_priors_does_not_import_deepspeed():
-    code = "import pipeline.losses, pipeline.priors, sys; assert 'deepspeed' not in sys.modules"
+    code = "import midpo.core.losses, midpo.core.priors, sys; assert 'deepspeed' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={"PYTHONPATH": str(REPO), "PATH": ""})

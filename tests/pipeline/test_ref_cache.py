@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.ref_cache import REF_COLUMNS, TOPK_COLUMNS, CacheMismatchError, join_cache, open_cache, verify_rows
+from midpo.runtime.cache import REF_COLUMNS, TOPK_COLUMNS, CacheMismatchError, join_cache, open_cache, verify_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_reference import make_rows, make_run, run_stage, write_data  # noqa: E402
@@ -104,7 +104,7 @@ def test_topk_cache_and_kl_approximation_error(tmp_path):
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
-    from pipeline.logprobs import per_token_kl, per_token_kl_topk, topk_logprobs
+    from midpo.core.logprobs import per_token_kl, per_token_kl_topk, topk_logprobs
 
     k = 8
     recipe = make_run(tmp_path, n_train=5, n_eval=2, extra=f"  topk: {k}\n")
@@ -161,7 +161,7 @@ def test_topk_cache_and_kl_approximation_error(tmp_path):
 
 def _open_train(run_dir: Path):
     """The open path `midpo train` uses: data + verified cache."""
-    from pipeline.train_data import open_split
+    from midpo.runtime.pairs import open_split
 
     return open_split(run_dir, "train", reference_fp="ref-fp-1", tokenizer_fp="tok-test-1")
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 from test_train_helpers import fake_ref_stage, flip_two_bytes, make_rows, write_data
 
-from pipeline.fingerprint import hash_token_ids
-from pipeline.reference import (
+from midpo.runtime.fingerprint import hash_token_ids
+from midpo.stages.ref import (
     PAUSE_ENV,
     assign_to_ranks,
     chunk_ranges,
@@ -67,7 +67,7 @@ def make_run(root: Path, *, n_train: int = 19, n_eval: int = 5, extra: str = "")
     return recipe
 
 
-def stage_cmd(recipe: Path, nproc: int, *overrides: str, module: str = "pipeline.reference") -> list[str]:
+def stage_cmd(recipe: Path, nproc: int, *overrides: str, module: str = "midpo.stages.ref") -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return (launcher if nproc > 1 else [sys.executable]) + ["-m", module, "--config", str(recipe), *overrides]
 
@@ -78,7 +78,7 @@ def stage_env(**extra: str) -> dict:
     return env
 
 
-def run_stage(recipe: Path, nproc: int = 1, *overrides: str, module: str = "pipeline.reference",
+def run_stage(recipe: Path, nproc: int = 1, *overrides: str, module: str = "midpo.stages.ref",
               timeout: int = 240) -> subprocess.CompletedProcess:
     proc = subprocess.run(stage_cmd(recipe, nproc, *overrides, module=module), env=stage_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
@@ -151,7 +151,7 @@ def test_manifest_written_last_and_complete(base):
     ref = root / "run" / "ref"
     m = json.loads((ref / "manifest.json").read_text())
     data_m = json.loads((root / "run" / "data" / "manifest.json").read_text())
-    from pipeline.models import model_fingerprint
+    from midpo.runtime.models import model_fingerprint
 
     assert m["data_fingerprint"] == data_m["fingerprint"]
     assert m["tokenizer_fingerprint"] == "tok-test-1"
@@ -226,7 +226,7 @@ def test_zero3_two_processes_via_midpo_cli(base, tmp_path):
     ZeRO-3 engine (all-gathers in every forward, uneven last chunk padded with dummy forwards)."""
     root, _, _ = base
     recipe = make_run(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "ref", "--config", str(recipe), "--nproc", "2",
+    proc = subprocess.run([sys.executable, "-m", "midpo.cli", "ref", "--config", str(recipe), "--nproc", "2",
                            "ref.zero3=true"], env=stage_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     m = json.loads((tmp_path / "run" / "ref" / "manifest.json").read_text())
@@ -269,7 +269,7 @@ def test_up_to_date_check_verifies_the_cache_and_rebuilds_it(tmp_path):
 def test_damaged_data_is_refused_not_nothing_to_do(tmp_path, damage):
     """`midpo ref` with a complete cache and damaged input data refuses naming the file (it cannot rebuild
     its input), instead of "nothing to do"; with ref/ deleted it does not rebuild the cache on the damage."""
-    from data_prep.dataset_io import DataDamaged
+    from midpo.runtime.prepared import DataDamaged
 
     data_dir = write_data(tmp_path / "data", {"train": make_rows(9, 1), "eval": make_rows(3, 2)})
     ref = tmp_path / "ref"
@@ -297,7 +297,9 @@ def test_damaged_data_is_refused_not_nothing_to_do(tmp_path, damage):
 
 def test_force_flag_reaches_ref_and_weights(tmp_path, monkeypatch):
     """`midpo ref|weights --force` (one process, or spawning torchrun) reaches the stage as force=True."""
-    from pipeline import cli, reference, token_weights
+    from midpo import cli
+    from midpo.stages import ref as reference
+    from midpo.stages import weights as token_weights
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"run_dir: {tmp_path / 'run'}\n")
@@ -311,5 +313,5 @@ def test_force_flag_reaches_ref_and_weights(tmp_path, monkeypatch):
         assert cli.main([stage, "--config", str(recipe)]) == 0
         assert cli.main([stage, "--config", str(recipe), "--force"]) == 0
         assert cli.main([stage, "--config", str(recipe), "--force", "--nproc", "2"]) == 0
-    mods = ("pipeline.reference", "pipeline.token_weights")
+    mods = ("midpo.stages.ref", "midpo.stages.weights")
     assert calls == [c for m in mods for c in ((m, False), (m, True), (m, [f"--config={recipe}", "--force"]))]

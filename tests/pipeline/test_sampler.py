@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.sampler import PairSampler
+from midpo.train.sampler import PairSampler
 
 
 def _steps(n, micro, accum, world, steps, seed=0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_train_helpers import flip_two_bytes, make_model, make_rows, write_data
 
-from pipeline.sft import _lr_at, collate_sft, sft_loss
+from midpo.demo.sft import _lr_at, collate_sft, sft_loss
 
 
 def test_lr_warms_up_then_decays_to_zero() -> None:
@@ -45,10 +45,10 @@ def test_sft_loss_scores_only_response_tokens() -> None:
 def test_sft_refuses_damaged_data_even_when_up_to_date_and_force_retrains(tmp_path) -> None:
     """The up-to-date check covers the data input (hashes re-checked: damaged data is refused, naming the
     file and `midpo prep --force`); `midpo sft --force` retrains an up-to-date output."""
-    from data_prep.dataset_io import DataDamaged
-    from pipeline import cli
-    from pipeline.config import load_config
-    from pipeline.sft import MANIFEST, train_sft
+    from midpo import cli
+    from midpo.config import load_config
+    from midpo.demo.sft import MANIFEST, train_sft
+    from midpo.runtime.prepared import DataDamaged
 
     model = make_model(tmp_path / "model", hidden=32, layers=1)
     data = write_data(tmp_path / "data", {"train": make_rows(8, 1), "eval": make_rows(2, 2)})

@@ -26,7 +26,7 @@ SMALL = ["synth.n_pairs=48", "synth.n_eval_prompts=4", "synth.n_onpolicy_prompts
 
 
 def midpo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=clean_env(), cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "midpo.cli", *args], env=clean_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -48,8 +48,8 @@ def run(tmp_path_factory) -> dict:
 
 
 def test_empty_eval_split_round_trips_and_training_runs_without_evaluation(run):
-    from data_prep.dataset_io import load_split
-    from pipeline.ref_cache import open_cache
+    from midpo.runtime.cache import open_cache
+    from midpo.runtime.prepared import load_split
 
     run_dir = run["dir"]
     data = json.loads((run_dir / "data" / "manifest.json").read_text())

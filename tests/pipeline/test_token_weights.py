@@ -1,4 +1,4 @@
-"""TIS-DPO token weights: the rank transform in closed form, and `pipeline.token_weights` end to end
+"""TIS-DPO token weights: the rank transform in closed form, and `midpo.stages.weights` end to end
 against an independent per-sequence computation with two tiny contrastive models."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.token_weights import average_ranks, rank_weights, tis_scores
+from midpo.stages.weights import average_ranks, rank_weights, tis_scores
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_reference import make_model, make_run, naive_response_logps, run_stage  # noqa: E402
@@ -33,7 +33,7 @@ def test_weights_stage_matches_independent_computation(tmp_path):
     recipe = make_run(tmp_path, n_train=7, n_eval=2)
     fwd, rev = make_model(tmp_path / "fwd", seed=11), make_model(tmp_path / "rev", seed=12)
     run_stage(recipe, 1, f"ref.weights_forward={fwd}", f"ref.weights_reverse={rev}", "ref.weights_min=0.5",
-              module="pipeline.token_weights")
+              module="midpo.stages.weights")
     out = tmp_path / "run" / "weights"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["weights_min"] == 0.5 and manifest["splits"]["train"]["rows"] == 7

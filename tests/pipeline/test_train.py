@@ -135,7 +135,7 @@ def test_compiled_equals_eager(base):
     recipe, run = _fresh_run(base, "compiled", share_prompt="true", ds_config="zero2_cpu_fp32", compile="true",
                              save_every=0, eval_every=0)
     proc = run_train(recipe, 1, timeout=600, MIDPO_PROFILE_STEPS="2:3")
-    prof = (run / "logs" / "profile_rank0.txt").read_text()  # the opt-in profiler window (pipeline.profiling)
+    prof = (run / "logs" / "profile_rank0.txt").read_text()  # the opt-in profiler window (midpo.runtime.profiling)
     assert prof.startswith("steps 2-3 (2 steps)") and "aten::mm" in prof and (run / "logs" / "profile_rank0.json").exists()
     m = re.search(r"torch.compile: (\d+) graphs, (\d+) graph breaks", proc.stderr)
     assert m and int(m.group(1)) >= 1, proc.stderr[-3000:]
@@ -247,7 +247,7 @@ def test_export_reloads_and_equals_zero3_weights(base):
 def test_tensorboard_has_the_tags(base):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from pipeline.train import TRAIN_TAGS
+    from midpo.stages.train import TRAIN_TAGS
 
     acc = EventAccumulator(str(base["run1"] / "tensorboard"))
     acc.Reload()
@@ -270,7 +270,7 @@ def test_resume_on_another_process_count(base):
     rows of every step are the same as in the uninterrupted runs; losses and final weights equal the uninterrupted
     1-process run within 1e-5, the bound to which the 2- and 1-process runs agree (their state at step 3 differs by
     the gradient reduction order). The per-rank RNG streams are not restored (no dropout here: nothing reads them)."""
-    from data_prep.atomic_dir import written_by_midpo
+    from midpo.runtime.files import written_by_midpo
 
     recipe, run = resume_copy(base["run2"], 3, base["root"] / "reshard", base["model"])  # accum 2, as run1
     proc = run_train(recipe, 1)
@@ -313,8 +313,8 @@ def test_finished_run_relaunch_changed_config_and_force(base):
     """A finished run relaunched with the same config does nothing (export/ and config.yaml untouched); with a
     changed config (`loss.prior=simpo train.lr=1e-4`) it is refused, naming each key old -> new, and nothing is
     written; `midpo train --force` removes this run's training outputs and trains from step 0 with the new config."""
-    from data_prep.atomic_dir import OUTPUT_MARKER
-    from pipeline.config import load_config, save_config
+    from midpo.config import load_config, save_config
+    from midpo.runtime.files import OUTPUT_MARKER
 
     d = base["root"] / "relaunch"
     run = d / "run"

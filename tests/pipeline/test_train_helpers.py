@@ -56,8 +56,8 @@ def make_rows(n: int, seed: int, vocab: int = VOCAB, max_len: int = 12) -> list[
 
 def write_data(data_dir: Path, splits: dict[str, list[dict]], tokenizer_fp: str = "tok-test-1") -> Path:
     """Stage-1 output written by prep's own split writer (two shards per split, content hashes recorded)."""
-    from data_prep.arrow_shards import write_split
-    from pipeline.fingerprint import hash_json, hash_token_ids
+    from midpo.data.shards import write_split
+    from midpo.runtime.fingerprint import hash_json, hash_token_ids
 
     counts = {}
     for split, rows in splits.items():
@@ -80,7 +80,7 @@ def fake_logps(row: dict, side: str) -> np.ndarray:
 
 def fake_score(rows: list[dict], topk: int = 0) -> list[dict]:
     """The reference stage's per-row records from `fake_logps` (top-k: ids 3.., log-probs below the row's)."""
-    from pipeline.reference import row_tokens_hash
+    from midpo.stages.ref import row_tokens_hash
 
     out = []
     for r in rows:
@@ -101,7 +101,7 @@ def fake_ref_stage(ref_dir: Path, data_dir: Path, *, reference_fp: str = "ref-fp
                    splits: tuple[str, ...] = ("train", "eval"), force: bool = False, score=None) -> dict | None:
     """`midpo ref`'s chunked engine and writer (`reference.run_stage`, in this process) with `fake_score`
     instead of a model: the real manifest, content hashes and checks. None when skipped as up to date."""
-    from pipeline.reference import REF_SCHEMA, TOPK_SCHEMA, StageSpec, run_stage
+    from midpo.stages.ref import REF_SCHEMA, TOPK_SCHEMA, StageSpec, run_stage
 
     data_m = json.loads((data_dir / "manifest.json").read_text())
     plan = {"data_fingerprint": data_m["fingerprint"], "tokenizer_fingerprint": data_m["tokenizer"]["fingerprint"],
@@ -116,7 +116,7 @@ def fake_ref_stage(ref_dir: Path, data_dir: Path, *, reference_fp: str = "ref-fp
 def reseal(out_dir: Path, split: str) -> None:
     """Record `split`'s current files (hashes, rows) in `out_dir/manifest.json` as its writer would: for tests
     that change a split on purpose and want only what comes after the hash check to judge it."""
-    from data_prep.integrity import HASHES, count_rows, hash_split
+    from midpo.runtime.integrity import HASHES, count_rows, hash_split
 
     m = json.loads((out_dir / "manifest.json").read_text())
     m["splits"][split] = {**m["splits"].get(split, {}), "rows": count_rows(out_dir / split),
@@ -130,7 +130,7 @@ def rewrite_split(out_dir: Path, split: str, change) -> None:
 
     from datasets import Dataset, load_from_disk
 
-    from data_prep.atomic_dir import OUTPUT_MARKER
+    from midpo.runtime.files import OUTPUT_MARKER
 
     path = out_dir / split
     ds = load_from_disk(str(path))
@@ -184,7 +184,7 @@ def recipe_text(run_dir: Path, model: Path, **train) -> str:
 
 def make_run(root: Path, *, n_train: int = 24, n_eval: int = 10, **train) -> Path:
     """Model, data, reference cache; returns the recipe path. The cache is built by the real stage 2."""
-    from pipeline.train import tokenizer_fp
+    from midpo.stages.train import tokenizer_fp
 
     root.mkdir(parents=True, exist_ok=True)
     model = make_model(root / "model")
@@ -198,14 +198,14 @@ def make_run(root: Path, *, n_train: int = 24, n_eval: int = 10, **train) -> Pat
 
 
 def build_cache(recipe: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.reference", "--config", str(recipe)], env=clean_env(),
+    proc = subprocess.run([sys.executable, "-m", "midpo.stages.ref", "--config", str(recipe)], env=clean_env(),
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"reference stage failed:\n{proc.stderr[-4000:]}"
 
 
 def train_cmd(recipe: Path, nproc: int, *overrides: str) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return (launcher if nproc > 1 else [sys.executable]) + ["-m", "pipeline.train", "--config", str(recipe),
+    return (launcher if nproc > 1 else [sys.executable]) + ["-m", "midpo.stages.train", "--config", str(recipe),
                                                             *overrides]
 
 
@@ -223,7 +223,7 @@ def resume_copy(src_run: Path, step: int, dst: Path, model: Path, **train) -> tu
     (as if that run had been stopped there), and a recipe for it with `train` settings; returns (recipe, run)."""
     import shutil
 
-    from pipeline.checkpoint import step_dir_name
+    from midpo.runtime.checkpoint import step_dir_name
 
     run = dst / "run"
     for sub in ("data", "ref", "logs"):
@@ -253,7 +253,7 @@ def write_code_running_pickle(path: Path, marker: Path) -> Path:
 
 def run_midpo(*args: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
     """`midpo ARGS...` (the console entry point) in a subprocess; the caller checks the outcome."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=clean_env(**env), cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "midpo.cli", *args], env=clean_env(**env), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -336,7 +336,7 @@ def process_group():
     the module `usefixtures("process_group")`). DeepSpeed keeps module-level references to the group, so a
     second init after destroy_process_group fails: init is idempotent and the group is destroyed only at
     session end, whichever modules use it and in whatever order."""
-    from pipeline import dist as pdist
+    from midpo.runtime import dist as pdist
 
     pdist.init_distributed()
     yield
@@ -346,7 +346,7 @@ def process_group():
 @pytest.fixture(scope="module")
 def launcher_env_dropped():
     """At the end of the module: drop the launcher variables that running a stage in this process left in
-    os.environ (pipeline.dist.init_distributed sets RANK, MASTER_PORT...). A later module's subprocess that
+    os.environ (midpo.runtime.dist.init_distributed sets RANK, MASTER_PORT...). A later module's subprocess that
     inherited them would join this process's rendezvous port instead of starting its own. The process group
     stays (a later in-process init finds it and sets the variables again)."""
     yield

@@ -117,7 +117,7 @@ def test_learned_prior_resume_on_another_process_count(learned):
     """The policy's and the prior engine's ZeRO-3 partitions of 2 processes, resumed by 1 (global batch 4 kept:
     accum 1 -> 2): both are converted to universal checkpoints and loaded; the run then equals the uninterrupted
     1-process run within 1e-5 (the bound of 2 vs 1 processes: reduction order), rows included."""
-    from data_prep.atomic_dir import written_by_midpo
+    from midpo.runtime.files import written_by_midpo
 
     recipe, run = resume_copy(learned["run2"], 3, learned["root"] / "reshard", learned["model"], **TRAIN)
     run_train(recipe, 1, *LEARNED, MIDPO_LOGIT_CHUNK="8")
@@ -137,7 +137,7 @@ def test_midpo_export_writes_policy_and_prior(learned):
     """`midpo export` (offline, from the latest checkpoint) replaces <out> as a whole: it must write the prior
     again from ckpt/prior, after the policy, or the run's prior export is gone."""
     run = learned["run1"]
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--config", str(learned["recipe1"])],
+    proc = subprocess.run([sys.executable, "-m", "midpo.cli", "export", "--config", str(learned["recipe1"])],
                           env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "export" / "prior" / "config.json").exists()

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from test_train_helpers import build_cache, make_run, process_group, read_jsonl, recipe_text  # noqa: F401
 
-from pipeline.config import load_config
+from midpo.config import load_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("process_group")]
 
@@ -51,7 +51,7 @@ def _copy_run(base: dict, name: str, *, cache: bool = True, **train) -> tuple[Pa
 
 
 def _train(recipe: Path, *overrides: str) -> dict:
-    from pipeline.train import main
+    from midpo.stages.train import main
 
     return main(load_config(recipe, ["train.export_at_end=false", *overrides]))
 
@@ -75,7 +75,7 @@ def _first_batch_rows(run: Path) -> list[dict]:
     """Step 1's global batch (micro 2 x accum 2, one process; the sampler is deterministic)."""
     from datasets import load_from_disk
 
-    from pipeline.sampler import PairSampler
+    from midpo.train.sampler import PairSampler
 
     data = load_from_disk(str(run / "data" / "train"))
     s = PairSampler(len(data), micro_batch_size=2, grad_accum=2, world_size=1, rank=0, seed=0)
@@ -88,8 +88,8 @@ def _kl_gap(policy_dir: Path, ref_dir: Path, rows: list[dict], k: int) -> np.nda
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.batching import collate_pairs
-    from pipeline.logprobs import per_token_kl, per_token_kl_topk, response_logps, topk_logprobs
+    from midpo.core.batching import collate_pairs
+    from midpo.core.logprobs import per_token_kl, per_token_kl_topk, response_logps, topk_logprobs
 
     batch = collate_pairs(rows, layout="packed", pad_id=0)
     with torch.no_grad():
@@ -189,9 +189,9 @@ def test_sparsepo_online_trains_its_mask_network_and_resumes_it(online_run):
 
 
 def test_online_reference_serves_what_no_cache_can(online_run):
-    from pipeline.priors import check_needs
-    from pipeline.train import available_inputs
-    from pipeline.train_data import PairSplit
+    from midpo.core.priors import check_needs
+    from midpo.runtime.pairs import PairSplit
+    from midpo.stages.train import available_inputs
 
     split = PairSplit("train", data=None, cache=None)
     check_needs("sparsepo", available_inputs(split, online_reference=True))

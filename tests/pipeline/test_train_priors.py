@@ -26,7 +26,7 @@ from test_train_helpers import (  # noqa: F401
     rewrite_split,
 )
 
-from pipeline.config import load_config
+from midpo.config import load_config
 
 # one gloo group for all in-process runs (shared with test_train_online; `main` leaves a caller's group alone)
 pytestmark = pytest.mark.usefixtures("process_group")
@@ -58,7 +58,7 @@ def _copy_run(prior_run: dict, name: str) -> tuple[Path, Path]:
 
 
 def _train(recipe: Path, *overrides: str) -> dict:
-    from pipeline.train import main
+    from midpo.stages.train import main
 
     return main(load_config(recipe, ["train.export_at_end=false", *overrides]))
 
@@ -67,7 +67,7 @@ def _first_batch(run: Path) -> list[dict]:
     """The cached rows of step 1's global batch (the sampler is deterministic)."""
     from datasets import load_from_disk
 
-    from pipeline.sampler import PairSampler
+    from midpo.train.sampler import PairSampler
 
     data = load_from_disk(str(run / "data" / "train"))
     cache = load_from_disk(str(run / "ref" / "train"))
@@ -145,7 +145,7 @@ def test_tisdpo_without_weights_is_refused(prior_run):
 
 
 def test_cache_of_another_reference_is_refused(prior_run):
-    from pipeline.ref_cache import CacheMismatchError
+    from midpo.runtime.cache import CacheMismatchError
 
     recipe, _ = _copy_run(prior_run, "otherref")
     other = make_model(prior_run["root"] / "other_model", seed=7)
@@ -154,7 +154,7 @@ def test_cache_of_another_reference_is_refused(prior_run):
 
 
 def test_data_of_another_tokenizer_is_refused(prior_run):
-    from pipeline.ref_cache import CacheMismatchError
+    from midpo.runtime.cache import CacheMismatchError
 
     recipe, _ = _copy_run(prior_run, "othertok")
     other = make_model(prior_run["root"] / "other_tok", seed=0, tokenizer_extra=5)
@@ -164,7 +164,7 @@ def test_data_of_another_tokenizer_is_refused(prior_run):
 
 def test_probe_stops_a_cache_that_does_not_match_the_policy(prior_run):
     """Same fingerprints, wrong values (what a dtype/attention/template mismatch looks like): the probe stops it."""
-    from pipeline.train import TrainError
+    from midpo.stages.train import TrainError
 
     recipe, run = _copy_run(prior_run, "badvalues")
 
@@ -180,7 +180,7 @@ def test_probe_stops_a_cache_that_does_not_match_the_policy(prior_run):
 
 
 def test_nan_steps_are_skipped_counted_and_stop_the_run(prior_run, monkeypatch):
-    from pipeline.train import NAN_ENV, TrainError
+    from midpo.stages.train import NAN_ENV, TrainError
 
     recipe, run = _copy_run(prior_run, "nan")
     monkeypatch.setenv(NAN_ENV, "2")

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from pipeline.schedule import lr_multiplier, warmup_steps
-from pipeline.train import eval_plan
+from midpo.stages.train import eval_plan
+from midpo.train.schedule import lr_multiplier, warmup_steps
 
 
 def test_warmup_then_cosine_to_zero():
@@ -33,7 +33,7 @@ def test_eval_plan_covers_every_row_once_in_lockstep(n, micro, world):
 
 
 def test_profile_window_parsing():
-    from pipeline.profiling import parse_window
+    from midpo.runtime.profiling import parse_window
 
     assert parse_window(None) is None and parse_window("") is None
     assert parse_window("3:7") == (3, 7) and parse_window("5:5") == (5, 5)

@@ -24,13 +24,13 @@ def test_two_node_job_runs_one_task_per_node(slurm_cluster, tmp_path):
 
 
 def test_srun_gloo_all_reduce_from_slurm_env(slurm_cluster, tmp_path):
-    """2 srun tasks on 2 nodes meet through pipeline.dist.init_distributed(): no RANK/MASTER_ADDR given."""
+    """2 srun tasks on 2 nodes meet through midpo.runtime.dist.init_distributed(): no RANK/MASTER_ADDR given."""
     script = tmp_path / "allreduce.py"
     script.write_text(textwrap.dedent("""
         import os
         import torch
         import torch.distributed as dist
-        from pipeline.dist import cleanup, init_distributed
+        from midpo.runtime.dist import cleanup, init_distributed
 
         rank, world, local = init_distributed(timeout_minutes=1)
         t = torch.tensor([float(rank + 1)])

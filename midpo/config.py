@@ -1,0 +1,474 @@
+"""Typed run configuration: dataclass defaults < YAML recipe < `key.sub=value` CLI overrides.
+
+One `Config` describes a whole run; every stage reads the same resolved config and writes only
+inside `cfg.run_dir`. The resolved config is saved into the run folder (and every checkpoint) so
+a run can always be reproduced from its own folder.
+
+Each field's docstring-comment is the help text users see; `__post_init__` rejects contradictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from midpo.errors import MidpoError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+RECIPES_DIR = PACKAGE_DIR / "recipes"  # shipped as package data (pyproject.toml)
+DS_CONFIGS_DIR = PACKAGE_DIR / "ds_configs"
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(MidpoError, ValueError):
+    """A recipe or override that cannot be turned into a valid Config."""
+
+
+@dataclass
+class SynthConfig:
+    """The embedded default: a verifiable preference task, a local tokenizer and a tiny Llama."""
+
+    n_pairs: int = 2000  # preference pairs to generate
+    seed: int = 0
+    min_items: int = 3  # list length range of the task prompts
+    max_items: int = 8
+    tasks: list[str] = field(default_factory=lambda: ["sort", "reverse", "dedupe"])
+    vocab_size: int = 512  # sentencepiece vocabulary (byte fallback on)
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 512
+    n_eval_prompts: int = 200  # held-out prompts (disjoint seed) for generation-based evaluation
+    n_onpolicy_prompts: int = 0  # fresh prompts (unseen by SFT, disjoint from eval) for on-policy sampling
+
+
+@dataclass
+class DataConfig:
+    """Stage 1 (`midpo prep`): raw preference files -> tokenized sharded Arrow + manifest."""
+
+    inputs: list[str] = field(default_factory=list)  # paths or globs; empty = the synthetic default
+    format: str = "auto"  # auto | standard | conversational | implicit | hh
+    tokenizer: str | None = None  # tokenizer folder; default: the policy model's folder
+    max_prompt_tokens: int = 256  # prompts longer than this keep their END
+    max_length: int = 512  # prompt + longest response, in tokens
+    response_overflow: str = "drop"  # drop | truncate: what to do with over-long responses
+    eval_fraction: float = 0.05  # deterministic by row id
+    shard_rows: int = 50_000  # rows per Arrow shard
+    num_proc: int = 1  # tokenization worker processes
+    max_reject_fraction: float = 0.05  # fail above this fraction of unusable rows (duplicates not counted), in [0, 1]
+    dedup: bool = True  # reject repeats of a pair (same row id), keeping the first
+    system_prompt: str | None = None  # prepended as a system message when the input has none
+    prompt_overflow: str = "truncate"  # truncate (keep the END, BOS kept) | drop: prompts over max_prompt_tokens
+
+    def __post_init__(self) -> None:
+        if self.prompt_overflow not in ("drop", "truncate"):
+            raise ConfigError(f"data.prompt_overflow must be drop or truncate, got {self.prompt_overflow!r}")
+        if self.response_overflow not in ("drop", "truncate"):
+            raise ConfigError(f"data.response_overflow must be drop or truncate, got {self.response_overflow!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_prompt_tokens >= self.max_length:
+            raise ConfigError("data.max_prompt_tokens must be smaller than data.max_length")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ConfigError(f"data.max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
+
+
+@dataclass
+class ModelConfig:
+    """Which models the stages load, and how."""
+
+    policy: str | None = None  # HF folder; default: <run_dir>/sft (or <run_dir>/model for the tiny default)
+    reference: str | None = None  # HF folder of pi_ref; default: the policy's initial weights
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    attn_implementation: str = "auto"  # auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager
+    trust_remote_code: bool = False  # never on unless the recipe says so
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SftConfig:
+    """A minimal supervised warm start on the chosen responses (`midpo sft`), so the reference of the
+    embedded default can answer at all before preference training. Single process; steps=0 skips it."""
+
+    steps: int = 0  # optimizer steps; 0 = no SFT stage
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    # torch intra-op threads of this single-process stage (and of `midpo run`'s generation eval); 0 =
+    # torch's default (all cores). 1 by default: a tiny model gains little from a second thread, and
+    # with any other process on the cores OpenMP's spin-waiting makes 2 threads up to ~20x slower.
+    num_threads: int = 1
+
+
+@dataclass
+class LossConfig:
+    """The generalized MI-DPO loss and the prior that specializes it (see docs/algorithms.md)."""
+
+    prior: str = "dpo"  # a name from midpo.core.priors.PRIORS
+    beta: float | None = None  # a = beta_X of the recovered algorithm; None = the prior's official default (0.1; simpo 2.0)
+    label_smoothing: float = 0.0  # cDPO, in [0, 0.5)
+    sft_weight: float = 0.0  # weight of a token-mean NLL term on the chosen response
+    options: dict[str, Any] = field(default_factory=dict)  # prior-specific (gamma_beta_ratio, c, r, alpha, ...)
+
+    def __post_init__(self) -> None:
+        if self.beta is not None and not self.beta > 0:
+            raise ConfigError(f"loss.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"loss.sft_weight must be >= 0, got {self.sft_weight}")
+
+
+@dataclass
+class RefConfig:
+    """Stage 2 (`midpo ref`): the offline per-token reference cache."""
+
+    micro_batch_tokens: int = 4096  # token budget of one forward
+    packing: bool = True  # packed (padding-free) or length-bucketed padded batches
+    zero3: bool = False  # shard the reference with ZeRO-3 inference when it does not fit one device
+    topk: int = 0  # >0: also cache the top-k of the reference distribution per response token
+    rows_per_shard: int = 2048  # resume granularity
+    # TIS-DPO token weights (`midpo weights`): two contrastive models scored on the same data
+    weights_forward: str | None = None  # HF folder of the forward DPO model (trained on chosen > rejected)
+    weights_reverse: str | None = None  # HF folder of the reverse DPO model (trained on rejected > chosen)
+    weights_min: float = 0.7  # rank-based mapping of per-token scores into [weights_min, weights_max]
+    weights_max: float = 1.3
+
+
+@dataclass
+class TrainConfig:
+    """Stage 3 (`midpo train`)."""
+
+    ds_config: str = "auto"  # a file in ds_configs/ or a path; auto = zero3_bf16 on CUDA, zero3_cpu_fp32 on CPU
+    micro_batch_size: int = 8  # pairs per micro-batch per rank
+    grad_accum: int = 1
+    max_steps: int = -1  # optimizer steps; -1 = epochs * steps per epoch
+    epochs: int = 1
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    packing: bool = True
+    # One row per pair, prompt + chosen + rejected: the prompt is computed once for both responses (saves
+    # P of 2P+C+R tokens per pair); a dense 4-D mask, so sdpa/eager only. Takes precedence over `packing`.
+    share_prompt: bool = False
+    # torch.compile the policy's decoder stack (Inductor; fused norms/activations/rotary around the GEMMs).
+    # ZeRO stage <= 2 only (ZeRO-3's per-module gather hooks do not trace). The first steps pay the compile
+    # (~20-60 s on CPU: one graph per grad mode, one more when the sequence length first changes).
+    compile: bool = False
+    eval_every: int = 0  # steps; 0 = only at the end
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    peak_flops: float = 0.0  # per device, for MFU; 0 = measure a GEMM at start
+    online_reference: bool = False  # run pi_ref beside the policy instead of reading the cache
+    seed: int = 0
+    log_every: int = 1  # steps between metric reductions/log lines (TensorBoard, progress bar, jsonl)
+    probe_rows: int = 8  # cached rows re-scored at start when the policy IS the reference (0 = off)
+    probe_tolerance: float = 0.0  # max mean |policy - cached| per-token log-prob; 0 = auto (fp32 1e-4, bf16/fp16 2e-2)
+    export_at_end: bool = True  # write <run_dir>/export (HF folder) when training finishes
+    record_rows: bool = True  # append each step's row ids (all ranks) to <run_dir>/logs/consumed_rows.jsonl
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+        if self.log_every < 1:
+            raise ConfigError("train.log_every must be >= 1")
+
+
+@dataclass
+class PriorNetConfig:
+    """The learnable token-level prior network of MI-DPO proper."""
+
+    objective: str = "marginal"  # marginal | joint
+    init: str = "reference"  # reference | <HF folder>
+    num_layers: int = 0  # 0 = all of the init model's layers, k = its first k layers
+    condition_on_prompt: bool = False
+    lr: float = 1e-5
+    # Update the prior on every k-th policy step. A speed knob: the other steps only run the prior's no-grad
+    # forward for log zeta, and (marginal) the policy forward skips its logits. The prior then trails the
+    # policy by up to k steps (fewer alternating steps toward the marginal); bench/midpo_vs_dpo.py --update-every.
+    update_every: int = 1
+    warmup_steps: int = 0  # linear lr warmup over the prior's first updates
+    anchor: str = "kl_init"  # joint objective's anchor: kl_init | nll
+    anchor_weight: float = 1.0
+    zero_stage: int = 3
+    start_step: int = 0  # policy steps before the prior's first update (it stays at its init until then)
+    bos_token_id: int | None = None  # context token of the unconditioned prior; None = the init model's bos_token_id
+    chunk_size: int = 1024  # response tokens per full-vocab chunk (prior logits, KL)
+
+
+@dataclass
+class OnPolicyConfig:
+    """On-policy pairs (`midpo sample`): the start model answers the training prompts, the task checker
+    labels the answers, and its wrong answers become the rejected responses. Needs a verifiable task
+    (the embedded default); `midpo run` uses it when `enabled`."""
+
+    enabled: bool = False
+    prompts: str | None = None  # JSONL of prompt + task record; None = <run_dir>/synth/onpolicy_prompts.jsonl
+    samples: int = 4  # answers per prompt
+    temperature: float = 1.0
+    pairs_per_prompt: int = 1  # distinct wrong answers kept per prompt (most frequent first)
+    chosen: str = "sample"  # sample (a correct sample; prompts without one skipped) | sample_or_gold | gold (the solution)
+    max_prompts: int = 0  # 0 = every prompt of the input file
+    batch_size: int = 64  # prompts per generate call
+
+    def __post_init__(self) -> None:
+        if self.chosen not in ("sample", "sample_or_gold", "gold"):
+            raise ConfigError(f"onpolicy.chosen must be sample, sample_or_gold or gold, got {self.chosen!r}")
+        if self.samples < 1 or self.pairs_per_prompt < 1:
+            raise ConfigError("onpolicy.samples and onpolicy.pairs_per_prompt must be >= 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"onpolicy.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/tiny"
+    seed: int = 0
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prior_net: PriorNetConfig = field(default_factory=PriorNetConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+
+# Keys a resumed run may change (`midpo train` resuming from checkpoints/latest); every other key must equal the
+# checkpoint's config.yaml, or `midpo train --force` starts the run over. One line each: why a change is safe.
+RESUME_MUTABLE: dict[str, str] = {
+    "run_dir": "where the run folder lives; moving it changes nothing it holds",
+    "train.max_steps": "the run's length: it continues from its step; the lr schedule is laid over the new length",
+    "train.epochs": "the run's length, as train.max_steps (it sets the length when max_steps is -1)",
+    "train.micro_batch_size": "accepted only when micro x accum x processes (the global batch) stays the same",
+    "train.grad_accum": "accepted only when micro x accum x processes (the global batch) stays the same",
+    "train.eval_every": "when to evaluate: read-only passes",
+    "train.save_every": "when to checkpoint",
+    "train.keep_last": "how many checkpoints to keep",
+    "train.log_every": "how often metrics are reduced and logged",
+    "train.record_rows": "whether each step's row ids are logged",
+    "train.export_at_end": "whether the end writes <run_dir>/export",
+    "train.probe_rows": "the start-of-run probe runs on a fresh start only",
+    "train.probe_tolerance": "the start-of-run probe runs on a fresh start only",
+    "train.peak_flops": "the MFU denominator only",
+    "train.max_bad_steps": "when to give up on non-finite steps; no effect on a finite step",
+    "model.gradient_checkpointing": "recomputes activations instead of keeping them: memory for time, same math",
+    "data.num_proc": "stage 1 worker processes; training checks the data by fingerprint",
+    "data.shard_rows": "stage 1 file layout; training checks the data by fingerprint",
+    "ref.micro_batch_tokens": "stage 2 batching; training checks the cache by fingerprint",
+    "ref.rows_per_shard": "stage 2 resume granularity; training checks the cache by fingerprint",
+    "ref.zero3": "how stage 2 holds the reference; training checks the cache by fingerprint",
+    "sft.num_threads": "threads of the single-process stages",
+}
+
+
+def flat_items(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`section.key` -> value for every leaf of a Config (dicts such as loss.options flattened too)."""
+    tree = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):  # an empty mapping has no leaves: {} -> {"c": 1} reads as `loss.options.c: None -> 1`
+            out.update(flat_items(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every leaf that differs (None where a side lacks the key), key order."""
+    a, b = flat_items(old), flat_items(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# ---------------------------------------------------------------------------------------------
+# building from plain data
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the annotated type; errors name the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys{' of ' + where if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-5` -> (["train", "lr"], 1e-5). The value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults < YAML at `path` < overrides (`key.sub=value`)."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists() and (RECIPES_DIR / p).exists():
+            p = RECIPES_DIR / p
+        if not p.exists() and (RECIPES_DIR / f"{p}.yaml").exists():
+            p = RECIPES_DIR / f"{p}.yaml"
+        if not p.exists():
+            raise ConfigError(f"recipe {path} not found (also looked in {RECIPES_DIR})")
+        with open(p, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a recipe must be a mapping at the top level")
+        tree = loaded
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        _apply_override(tree, keys, value)
+    try:
+        return _build(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically (temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    tmp.replace(path)
+    return path
+
+
+def update_saved_config(cfg: Config, path: str | Path) -> list[tuple[str, Any, Any]]:
+    """Write `cfg` to `path` unless it already holds the same values (then the file is left untouched); a file with
+    other values is rewritten with a warning naming every changed key (never silently). Returns those changes; an
+    unreadable file counts as changed."""
+    path = Path(path)
+    if path.exists():
+        try:
+            changes = config_changes(load_config(path), cfg)
+        except (ConfigError, yaml.YAMLError) as e:
+            changes = [("(unreadable)", str(e), None)]
+        if not changes:
+            return []
+        log.warning("%s: rewritten with this run's config; changed: %s", path,
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+    else:
+        changes = []
+    save_config(cfg, path)
+    return changes
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data)

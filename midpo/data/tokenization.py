@@ -1,0 +1,338 @@
+"""Canonical pairs -> token ids: chat template, prompt/response boundary check, truncation.
+
+Rule (one place): the prompt is rendered with `add_generation_prompt=True`; each response is the
+tail of the rendered full conversation (prompt + response messages) after the prompt. Both texts
+are tokenized with `add_special_tokens=False` (the template already holds BOS). A pair is kept only
+if the templated prompt text is a prefix of the full text AND the prompt's ids are exactly the first
+ids of the full conversation; otherwise it is rejected as `template_boundary` (a merged token at the
+boundary would train the model on ids it never sees at generation time).
+
+Responses must end in EOS. A template that puts text after the last EOS (e.g. a newline) has that
+whitespace-only tail cut; a response with no EOS at all gets one appended.
+
+Truncation: a prompt over `max_prompt_tokens` keeps its END (the generation prompt lives there) and
+its leading BOS (`prompt_overflow=truncate`), or is rejected (`drop`). A response that does not fit
+`max_length - len(prompt)` is rejected (`response_overflow=drop`) or cut to fit (`truncate`; a cut
+response then does not end in EOS, on purpose: the answer did not end there). A pair whose chosen
+and rejected ids are equal (after truncation, when they differed only past the cut) is rejected:
+it carries no preference.
+
+Bounded memory: tokenizing a text costs ~100 bytes per character, so a 50 MB prompt would need GBs
+although only its last `max_prompt_tokens` tokens are kept. A text longer than its window (the
+tokens truncation can keep, plus `MARGIN_TOKENS`, times a guess of characters per token) is cut
+before tokenizing: the prompt side keeps its END, each response keeps its START, which are the parts
+truncation keeps. A cut is moved to a space that follows a non-space character when one is near: the
+tokenizers midpo meets restart there (a byte-level BPE's pre-tokenizer splits before " word"; a
+sentencepiece BPE never merges across "▁"), so the tokens past it are those of the whole text. A
+window is trusted only when (a) at least `MARGIN_TOKENS` tokens lie between each cut and the tokens
+used, and (b) the same window cut one character wider gives the same result (a cut's influence on the
+tokens does not reach the tokens used). Otherwise the window doubles, up to `MAX_WINDOW_SCALE` times;
+a pair still unsettled then (e.g. megabytes of one repeated character, whose BPE tokens depend on where
+the run starts, so no window short of the whole text decides them) is rejected as `truncation_unstable`.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from midpo.data.formats import Pair, RowReject, to_pair
+from midpo.data.sources import RowError, decode_json_row
+from midpo.runtime.fingerprint import hash_json
+
+ID_HEX = 32  # 128 bits of sha256: the row id
+MARGIN_TOKENS = 64  # tokens between a window's cut and the tokens used (see the module docstring)
+MAX_WINDOW_SCALE = 16  # a window grows (x2) at most to this multiple of its first size
+MAX_CHARS_PER_TOKEN_GUESS = 16  # the first window's characters per token: the longest token, at most this
+ENCODE_BATCH_CHARS = 1 << 21  # characters per call into the tokenizer: bounds its memory whatever a chunk holds
+
+
+def row_id(pair: Pair) -> str:
+    """Stable id of a canonical pair: its dedup key, join key and eval-split key."""
+    return hash_json(pair.canonical())[:ID_HEX]
+
+
+def is_eval(rid: str, eval_fraction: float) -> bool:
+    """Deterministic split from the id hash (uniform in [0, 1))."""
+    return int(rid[:16], 16) / float(1 << 64) < eval_fraction
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    max_prompt_tokens: int
+    max_length: int
+    prompt_overflow: str
+    response_overflow: str
+    system_prompt: str | None
+
+
+@dataclass
+class Encoded:
+    row: int
+    id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    prompt_truncated: bool
+    responses_truncated: int
+
+
+@dataclass
+class Rejected:
+    row: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Cuts:
+    """Where a pair's texts were cut before tokenizing (a bounded window; see the module docstring)."""
+
+    prompt: bool = False  # the prompt's start was cut off: its ids are a tail of the whole prompt's
+    chosen: bool = False  # the chosen response's end was cut off: its ids are a head of the whole response's
+    rejected: bool = False
+    first_id: int | None = None  # the whole prompt's first id (its BOS), from its head, when the prompt is cut
+    prompt_chars: int = 0  # the whole prompt's length in characters (for reject details)
+
+    def any(self) -> bool:
+        return self.prompt or self.chosen or self.rejected
+
+
+NO_CUTS = Cuts()
+
+
+class PairEncoder:
+    """Holds one tokenizer; turns a chunk of raw rows into Encoded / Rejected results."""
+
+    def __init__(self, tokenizer_dir: str, settings: EncodeSettings):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if not getattr(self.tok, "chat_template", None):
+            raise ValueError(f"tokenizer {tokenizer_dir} has no chat template; add one (tokenizer.chat_template)")
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"tokenizer {tokenizer_dir} has no eos_token; responses must end in EOS")
+        self.eos = self.tok.eos_token_id
+        self.bos = self.tok.bos_token_id
+        self.s = settings
+        longest = max((len(t) for t in self.tok.convert_ids_to_tokens(list(range(len(self.tok)))) if t), default=1)
+        self.chars_per_token = max(1, min(longest, MAX_CHARS_PER_TOKEN_GUESS))
+
+    # -- text ------------------------------------------------------------------------------
+
+    def render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, in batches of at most ENCODE_BATCH_CHARS characters (one text may be longer)."""
+        out: list[list[int]] = []
+        start, chars = 0, 0
+        for k, t in enumerate(texts):
+            if k > start and chars + len(t) > ENCODE_BATCH_CHARS:
+                out.extend(self._encode(texts[start:k]))
+                start, chars = k, 0
+            chars += len(t)
+        return out + self._encode(texts[start:])
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+    def window_chars(self, scale: int = 1) -> tuple[int, int]:
+        """(prompt side, response side) window in characters: the tokens truncation can keep, plus the margin."""
+        k = self.chars_per_token * scale
+        return (self.s.max_prompt_tokens + MARGIN_TOKENS) * k, (self.s.max_length + MARGIN_TOKENS) * k
+
+    # -- one chunk ---------------------------------------------------------------------------
+
+    def process(self, source_file: str, fmt: str, items: list[tuple[int, Any]]) -> list[Encoded | Rejected]:
+        """items: (row_no, payload) from sources.iter_rows. Results keep the input order."""
+        results: list[Any] = [None] * len(items)
+        pending: list[tuple[int, Pair, str, str, str]] = []  # (index, pair, prompt, full_c, full_r)
+        for i, (row_no, payload) in enumerate(items):
+            try:
+                if isinstance(payload, bytes):
+                    payload = decode_json_row(payload)
+                if isinstance(payload, RowError):
+                    raise RowReject(payload.reason, payload.detail)
+                pair = to_pair(payload, fmt, source_file, row_no, self.s.system_prompt)
+                p = self.render(pair.prompt_messages, True)
+                fc = self.render(pair.prompt_messages + pair.chosen_messages, False)
+                fr = self.render(pair.prompt_messages + pair.rejected_messages, False)
+                for full, side in ((fc, "chosen"), (fr, "rejected")):
+                    if not full.startswith(p):
+                        raise RowReject("template_boundary",
+                                        f"templated prompt text is not a prefix of the templated prompt+{side}")
+                pending.append((i, pair, p, fc, fr))
+            except RowReject as e:
+                results[i] = Rejected(row_no, e.reason, e.detail)
+            except Exception as e:  # a malformed row must never stop the stage
+                results[i] = Rejected(row_no, "unexpected_error", _short_exc(e))
+        # rows that fit their window: batched calls into the Rust tokenizer; longer rows: one by one, windowed
+        wp, wr = self.window_chars()
+        fits = [len(p) <= wp and len(fc) <= len(p) + wr and len(fr) <= len(p) + wr for _, _, p, fc, fr in pending]
+        texts = [t for (_, _, p, fc, fr), ok in zip(pending, fits) if ok for t in (p, fc, fr)]
+        ids = iter(self.encode_texts(texts))
+        for (i, pair, p, fc, fr), ok in zip(pending, fits):
+            full = (next(ids), next(ids), next(ids)) if ok else None
+            try:
+                results[i] = self._finish(pair, *full) if ok else self._encode_windowed(pair, p, fc, fr)
+            except RowReject as e:
+                results[i] = Rejected(pair.source_row, e.reason, e.detail)
+            except Exception as e:
+                results[i] = Rejected(pair.source_row, "unexpected_error", _short_exc(e))
+        return results
+
+    # -- over-long texts: bounded windows ----------------------------------------------------
+
+    def _encode_windowed(self, pair: Pair, p: str, fc: str, fr: str) -> Encoded | Rejected:
+        """Encode a pair from windows around its prompt/response boundary (memory bounded by the window, not the
+        text): accepted when the texts fit whole, or when the window and the same one cut one character wider
+        agree (see the module docstring)."""
+        scale = 1
+        while scale <= MAX_WINDOW_SCALE:
+            result, cuts = self._encode_window(pair, p, fc, fr, scale)
+            if result is not None and not cuts.any():
+                return result  # the whole texts: exact
+            if result is not None:
+                wider, _ = self._encode_window(pair, p, fc, fr, scale, wider=1)
+                if wider is not None and _same(result, wider):
+                    return result
+            scale *= 2
+        longest = max(len(p), len(fc) - len(p), len(fr) - len(p))
+        raise RowReject("truncation_unstable", f"a {longest}-character text whose kept tokens still depend on where "
+                        f"it is cut {MAX_WINDOW_SCALE}x past the window (e.g. a very long run of one repeated "
+                        "character); shorten it before prep")
+
+    def _encode_window(self, pair: Pair, p: str, fc: str, fr: str, scale: int, wider: int = 0) -> tuple[Any, Cuts]:
+        """(Encoded or Rejected from this window, or None when a cut lies within MARGIN_TOKENS of the tokens
+        used; the cuts made). wider: characters added at each cut."""
+        wp, wr = self.window_chars(scale)
+        slack = MARGIN_TOKENS * self.chars_per_token // 2
+        start = _restart_after(p, len(p) - wp, slack) - wider if len(p) > wp else 0
+        ends = tuple(_restart_before(full, len(p) + wr, slack) + wider if len(full) > len(p) + wr else len(full)
+                     for full in (fc, fr))
+        texts = [p[start:], fc[start:ends[0]], fr[start:ends[1]]] + ([p[:wp]] if start else [])
+        ids = self.encode_texts(texts)
+        cuts = Cuts(prompt=start > 0, chosen=ends[0] < len(fc), rejected=ends[1] < len(fr),
+                    first_id=ids[3][0] if start and ids[3] else None, prompt_chars=len(p))
+        s = self.s
+        if cuts.prompt and len(ids[0]) < s.max_prompt_tokens + MARGIN_TOKENS:
+            return None, cuts
+        for cut, full in ((cuts.chosen, ids[1]), (cuts.rejected, ids[2])):
+            if cut and len(full) - len(ids[0]) < s.max_length + MARGIN_TOKENS:
+                return None, cuts
+        try:
+            return self._finish(pair, ids[0], ids[1], ids[2], cuts), cuts
+        except RowReject as e:
+            return Rejected(pair.source_row, e.reason, e.detail), cuts
+
+    def _response(self, prompt_ids: list[int], full_ids: list[int], side: str, cut: bool = False) -> list[int]:
+        n = len(prompt_ids)
+        if full_ids[:n] != prompt_ids:
+            at = next((j for j in range(min(n, len(full_ids))) if full_ids[j] != prompt_ids[j]), min(n, len(full_ids)))
+            raise RowReject("template_boundary", f"prompt ids differ from prompt+{side} ids at token {at} of {n}")
+        resp = list(full_ids[n:])
+        if cut:  # the head of a longer response: truncation cuts it well before its (unseen) end
+            return resp
+        if self.eos in resp and resp[-1] != self.eos:
+            last = len(resp) - 1 - resp[::-1].index(self.eos)
+            if not self.tok.decode(resp[last + 1:]).strip():
+                resp = resp[: last + 1]  # template whitespace after the final EOS
+        if not resp or (resp == [self.eos]):
+            raise RowReject("empty_response", f"{side} has no tokens after the prompt")
+        if resp[-1] != self.eos:
+            resp.append(self.eos)
+        return resp
+
+    def _finish(self, pair: Pair, p_ids: list[int], c_full: list[int], r_full: list[int],
+                cuts: Cuts = NO_CUTS) -> Encoded:
+        """Ids of the prompt and of prompt+response (whole, or windows cut as `cuts` says) -> the kept pair."""
+        s = self.s
+        chosen = self._response(p_ids, c_full, "chosen", cuts.chosen)
+        rejected = self._response(p_ids, r_full, "rejected", cuts.rejected)
+        prompt = list(p_ids)
+        prompt_truncated = False
+        if cuts.prompt or len(prompt) > s.max_prompt_tokens:
+            if s.prompt_overflow == "drop":
+                n = f"over {len(prompt)} (a {cuts.prompt_chars}-character prompt)" if cuts.prompt else len(prompt)
+                raise RowReject("prompt_too_long", f"{n} prompt tokens > max_prompt_tokens {s.max_prompt_tokens}")
+            first = cuts.first_id if cuts.prompt else prompt[0]
+            keep_bos = self.bos is not None and first == self.bos
+            tail = s.max_prompt_tokens - (1 if keep_bos else 0)
+            prompt = ([self.bos] if keep_bos else []) + prompt[len(prompt) - tail:]
+            prompt_truncated = True
+        budget = s.max_length - len(prompt)
+        n_cut = 0
+        out = []
+        for side, resp, cut in (("chosen", chosen, cuts.chosen), ("rejected", rejected, cuts.rejected)):
+            if len(resp) > budget:
+                if s.response_overflow == "drop":
+                    n = f"over {len(resp)}" if cut else len(resp)
+                    raise RowReject("response_too_long",
+                                    f"{side}: {len(prompt)} prompt + {n} response tokens > max_length {s.max_length}")
+                resp = resp[:budget]
+                n_cut += 1
+            out.append(resp)
+        if out[0] == out[1]:  # no preference left to learn (the formats already reject identical messages)
+            if n_cut:
+                raise RowReject("identical_after_truncation", f"chosen and rejected share their first {budget} tokens, "
+                                f"all that fits max_length {s.max_length} after a {len(prompt)}-token prompt")
+            raise RowReject("identical_responses", "chosen and rejected have the same token ids")
+        return Encoded(pair.source_row, row_id(pair), prompt, out[0], out[1], prompt_truncated, n_cut)
+
+
+def _restart(text: str, j: int) -> bool:
+    """A tokenizer restarts at `j`: a space after a non-space character (see the module docstring)."""
+    return text[j] == " " and not text[j - 1].isspace()
+
+
+def _restart_after(text: str, cut: int, slack: int) -> int:
+    """The first restart point in [cut, cut + slack), else `cut` (cut > 0)."""
+    j = text.find(" ", cut, cut + slack)
+    while j > 0 and not _restart(text, j):
+        j = text.find(" ", j + 1, cut + slack)
+    return j if j > 0 else cut
+
+
+def _restart_before(text: str, cut: int, slack: int) -> int:
+    """The last restart point in (cut - slack, cut], else `cut` (the text is cut to text[:result])."""
+    j = text.rfind(" ", cut - slack + 1, cut + 1)
+    while j > cut - slack and not _restart(text, j):
+        j = text.rfind(" ", cut - slack + 1, j)
+    return j if j > cut - slack else cut
+
+
+def _same(a: Encoded | Rejected, b: Encoded | Rejected) -> bool:
+    """Two windows agree: the same kept ids, or a reject for the same reason (details count tokens seen)."""
+    if isinstance(a, Rejected) or isinstance(b, Rejected):
+        return isinstance(a, Rejected) and isinstance(b, Rejected) and a.reason == b.reason
+    return a == b
+
+
+def _short_exc(e: BaseException) -> str:
+    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    loc = f" at {where.filename.rsplit('/', 1)[-1]}:{where.lineno}" if where else ""
+    return f"{type(e).__name__}: {e}{loc}"[:500]
+
+
+# ---------------------------------------------------------------------------------------------
+# worker-process plumbing (spawned workers hold one PairEncoder each)
+
+_WORKER: PairEncoder | None = None
+
+
+def worker_init(tokenizer_dir: str, settings_json: str) -> None:
+    global _WORKER
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER = PairEncoder(tokenizer_dir, EncodeSettings(**json.loads(settings_json)))
+
+
+def worker_process(source_file: str, fmt: str, items: list[tuple[int, Any]]) -> list[Encoded | Rejected]:
+    assert _WORKER is not None, "worker_init was not called"
+    return _WORKER.process(source_file, fmt, items)

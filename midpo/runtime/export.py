@@ -1,0 +1,311 @@
+"""Export a consolidated Hugging Face model folder (safetensors, config, tokenizer, generation config).
+
+Two sources, one writer:
+- at the end of training, from the live ZeRO-3 engine: a COLLECTIVE (every rank gathers each
+  parameter with `deepspeed.zero.GatheredParameters`, rank 0 keeps a CPU copy and writes);
+- from a checkpoint, offline in one process: DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`
+  merges the ZeRO-3 shards (LLaMA-Factory #2239: exporting shards without gathering gave a broken model).
+
+    midpo export --config RECIPE                      # latest checkpoint -> <run_dir>/export
+    midpo export --config RECIPE --checkpoint runs/x/checkpoints/step-0000100 --out DIR
+
+The key set is checked against the model class; tied embeddings are written once (as transformers
+expects); the folder is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from midpo.config import Config, load_config
+from midpo.errors import MissingPathError
+from midpo.runtime import dist as pdist
+from midpo.runtime.files import check_replaceable, mark_output, publish_dir, temp_dir_for
+from midpo.runtime.models import resolve_dtype
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "chat_template*", "vocab*", "merges.txt",
+                    "added_tokens.json")
+MAX_SHARD_BYTES = 4 * 1024 ** 3
+
+
+def policy_path(cfg: Config) -> Path:
+    """The policy's initial HF folder (see ModelConfig.policy)."""
+    if cfg.model.policy:
+        return Path(cfg.model.policy)
+    for cand in (cfg.run_path / "sft", cfg.run_path / "synth" / "model", cfg.run_path / "model"):
+        if (cand / "config.json").exists():
+            return cand
+    raise MissingPathError(f"model.policy is not set and none of {cfg.run_path}/sft, {cfg.run_path}/synth/model, "
+                            f"{cfg.run_path}/model exists")
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any(Path(path).glob("tokenizer*")) or any(Path(path).glob("*.model"))
+
+
+def tokenizer_path(cfg: Config) -> Path | None:
+    """data.tokenizer, else the policy folder when it holds a tokenizer, else the one stage 1 recorded."""
+    if cfg.data.tokenizer:
+        return Path(cfg.data.tokenizer)
+    policy = policy_path(cfg)
+    if has_tokenizer(policy):
+        return policy
+    try:
+        from midpo.runtime.prepared import read_manifest
+
+        recorded = (read_manifest(cfg.run_path / "data").get("tokenizer") or {}).get("path")
+    except (ImportError, FileNotFoundError):
+        recorded = None
+    return Path(recorded) if recorded and has_tokenizer(Path(recorded)) else None
+
+
+@contextlib.contextmanager
+def _no_zero3_init():
+    """While a trainer's HfDeepSpeedConfig is alive, transformers builds every new model through ZeRO-3
+    initialization, which cannot run on the meta device; a key-set skeleton needs none of it."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:
+        yield
+        return
+    saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def _state_keys(model) -> set[str]:
+    """state_dict() key names without calling state_dict() (no tensors touched: safe on ZeRO-3 placeholders)."""
+    keys = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for mod_name, mod in model.named_modules():
+        for b, _ in mod.named_buffers(recurse=False):
+            if b not in mod._non_persistent_buffers_set:
+                keys.add(f"{mod_name}.{b}" if mod_name else b)
+    return keys
+
+
+def expected_keys(hf_config, model=None) -> tuple[set[str], set[str]]:
+    """(keys the exported state dict must have, keys dropped as tied) for this model class.
+
+    `model`: the live HF model when there is one; else a skeleton is built on the meta device (under a
+    live HfDeepSpeedConfig that would go through ZeRO-3 initialization, hence the live model first)."""
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"), _no_zero3_init():
+            model = AutoModelForCausalLM.from_config(hf_config)
+    keys = _state_keys(model)
+    tied: set[str] = set()
+    out = model.get_output_embeddings()
+    if getattr(hf_config, "tie_word_embeddings", False) and out is not None:
+        # keep the input embedding, drop the output one (transformers re-ties on load); both names
+        # point at one Parameter, so select the output one by its module's name, not by identity
+        name = next(n for n, m in model.named_modules() if m is out)
+        tied = {f"{name}.weight"} & keys
+        keys -= tied
+    return keys, tied
+
+
+def gather_engine_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """COLLECTIVE: every rank must call. Returns the full CPU state dict on rank 0, None elsewhere."""
+    import deepspeed
+
+    module = getattr(engine.module, "model", engine.module)  # the HF model inside engine.PolicyLogps
+    rank0 = pdist.is_main()
+    sd: dict[str, torch.Tensor] = {}
+    # One parameter at a time keeps peak memory at one full tensor per rank.
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if rank0:
+                sd[name] = p.data.detach().to("cpu", copy=True)
+    if rank0:
+        for name, b in module.named_buffers():
+            sd.setdefault(name, b.detach().to("cpu", copy=True))
+    return sd if rank0 else None
+
+
+def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config, out_dir: str | Path, *, dtype: torch.dtype,
+                    tokenizer_dir: str | Path | None, source_dir: str | Path | None, model=None,
+                    step: int | None = None) -> Path:
+    """Write `state_dict` as a HF folder (one process). Checks the key set first. `step`: the training step the
+    weights are from, kept in the folder's output marker (a relaunch of a finished run reads it)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    want, tied = expected_keys(hf_config, model)
+    if not set(state_dict) & want and all(k.startswith("model.") for k in state_dict):
+        state_dict = {k[len("model."):]: v for k, v in state_dict.items()}  # checkpoint of engine.PolicyLogps
+    sd = {k: v for k, v in state_dict.items() if k not in tied}
+    for k in [k for k in sd if k not in want and "rotary" in k]:  # non-persistent buffers (gathered from modules)
+        sd.pop(k)
+    missing, unexpected = sorted(want - set(sd)), sorted(set(sd) - want)
+    if missing or unexpected:
+        raise RuntimeError(f"export key set mismatch: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                           f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    check_replaceable(out)  # before the work: never replace a folder midpo did not write
+    tmp = temp_dir_for(out, "export")
+    if step is not None:
+        mark_output(tmp, "export", step=int(step))
+
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sorted(sd.items())}
+    shards, cur, cur_bytes = [], {}, 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and cur_bytes + nbytes > MAX_SHARD_BYTES:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[k] = v
+        cur_bytes += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+    hf_config.dtype = dtype
+    hf_config.save_pretrained(str(tmp))
+    _write_generation_config(hf_config, tmp, source_dir, tokenizer_dir)
+    if tokenizer_dir is not None:
+        copied = 0
+        for pat in _TOKENIZER_FILES:
+            for f in Path(tokenizer_dir).glob(pat):
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+                    copied += 1
+        if not copied:
+            raise MissingPathError(f"no tokenizer files found in {tokenizer_dir}")
+
+    publish_dir(tmp, out)
+    log.info("exported %d tensors (%s) to %s", len(tensors), dtype, out)
+    return out
+
+
+def _write_generation_config(hf_config, out: Path, source_dir, tokenizer_dir) -> None:
+    if source_dir is not None and (Path(source_dir) / "generation_config.json").exists():
+        shutil.copy2(Path(source_dir) / "generation_config.json", out / "generation_config.json")
+        return
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_model_config(hf_config)
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer_config.json").exists():
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+            gen.eos_token_id = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
+            gen.bos_token_id = gen.bos_token_id if gen.bos_token_id is not None else tok.bos_token_id
+            gen.pad_token_id = gen.pad_token_id if gen.pad_token_id is not None else tok.pad_token_id
+        except Exception as e:  # a generation config without token ids still loads; say why
+            log.warning("could not read token ids from the tokenizer in %s: %s", tokenizer_dir, e)
+    gen.save_pretrained(str(out))
+
+
+def export_from_engine(engine, cfg: Config, out_dir: str | Path | None = None, step: int | None = None) -> Path | None:
+    """COLLECTIVE: gather the live ZeRO-3 weights; rank 0 writes `<run_dir>/export` (or out_dir)."""
+    out = Path(out_dir) if out_dir else cfg.run_path / "export"
+    sd = gather_engine_state_dict(engine)
+    if pdist.is_main():
+        hf_config = copy.deepcopy(engine.module.config)
+        write_hf_folder(sd, hf_config, out, dtype=resolve_dtype(cfg.model.dtype), tokenizer_dir=tokenizer_path(cfg),
+                        source_dir=policy_path(cfg), model=getattr(engine.module, "model", engine.module), step=step)
+    pdist.barrier()
+    return out
+
+
+def export_from_checkpoint(ckpt_dir: str | Path, cfg: Config, out_dir: str | Path | None = None) -> Path:
+    """One process, no collectives: merge the ZeRO-2/3 partitions of `ckpt_dir` (fp32 masters) and write. A
+    stage-0 checkpoint (no ZeRO partition files) holds the whole model in `mp_rank_00_model_states.pt`.
+    Every file is read through midpo.runtime.checkpoint.safe_load (zero_to_fp32's own torch.load included)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig
+
+    from midpo.runtime.checkpoint import safe_load, safe_torch_load
+
+    ckpt = Path(ckpt_dir)
+    if list(ckpt.glob("*zero_pp_rank_*")):
+        with safe_torch_load():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        states = safe_load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu")
+        sd = {k: v.float() for k, v in states["module"].items()}
+    # engine.PolicyLogps may also hold a prior's parameters (`prior.*`, SparsePO's mask network): not the HF model
+    sd = {k: v for k, v in sd.items() if not k.startswith("prior.")}
+    src = policy_path(cfg)
+    hf_config = AutoConfig.from_pretrained(str(src), trust_remote_code=cfg.model.trust_remote_code)
+    out = Path(out_dir) if out_dir else cfg.run_path / "export"
+    try:
+        step = int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        step = None  # not a midpo checkpoint folder: the export just does not say which step it holds
+    return write_hf_folder(sd, hf_config, out, dtype=resolve_dtype(cfg.model.dtype), tokenizer_dir=tokenizer_path(cfg),
+                           source_dir=src, step=step)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="recipe (YAML path or name in recipes/)")
+    p.add_argument("--checkpoint", default="latest",
+                   help="checkpoint folder, or `latest` (default) = <run_dir>/checkpoints/latest")
+    p.add_argument("--out", default=None, help="output folder (default <run_dir>/export)")
+
+
+def weights_config(recipe: Config, ckpt: Path, overrides: list[str]) -> Config:
+    """The recipe, with the model the checkpoint's weights belong to: the `model` section and the tokenizer of
+    the checkpoint's own resolved config (policy folder, dtype, remote code). Everything written (run_dir, the
+    export folder) stays the recipe's: a run folder copied elsewhere exports into the copy, never the original."""
+    saved = ckpt / "config.yaml"
+    if not saved.exists():
+        return recipe
+    own = load_config(saved, overrides)
+    return dataclasses.replace(recipe, model=own.model,
+                               data=dataclasses.replace(recipe.data, tokenizer=own.data.tokenizer))
+
+
+def run(args) -> int:
+    from midpo.runtime.checkpoint import latest_checkpoint
+
+    overrides = list(getattr(args, "overrides", []))
+    recipe = load_config(args.config, overrides)
+    if args.checkpoint == "latest":
+        ckpt = latest_checkpoint(recipe.run_path / "checkpoints")
+        if ckpt is None:
+            raise MissingPathError(f"no checkpoint: {recipe.run_path}/checkpoints/latest does not exist (train first)")
+    else:
+        ckpt = Path(args.checkpoint)
+        if not (ckpt / "trainer_state.json").is_file():
+            what = "is not a checkpoint folder (no trainer_state.json)" if ckpt.is_dir() else "does not exist"
+            raise MissingPathError(f"--checkpoint {ckpt} {what}")
+    cfg = weights_config(recipe, ckpt, overrides)
+    check_replaceable(Path(args.out) if args.out else cfg.run_path / "export")  # before merging the checkpoint
+    out = export_from_checkpoint(ckpt, cfg, args.out)
+    print(f"exported {ckpt} -> {out}")
+    if (ckpt / "prior").is_dir():  # loss.prior=learned: the prior network's own ZeRO checkpoint
+        # After the policy: write_hf_folder replaces the policy folder as a whole, <out>/prior included.
+        from midpo.train.prior_engine import export_prior_from_checkpoint
+
+        prior_out = export_prior_from_checkpoint(ckpt, cfg, Path(out) / "prior")
+        print(f"exported {ckpt / 'prior'} -> {prior_out}")
+    return 0

@@ -1,0 +1,105 @@
+"""Process lifetime under `--nproc N` (torchrun on one machine): a killed launcher takes its workers with it.
+
+    midpo train --nproc N        # `midpo` (the launcher) -> torchrun's agent (this module) -> N workers
+
+torchrun starts every worker in a session of its own, so a signal to the launcher's process group never
+reaches them, and a launcher killed with SIGKILL left the agent and the workers running (killed during start-up,
+the workers waited 23 minutes for a rendezvous store that had gone). Each process is tied to the one above it:
+- launcher -> agent: `midpo.stages.ref.launch_torchrun` starts the agent in a session of its own and forwards
+  SIGTERM/SIGINT/SIGHUP to it (`forward_signals`); the agent asks the kernel for SIGTERM when the launcher dies
+  (PR_SET_PDEATHSIG: a SIGKILL of the launcher cannot skip it), and on SIGTERM torchrun stops its workers
+  (SIGTERM, then SIGKILL after 30 s).
+- agent -> workers: each worker asks for SIGKILL when the agent dies (`worker_dies_with_agent`, called by
+  `midpo.stages.ref.cli`); the agent passes its pid down, so a worker whose agent died while it was still
+  starting (before it could ask) goes at once.
+This module imports only the standard library, so the agent ties itself to the launcher before anything slow.
+Linux only (prctl); elsewhere the forwarding still works and the death signals are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+AGENT_PID_ENV = "MIDPO_TORCHRUN_AGENT_PID"  # set by the agent for its workers
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def die_with_parent(sig: int, parent: int | None = None) -> bool:
+    """Have the kernel send `sig` to this process when its parent dies (PR_SET_PDEATHSIG). `parent`: the pid the
+    parent must have; if it is gone already (this process was re-parented before it asked), take `sig` now.
+    The signal follows the parent THREAD that started this process: launcher and agent start theirs from the
+    main thread. False where unsupported (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def worker_dies_with_agent() -> None:
+    """In a worker started by torchrun: SIGKILL when the agent dies (its ranks would wait for a store and peers
+    that are gone; nothing is left to save). Checked against the agent's pid when `agent_main` started it."""
+    agent = os.environ.pop(AGENT_PID_ENV, None)  # popped: the worker's own children have another parent
+    if agent is not None:
+        die_with_parent(signal.SIGKILL, int(agent))
+    elif "TORCHELASTIC_RUN_ID" in os.environ:  # a plain `torchrun` agent
+        die_with_parent(signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def forward_signals(pgid: int, signals: tuple[signal.Signals, ...] = FORWARDED) -> Iterator[None]:
+    """While the block runs, SIGTERM/SIGINT/SIGHUP to this process go to process group `pgid` instead (the
+    agent's: it then stops its workers and exits, and the caller's wait returns its exit code)."""
+    def forward(signum, frame) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signum)
+
+    old = {}
+    try:
+        for s in signals:
+            old[s] = signal.signal(s, forward)
+    except ValueError:  # not the main thread: no handlers; the death signals still tie the processes together
+        pass
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def agent_command(launcher_pid: int, torchrun_args: list[str]) -> list[str]:
+    """The command line that runs torchrun's agent tied to `launcher_pid`."""
+    return [sys.executable, "-m", "midpo.runtime.launch", str(launcher_pid), *torchrun_args]
+
+
+def agent_main(argv: list[str]) -> int:
+    """`python -m midpo.runtime.launch LAUNCHER_PID TORCHRUN_ARGS...`: torchrun's agent, in this process. A worker that
+    fails has said why (`midpo <stage>: error: ...`, or its traceback): exit with its code, without torchrun's own
+    traceback of ChildFailedError; a stop signal exits 128 + its number."""
+    die_with_parent(signal.SIGTERM, int(argv[0]))  # SIGTERM: torchrun then stops its workers
+    os.environ[AGENT_PID_ENV] = str(os.getpid())  # the workers inherit it
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv[1:]))
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code if code < 0 else 1  # -N: killed by signal N
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(agent_main(sys.argv[1:]))
