@@ -19,7 +19,7 @@ Update objectives (pure functions below, on flat per-token tensors):
   Per token, J's pull on log zeta(y_t) is at most a (= beta); for a context-wise (tabular) prior,
   the ``nll`` anchor wins iff anchor_weight > a, the ``kl_init`` anchor iff
   anchor_weight * zeta_init(y_t) > a * sigmoid(-margin) (so with near-uniform init tokens it only
-  stops the collapse once the margin has grown, see tests/pipeline/test_prior_net.py).
+  stops the collapse once the margin has grown, see tests/core/test_prior_net.py).
 
 Sums are per pair (over both responses' tokens), averaged over the micro-batch's pairs.
 The engine hook that runs all this under DeepSpeed is in pipeline/mi_dpo_hook.py.

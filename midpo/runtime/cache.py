@@ -14,7 +14,7 @@ Top-k caches (`ref.topk > 0`) carry, per response token, the reference's k large
 ids and the log of the remaining ("tail") mass. `midpo.core.logprobs.per_token_kl_topk` turns them into
 KL(pi_ref || pi_theta): an APPROXIMATION — the exact KL of the two distributions coarsened to
 {top-k tokens, everything else}, hence never above the exact KL; the gap is the KL hidden inside the
-tail. tests/pipeline/test_ref_cache.py measures it (see `TOPK_COLUMNS`).
+tail. tests/runtime/test_cache.py measures it (see `TOPK_COLUMNS`).
 
 Opening a split also checks its files and values, because a flipped byte in a cached float trains
 silently otherwise: the files must match the content hashes and row count in the manifest

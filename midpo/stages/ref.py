@@ -33,7 +33,7 @@ How it runs:
 - Top-k (`ref.topk = k > 0`): per response token the reference's k largest log-probs, their token ids
   and the log of the remaining mass. It lets TDPO-style KL terms train without an online reference,
   but it is an APPROXIMATION (a coarsened KL, a lower bound of the exact one); see
-  `midpo.core.logprobs.per_token_kl_topk` and tests/pipeline/test_ref_cache.py for the measured error.
+  `midpo.core.logprobs.per_token_kl_topk` and tests/runtime/test_cache.py for the measured error.
 
 Test hook: MIDPO_TEST_PAUSE_AFTER_CHUNKS=n makes rank 0 stop (sleep) after writing n chunks, so a test
 can SIGKILL the whole process group at a known point.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_helpers import flip_two_bytes, make_model, make_rows, write_data
+from train_helpers import flip_two_bytes, make_model, make_rows, write_data
 
 from midpo.demo.sft import _lr_at, collate_sft, sft_loss
 

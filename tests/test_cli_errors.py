@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_helpers import (  # noqa: F401
+from train_helpers import (  # noqa: F401
     REPO,
     clean_env,
     launcher_env_dropped,

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train_helpers import REPO, clean_env, read_jsonl
+from train_helpers import REPO, clean_env, read_jsonl
 
 pytestmark = pytest.mark.slow
 

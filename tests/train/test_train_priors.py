@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train_helpers import (  # noqa: F401
+from train_helpers import (  # noqa: F401
     make_model,
     make_run,
     process_group,

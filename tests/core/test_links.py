@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_losses import batch
+from loss_helpers import batch
 
 from midpo.core import links
 from midpo.core.links import LINK_NAMES, LINKS, combine, get_link, link_loss

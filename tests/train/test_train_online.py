@@ -1,6 +1,6 @@
 """train.online_reference=true: the frozen reference on its own ZeRO-3 inference engine beside the policy.
 
-In-process (one gloo process), the tiny Llama of test_train_helpers, 3 steps each. Tolerances stated:
+In-process (one gloo process), the tiny Llama of tests/support/train_helpers.py, 3 steps each. Tolerances stated:
 - dpo: cached == online reference (the same forward function serves both): every logged loss within 1e-5
   (policy == reference at step 0, then both runs train identically);
 - tdpo trains with the online reference (full-vocab reference logits); its first loss is ln 2 (policy ==
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train_helpers import build_cache, make_run, process_group, read_jsonl, recipe_text  # noqa: F401
+from train_helpers import build_cache, make_run, process_group, read_jsonl, recipe_text  # noqa: F401
 
 from midpo.config import load_config
 
@@ -112,7 +112,7 @@ def test_tdpo_online_trains_and_topk_cache_matches_within_its_bound(online_run):
     the full KL for the top-k one moves each pair's margin by at most b a (gap_w + gap_l), gap = KL_full -
     KL_topk >= 0, and softplus is 1-Lipschitz: |loss_topk - loss_online| <= b a mean_pairs(gap_w + gap_l), the
     gap measured here from the two models on step 1's rows (+ 1e-7 for fp32 sums)."""
-    from test_train_helpers import make_model
+    from train_helpers import make_model
 
     policy = make_model(online_run["root"] / "moved_policy", seed=3)
     ref_model = online_run["model"]

@@ -5,18 +5,13 @@ top-k + tail KL approximation against the exact KL(pi_ref || pi_theta) for pertu
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-from midpo.runtime.cache import REF_COLUMNS, TOPK_COLUMNS, CacheMismatchError, join_cache, open_cache, verify_rows
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_reference import make_rows, make_run, run_stage, write_data  # noqa: E402
-from test_train_helpers import (  # noqa: E402
+from ref_helpers import make_rows, make_run, run_stage, write_data  # noqa: E402
+from train_helpers import (  # noqa: E402
     fake_logps,
     fake_ref_stage,
     fake_score,
@@ -25,6 +20,8 @@ from test_train_helpers import (  # noqa: E402
     reseal,
     rewrite_split,
 )
+
+from midpo.runtime.cache import REF_COLUMNS, TOPK_COLUMNS, CacheMismatchError, join_cache, open_cache, verify_rows
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from conftest import TINY_SYNTH
+from prep_helpers import TINY_SYNTH
 
 from midpo.config import SynthConfig
 from midpo.demo import task as synth_task

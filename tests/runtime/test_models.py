@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from test_train_helpers import launcher_env_dropped, make_model, process_group  # noqa: F401
+from train_helpers import launcher_env_dropped, make_model, process_group  # noqa: F401
 
 from midpo.config import ModelConfig
 from midpo.runtime.models import load_model

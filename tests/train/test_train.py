@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import (
+from train_helpers import (
     clean_env,
     export_weights,
     losses,

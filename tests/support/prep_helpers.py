@@ -50,3 +50,8 @@ def expected_ids(sp, prompt: str, response: str, system: str | None = None) -> t
         p += [sys_, *sp.encode(system), eos]
     p += [user, *sp.encode(prompt), eos, asst]
     return p, [*sp.encode(response), eos]
+
+
+# The embedded default at test size (tests/conftest.py builds it once per session).
+TINY_SYNTH = dict(n_pairs=300, n_eval_prompts=40, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=2, num_kv_heads=1, max_position_embeddings=256)

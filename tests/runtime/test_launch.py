@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_helpers import REPO, clean_env, descendants, kill_tree, make_model, make_rows, recipe_text, write_data
+from train_helpers import REPO, clean_env, descendants, kill_tree, make_model, make_rows, recipe_text, write_data
 
 pytestmark = pytest.mark.distributed
 

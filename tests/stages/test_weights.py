@@ -4,16 +4,12 @@ against an independent per-sequence computation with two tiny contrastive models
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
+from ref_helpers import make_model, make_run, naive_response_logps, run_stage  # noqa: E402
 
 from midpo.stages.weights import average_ranks, rank_weights, tis_scores
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_reference import make_model, make_run, naive_response_logps, run_stage  # noqa: E402
 
 
 def test_rank_weights_closed_form():

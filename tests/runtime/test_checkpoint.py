@@ -44,7 +44,7 @@ def test_prune_keeps_the_last_k(tmp_path):
 def test_safe_loading_refuses_a_pickle_that_runs_code(tmp_path):
     """The crafted file runs code under a plain `torch.load(weights_only=False)` (the call DeepSpeed's loaders
     make); safe_load refuses it, and inside safe_torch_load() that very DeepSpeed-style call is refused too."""
-    from test_train_helpers import write_code_running_pickle
+    from train_helpers import write_code_running_pickle
 
     from midpo.runtime.checkpoint import UnsafeCheckpointError, safe_load, safe_torch_load, unsafe_files
 

@@ -25,7 +25,7 @@ import copy, sys, torch
 torch.set_num_threads(1)
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-from test_prior_net import BETA, PAD, llama, rows, train_step
+from prior_helpers import BETA, PAD, llama, rows, train_step
 from transformers import AutoModelForCausalLM
 from midpo.runtime import dist as pdist
 from midpo.core.batching import collate_pairs
@@ -98,6 +98,6 @@ print("OK")
 def test_prior_engine_zero3_matches_torch_resumes_and_exports(tmp_path):
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(Path(__file__).parent)], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(REPO / "tests" / "support")], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]
