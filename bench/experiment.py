@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from midpo.cli import split_overrides  # noqa: E402
-from midpo.config import load_config, save_config  # noqa: E402
+from midpo.config import load_config  # noqa: E402
+from midpo.runtime.files import save_config
 
 METHODS: dict[str, list[str]] = {
     "dpo": ["loss.prior=dpo"],

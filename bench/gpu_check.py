@@ -72,11 +72,12 @@ def main() -> int:
 
     from midpo.config import load_config
     from midpo.core.batching import collate_pairs, row_tokens_for
+    from midpo.core.flops import flop_params, train_flops
     from midpo.core.logprobs import ResponseLogps
     from midpo.core.priors import build_prior
     from midpo.runtime import dist as pdist
     from midpo.runtime.engine import PolicyLogps, build_policy_engine, ds_config_path, policy_logps, resolve_ds_config
-    from midpo.runtime.metrics import flop_params, measure_peak_flops, train_flops
+    from midpo.runtime.metrics import measure_peak_flops
     from midpo.runtime.models import resolve_attn
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")

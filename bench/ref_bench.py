@@ -33,7 +33,8 @@ def build(root: Path, pairs: int, hidden: int, layers: int, vocab: int, seed: in
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from midpo.data.shards import write_split
-    from midpo.runtime.fingerprint import atomic_write_json, hash_json
+    from midpo.runtime.files import atomic_write_json
+    from midpo.runtime.fingerprint import hash_json
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,

@@ -83,7 +83,7 @@ def write_data(data_dir: Path, rows: list[dict], tok_fp: str) -> None:
 def build_base(root: Path, threads: int) -> tuple[Path, list[dict]]:
     """The benches' shared start: model, N_PAIRS sorting pairs as data, and their reference cache (the real
     `midpo ref` stage) under root/base; runs copy data/ and ref/ from there. -> (model folder, rows)."""
-    from midpo.stages.train import tokenizer_fp
+    from midpo.runtime.models import tokenizer_fingerprint as tokenizer_fp
 
     model = build_model(root / "model")
     rows = sorting_pairs(N_PAIRS)

@@ -10,8 +10,8 @@ so `midpo --help` stays fast (stage modules are imported on use).
 
 Errors: a user error (`midpo.errors.MidpoError`: bad recipe, missing or foreign input, output in the way) is
 printed as one line, `midpo <stage>: error: <message>`, exit code 1; usage errors exit 2 (argparse). Anything
-else is a bug and keeps its traceback. `run_stage` is that one place, for `midpo` and for the stage modules
-that torchrun runs (`midpo.stages.ref.cli`).
+else is a bug and keeps its traceback. `midpo.runtime.launch.run_stage` is that one place, for `midpo` and for
+the stage modules that torchrun runs (`midpo.runtime.launch.stage_cli`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
-import re
 import sys
-from collections.abc import Callable
 
-from midpo.errors import MidpoError
+from midpo.config import split_overrides
+from midpo.runtime.launch import run_stage
 
 # One registry of subcommands: name -> (module, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,40 +33,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ref": ("midpo.stages.ref", "stage 2: offline per-token reference log-prob cache (resumable, multi-process)"),
     "weights": ("midpo.stages.weights", "TIS-DPO per-token weights from a forward and a reverse DPO model"),
     "train": ("midpo.stages.train", "stage 3: DeepSpeed ZeRO-3 training from the reference cache (auto-resume, export)"),
-    "export": ("midpo.runtime.export", "a consolidated Hugging Face folder from a ZeRO-3 checkpoint (default: latest)"),
+    "export": ("midpo.stages.export", "a consolidated Hugging Face folder from a ZeRO-3 checkpoint (default: latest)"),
     "run": ("midpo.demo.run", "the whole pipeline on one machine (synth, prep, sft, ref, train, eval) + summary"),
 }
 
-# `section.key=value`, or one of the top-level keys (`run_dir=...`, `seed=...`).
-_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+|run_dir|seed)=")
 
 
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Pull `key.sub=value` tokens out of argv (they may appear anywhere after the subcommand)."""
-    rest, overrides = [], []
-    for tok in argv:
-        (overrides if _OVERRIDE.match(tok) else rest).append(tok)
-    return rest, overrides
-
-
-def stage_name(module: str) -> str:
-    """The subcommand that runs `module` (`midpo.stages.train` -> `train`), or the module's own name."""
-    return next((name for name, (mod, _) in COMMANDS.items() if mod == module), module)
-
-
-def run_stage(stage: str, run: Callable[[], int | None]) -> int:
-    """Run a stage: its exit code, or 1 after printing a user error as one line (no traceback). Under torchrun
-    every rank that fails prints its line, prefixed with its rank: an error seen on one rank only is not lost."""
-    try:
-        return int(run() or 0)
-    except MidpoError as e:
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        where = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
-        # the whole line in one write (print() writes the text and the newline apart): ranks sharing a stderr
-        # pipe must not interleave mid-line
-        sys.stderr.write(f"midpo {stage}: error: {where}{e}\n")
-        sys.stderr.flush()
-        return 1
 
 
 def build_parser(load_commands: list[str] | None = None) -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,17 +20,13 @@ from typing import Any
 
 import yaml
 
-from midpo.errors import MidpoError
+from midpo.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPES_DIR = PACKAGE_DIR / "recipes"  # shipped as package data (pyproject.toml)
 DS_CONFIGS_DIR = PACKAGE_DIR / "ds_configs"
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(MidpoError, ValueError):
-    """A recipe or override that cannot be turned into a valid Config."""
 
 
 @dataclass
@@ -180,6 +177,12 @@ class TrainConfig:
     probe_tolerance: float = 0.0  # max mean |policy - cached| per-token log-prob; 0 = auto (fp32 1e-4, bf16/fp16 2e-2)
     export_at_end: bool = True  # write <run_dir>/export (HF folder) when training finishes
     record_rows: bool = True  # append each step's row ids (all ranks) to <run_dir>/logs/consumed_rows.jsonl
+    # response positions per output-head call: bounds the fp32 logits alive at once (chunks x vocab); the head runs
+    # in the same number of chunks on every rank (ZeRO-3 gathers it per call)
+    head_chunk_tokens: int = 1024
+    # a torch.profiler window over optimizer steps [A, B] (1-based, inclusive), e.g. [3, 5]: per-rank operator tables
+    # and Chrome traces in <run_dir>/logs/profile_rank<r>.{txt,json}; [] = off (the profiler slows those steps)
+    profile_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -188,6 +191,10 @@ class TrainConfig:
             raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
         if self.log_every < 1:
             raise ConfigError("train.log_every must be >= 1")
+        if self.head_chunk_tokens < 1:
+            raise ConfigError(f"train.head_chunk_tokens must be >= 1, got {self.head_chunk_tokens}")
+        if self.profile_steps:
+            check_step_window(self.profile_steps, "train.profile_steps")
 
 
 @dataclass
@@ -210,6 +217,16 @@ class PriorNetConfig:
     start_step: int = 0  # policy steps before the prior's first update (it stays at its init until then)
     bos_token_id: int | None = None  # context token of the unconditioned prior; None = the init model's bos_token_id
     chunk_size: int = 1024  # response tokens per full-vocab chunk (prior logits, KL)
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("marginal", "joint"):
+            raise ConfigError(f"prior_net.objective must be marginal or joint, got {self.objective!r}")
+        if self.anchor not in ("kl_init", "nll"):
+            raise ConfigError(f"prior_net.anchor must be kl_init or nll, got {self.anchor!r}")
+        if self.update_every < 1 or self.warmup_steps < 0 or self.start_step < 0 or self.num_layers < 0:
+            raise ConfigError("prior_net: update_every >= 1, warmup_steps >= 0, start_step >= 0, num_layers >= 0")
+        if self.anchor_weight < 0 or not self.lr > 0:
+            raise ConfigError("prior_net: anchor_weight >= 0 and lr > 0")
 
 
 @dataclass
@@ -273,6 +290,9 @@ RESUME_MUTABLE: dict[str, str] = {
     "train.probe_tolerance": "the start-of-run probe runs on a fresh start only",
     "train.peak_flops": "the MFU denominator only",
     "train.max_bad_steps": "when to give up on non-finite steps; no effect on a finite step",
+    "train.head_chunk_tokens": "how many response positions go through the output head at once: memory against "
+                               "speed, the same math (rounding aside)",
+    "train.profile_steps": "a profiler window: observes the steps, changes none",
     "model.gradient_checkpointing": "recomputes activations instead of keeping them: memory for time, same math",
     "data.num_proc": "stage 1 worker processes; training checks the data by fingerprint",
     "data.shard_rows": "stage 1 file layout; training checks the data by fingerprint",
@@ -429,7 +449,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: a recipe must be a mapping at the top level")
-        tree = loaded
+        tree = {k: v for k, v in loaded.items() if k not in RECORD_SECTIONS}
     for ov in overrides:
         keys, value = parse_override(ov)
         _apply_override(tree, keys, value)
@@ -439,36 +459,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{path or 'config'}: {e}") from None
 
 
-def save_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as YAML, atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    tmp.replace(path)
-    return path
+# Sections midpo writes into a run's config.yaml beside the settings: derived records, never settings
+# (`layout`: the run's resolved paths, midpo.runtime.layout). load_config skips them.
+RECORD_SECTIONS = ("layout",)
 
 
-def update_saved_config(cfg: Config, path: str | Path) -> list[tuple[str, Any, Any]]:
-    """Write `cfg` to `path` unless it already holds the same values (then the file is left untouched); a file with
-    other values is rewritten with a warning naming every changed key (never silently). Returns those changes; an
-    unreadable file counts as changed."""
-    path = Path(path)
-    if path.exists():
-        try:
-            changes = config_changes(load_config(path), cfg)
-        except (ConfigError, yaml.YAMLError) as e:
-            changes = [("(unreadable)", str(e), None)]
-        if not changes:
-            return []
-        log.warning("%s: rewritten with this run's config; changed: %s", path,
-                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
-    else:
-        changes = []
-    save_config(cfg, path)
-    return changes
+def dump_config(cfg: Config, records: dict | None = None) -> str:
+    """The resolved config as YAML text (`load_config` reads it back to an equal Config), with `records` (sections
+    of RECORD_SECTIONS) after the settings; runtime.files writes it."""
+    unknown = sorted(set(records or {}) - set(RECORD_SECTIONS))
+    if unknown:
+        raise ValueError(f"not record sections: {unknown}")
+    return yaml.safe_dump({**to_dict(cfg), **(records or {})}, sort_keys=False)
 
 
 def config_from_dict(data: dict) -> Config:
     return _build(Config, data)
+
+
+# `section.key=value`, or one of the top-level keys (`run_dir=...`, `seed=...`).
+_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+|run_dir|seed)=")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull `key.sub=value` tokens out of argv (they may appear anywhere after the subcommand)."""
+    rest, overrides = [], []
+    for tok in argv:
+        (overrides if _OVERRIDE.match(tok) else rest).append(tok)
+    return rest, overrides
+
+
+def check_step_window(window: list[int], where: str) -> tuple[int, int]:
+    """[A, B] (1-based optimizer steps, inclusive) -> (A, B); errors name `where`."""
+    if len(window) != 2 or not 1 <= window[0] <= window[1]:
+        raise ConfigError(f"{where} must be [A, B] with 1 <= A <= B (1-based steps, inclusive), got {window!r}")
+    return int(window[0]), int(window[1])

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("process_group", "launcher_env_dropped")
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """A model, and a run folder whose data has a reference cache built for other inputs (a manifest only)."""
-    from midpo.stages.train import tokenizer_fp
+    from midpo.runtime.models import tokenizer_fingerprint as tokenizer_fp
 
     root = tmp_path_factory.mktemp("cli_errors")
     model = make_model(root / "model")

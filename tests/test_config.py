@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from midpo.config import RECIPES_DIR, Config, ConfigError, load_config, save_config
+from midpo.config import RECIPES_DIR, Config, ConfigError, load_config
+from midpo.runtime.files import save_config
 
 
 def test_every_shipped_recipe_loads():

@@ -34,7 +34,6 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from midpo.config import PriorNetConfig
 from midpo.core.batching import PairBatch, collate_pairs
 from midpo.core.logprobs import ResponseLogps, _attn_implementation, fp32_logits
 
@@ -86,17 +85,6 @@ def check_vocab(prior_config, policy_config) -> None:
     if pv != qv:
         raise ValueError(f"prior_net.init has vocab_size {pv}, the policy {qv}: the prior must share the policy's "
                          "vocabulary (same tokenizer)")
-
-
-def validate(cfg: PriorNetConfig) -> None:
-    if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"prior_net.objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
-    if cfg.anchor not in ANCHORS:
-        raise ValueError(f"prior_net.anchor must be one of {ANCHORS}, got {cfg.anchor!r}")
-    if cfg.update_every < 1 or cfg.warmup_steps < 0 or cfg.start_step < 0 or cfg.num_layers < 0:
-        raise ValueError("prior_net: update_every >= 1, warmup_steps >= 0, start_step >= 0, num_layers >= 0")
-    if cfg.anchor_weight < 0 or not cfg.lr > 0:
-        raise ValueError("prior_net: anchor_weight >= 0 and lr > 0")
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
@@ -250,18 +238,6 @@ def _side_token_counts(batch: PairBatch) -> tuple[int, int]:
     return nc, int(batch.response_lens.sum()) - nc
 
 
-def _all_ranks_max(values: tuple[int, ...]) -> tuple[int, ...]:
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    from midpo.runtime import dist as pdist
-
-    t = torch.tensor(values, dtype=torch.long, device=pdist.device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return tuple(int(x) for x in t.tolist())
-
-
 def _ranges(batch: PairBatch, chunk_size: int, max_counts: tuple[int, int] | None = None) -> list[tuple[int, int]]:
     """Chunks of the flat response tokens that never straddle the chosen/rejected boundary.
 
@@ -293,10 +269,14 @@ class PriorLM(torch.nn.Module):
     prior's init its kl_init anchor's gradient is 0 up to rounding, and Adam turns whatever the rounding
     gives into full-size steps, so that path keeps its exact rounding)."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024,
+                 all_max: Callable[[list[int]], list[int]] | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        # the element-wise max of per-rank counts (runtime.dist.all_max under several ranks; identity alone),
+        # injected so this module stays free of torch.distributed
+        self.all_max = all_max
 
     @property
     def config(self):
@@ -314,7 +294,8 @@ class PriorLM(torch.nn.Module):
             return ((torch.tanh(logits / softcap) * softcap) if softcap else logits,)
         targets = batch.input_ids.reshape(-1).index_select(0, batch.target_index)  # (N,)
         parts = []
-        ranges = _ranges(batch, self.chunk_size, _all_ranks_max(_side_token_counts(batch)))
+        counts = list(_side_token_counts(batch))
+        ranges = _ranges(batch, self.chunk_size, tuple(self.all_max(counts) if self.all_max else counts))
         for i, (s, e) in enumerate(ranges):
             tgts = functools.partial(lambda s, e: tuple(get(s, e) for get in getters), s, e)  # (m, V) each
             if not (torch.is_grad_enabled() and h.requires_grad):

@@ -18,15 +18,38 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from midpo.config import ConfigError, LossConfig
 from midpo.core.logprobs import ResponseLogps, per_token_kl, per_token_kl_topk
 from midpo.core.losses import LossOutput, implicit_reward_loss, mi_dpo_loss
+from midpo.errors import ConfigError
+
+
+class LossSettings(Protocol):
+    """What the priors and the loss read from the `loss` section (midpo.config.LossConfig), duck-typed: this
+    module imports no config."""
+
+    prior: str
+    beta: float | None  # None: the prior's official default
+    label_smoothing: float
+    sft_weight: float
+    options: dict[str, Any]
+
+
+@dataclass
+class DefaultSettings:
+    """A prior's own defaults (a Prior built without settings)."""
+
+    prior: str
+    beta: float | None = None
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
 
 AVAILABLE_KEYS = (
     "ref_seq_logps",  # per-sequence reference log-prob sums (any reference cache)
@@ -185,9 +208,9 @@ class Prior(nn.Module):
     OPTIONS: ClassVar[dict[str, Any]] = {}
     DEFAULT_BETA: ClassVar[float] = 0.1
 
-    def __init__(self, loss_cfg: LossConfig | None = None, **dims: Any) -> None:
+    def __init__(self, loss_cfg: LossSettings | None = None, **dims: Any) -> None:
         super().__init__()
-        cfg = loss_cfg if loss_cfg is not None else LossConfig(prior=self.name)
+        cfg = loss_cfg if loss_cfg is not None else DefaultSettings(prior=self.name)
         self.beta = float(cfg.beta) if cfg.beta is not None else self.DEFAULT_BETA
         if not self.beta > 0:
             raise ConfigError(f"loss.beta must be > 0, got {self.beta}")
@@ -444,7 +467,7 @@ class SparsePOPrior(Prior):
     }
 
     def __init__(
-        self, loss_cfg: LossConfig | None = None, *, hidden_size: int, num_layers: int, eps: float = 1e-5
+        self, loss_cfg: LossSettings | None = None, *, hidden_size: int, num_layers: int, eps: float = 1e-5
     ) -> None:
         super().__init__(loss_cfg)
         o = self.options
@@ -521,7 +544,7 @@ def get_prior_class(name: str) -> type[Prior]:
         raise ConfigError(f"unknown loss.prior {name!r}; valid priors: {', '.join(PRIOR_NAMES)}") from None
 
 
-def build_prior(loss_cfg: LossConfig, model_config: Any = None) -> Prior:
+def build_prior(loss_cfg: LossSettings, model_config: Any = None) -> Prior:
     """The prior named by ``loss_cfg.prior``; ``model_config`` (an HF config) gives SparsePO its sizes."""
     cls = get_prior_class(loss_cfg.prior)
     if cls is SparsePOPrior:
@@ -550,7 +573,7 @@ def check_needs(prior: str | Prior | type[Prior], available: set[str] | frozense
         raise ConfigError("; ".join(problems) + f" (available: {', '.join(sorted(available)) or 'nothing'})")
 
 
-def compute_loss(prior: Prior, inputs: PriorInputs, loss_cfg: LossConfig) -> LossOutput:
+def compute_loss(prior: Prior, inputs: PriorInputs, loss_cfg: LossSettings) -> LossOutput:
     """The trainer's one entry point: the prior's log zeta, then the generalized loss with a = prior.beta."""
     check_needs(prior, inputs.available())
     z = prior(inputs)

@@ -33,8 +33,8 @@ import torch
 from midpo.config import Config, OnPolicyConfig, load_config
 from midpo.demo.evaluate import answer_token_budget, generate_answers, read_prompts
 from midpo.demo.task import check_answer, render_answer, solve
-from midpo.runtime.files import check_replaceable, publish_dir, temp_dir_for
-from midpo.runtime.fingerprint import atomic_write_json, hash_file, hash_json
+from midpo.runtime.files import atomic_write_json, check_replaceable, publish_dir, temp_dir_for
+from midpo.runtime.fingerprint import hash_file, hash_json
 from midpo.runtime.models import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -133,13 +133,14 @@ def sample_pairs(model_dir: str | Path, prompts_path: str | Path, out_dir: str |
 
 
 def default_paths(cfg: Config) -> tuple[Path, Path, Path]:
-    """(model, prompts file, output folder) of a run: the SFT model (else model.policy) answers
-    `onpolicy.prompts` (default: the embedded default's fresh prompts, unseen by SFT), into <run_dir>/onpolicy."""
-    from midpo.demo.sft import start_model
+    """(model, prompts file, output folder) of a run: the policy preference training starts from (the SFT model,
+    else model.policy) answers `onpolicy.prompts` (default: the embedded default's fresh prompts, unseen by SFT),
+    into <run_dir>/onpolicy."""
+    from midpo.runtime.layout import RunLayout
 
-    root = cfg.run_path
-    prompts = Path(cfg.onpolicy.prompts) if cfg.onpolicy.prompts else root / "synth" / "onpolicy_prompts.jsonl"
-    return start_model(cfg), prompts, root / "onpolicy"
+    layout = RunLayout.resolve(cfg)
+    prompts = Path(cfg.onpolicy.prompts) if cfg.onpolicy.prompts else layout.synth / "onpolicy_prompts.jsonl"
+    return layout.policy, prompts, layout.onpolicy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +162,6 @@ def run(args) -> int:
 if __name__ == "__main__":
     import sys
 
-    from midpo.cli import main
+    from midpo.runtime.launch import stage_cli
 
-    sys.exit(main(["sample", *sys.argv[1:]]))
+    sys.exit(stage_cli("sample", add_arguments, run))

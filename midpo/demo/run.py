@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from midpo.config import Config, load_config, update_saved_config
-from midpo.runtime.fingerprint import atomic_write_json
+from midpo.config import Config, load_config
+from midpo.runtime.files import atomic_write_json
+from midpo.runtime.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,6 @@ def _launch(command: str, cfg_path: Path, nproc: int) -> None:
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise SystemExit(f"midpo run: stage `{command}` failed with exit code {rc} (command: {' '.join(cmd)})")
-
-
-def _resolve_models(cfg: Config) -> None:
-    """Point model.policy / model.reference at what the earlier stages produced (SFT output if any)."""
-    from midpo.demo.sft import start_model
-
-    start = start_model(cfg)
-    cfg.model.policy = str(start)
-    cfg.model.reference = cfg.model.reference or str(start)
 
 
 def _read_last_eval(run_dir: Path) -> dict:
@@ -98,42 +90,34 @@ def _timed(timings: dict[str, float], name: str, title: str, fn, *args):
 
 
 def prepare_base(cfg: Config, nproc: int, timings: dict[str, float]) -> Path:
-    """synth (when data.inputs is empty) -> prep -> sft (when sft.steps > 0) -> ref: everything the
-    training stage reads. Resolves cfg.model.* in place; returns the saved run config's path."""
-    from midpo.demo.sft import default_init_model, train_sft
+    """synth (when data.inputs is empty) -> prep -> sft (when sft.steps > 0) -> [sample + prep] -> ref: everything
+    the training stage reads, at the paths every stage resolves alike (runtime.layout); returns the run config."""
+    from midpo.demo.sft import train_sft
     from midpo.demo.synthetic import build_tiny_default
+    from midpo.runtime.layout import claim_run
     from midpo.stages.prep import prepare
 
-    root = cfg.run_path
-    root.mkdir(parents=True, exist_ok=True)
-    synth_dir = root / "synth"
-    inputs = list(cfg.data.inputs)
-    if not inputs:
-        _timed(timings, "synth", "synth (embedded tiny default)", build_tiny_default, synth_dir, cfg.synth)
-        inputs = [str(synth_dir / "pairs.jsonl")]
-    init_model = default_init_model(cfg)
-    tokenizer = cfg.data.tokenizer or init_model
-    # with on-policy pairs the given pairs only feed SFT (<run_dir>/sft_data); <run_dir>/data, which the
-    # ref and train stages read, is then made from the sampled pairs
-    sft_data = root / "sft_data" if cfg.onpolicy.enabled else root / "data"
+    layout = claim_run(cfg)  # records the run's paths in <run_dir>/config.yaml (or checks them against it)
+    if not cfg.data.inputs:
+        _timed(timings, "synth", "synth (embedded tiny default)", build_tiny_default, layout.synth, cfg.synth)
+    # with on-policy pairs the given pairs only feed SFT (layout.sft_data); layout.data, which the ref and train
+    # stages read, is then made from the sampled pairs
     if cfg.sft.steps > 0 or not cfg.onpolicy.enabled:
-        _timed(timings, "prep", "prep", prepare, cfg.data, inputs, tokenizer, sft_data)
+        _timed(timings, "prep", "prep", prepare, cfg.data, cfg.data.inputs or layout.default_inputs, layout.tokenizer,
+               layout.sft_data)
     if cfg.sft.steps > 0:
         _timed(timings, "sft", f"sft ({cfg.sft.steps} steps, batch {cfg.sft.batch_size}, 1 process)",
-               train_sft, cfg, sft_data, init_model, root / "sft")
-    _resolve_models(cfg)
+               train_sft, cfg, layout.sft_data, layout.init_model, layout.sft)
     if cfg.onpolicy.enabled:
         from midpo.demo.onpolicy import PAIRS, default_paths, sample_pairs
 
         model, prompts, out = default_paths(cfg)
         _timed(timings, "sample", f"sample (on-policy pairs: {cfg.onpolicy.samples} answers per prompt, checked)",
                sample_pairs, model, prompts, out, cfg.onpolicy, cfg.seed, cfg.sft.num_threads)
-        _timed(timings, "prep_onpolicy", "prep (on-policy pairs)", prepare, cfg.data, [str(out / PAIRS)], tokenizer,
-               root / "data")
-    cfg_path = root / "config.yaml"
-    update_saved_config(cfg, cfg_path)  # a relaunch with other values says so (and train refuses what it cannot take)
-    _timed(timings, "ref", f"ref ({nproc} processes)", _launch, "ref", cfg_path, nproc)
-    return cfg_path
+        _timed(timings, "prep_onpolicy", "prep (on-policy pairs)", prepare, cfg.data, [str(out / PAIRS)],
+               layout.tokenizer, layout.data)
+    _timed(timings, "ref", f"ref ({nproc} processes)", _launch, "ref", layout.config, nproc)
+    return layout.config
 
 
 def run_pipeline(cfg: Config, nproc: int = 2, eval_prompts: int = 500) -> dict:
@@ -156,8 +140,9 @@ def run_pipeline(cfg: Config, nproc: int = 2, eval_prompts: int = 500) -> dict:
             import torch
 
             torch.set_num_threads(cfg.sft.num_threads)
-        before = evaluate_model(cfg.model.reference, prompts, n=eval_prompts, sampled=True, seed=cfg.seed)
-        after = evaluate_model(root / "export", prompts, n=eval_prompts, sampled=True, seed=cfg.seed)
+        layout = RunLayout.resolve(cfg)
+        before = evaluate_model(layout.reference, prompts, n=eval_prompts, sampled=True, seed=cfg.seed)
+        after = evaluate_model(layout.export, prompts, n=eval_prompts, sampled=True, seed=cfg.seed)
         timings["eval"] = time.time() - t
         print(f"--- eval: {timings['eval']:.0f}s", flush=True)
         summary["reference"], summary["policy"] = before, after

@@ -28,22 +28,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from midpo.config import Config, load_config, save_config
-from midpo.runtime.files import check_replaceable, publish_dir, temp_dir_for
-from midpo.runtime.fingerprint import atomic_write_json, hash_json
+from midpo.config import Config, load_config
+from midpo.runtime.files import atomic_write_json, check_replaceable, publish_dir, temp_dir_for
+from midpo.runtime.fingerprint import hash_json
+from midpo.runtime.layout import claim_run
 from midpo.runtime.models import load_model, load_tokenizer, model_fingerprint
 
 log = logging.getLogger(__name__)
 MANIFEST = "sft_manifest.json"
-
-
-def default_init_model(cfg: Config) -> Path:
-    return Path(cfg.model.policy) if cfg.model.policy else cfg.run_path / "synth" / "model"
-
-
-def start_model(cfg: Config) -> Path:
-    """The model preference training starts from: this stage's output when it runs, else its input."""
-    return cfg.run_path / "sft" if cfg.sft.steps > 0 else default_init_model(cfg)
 
 
 def collate_sft(rows: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,8 +127,8 @@ def train_sft(cfg: Config, data_dir: Path, init_dir: Path, out_dir: Path, *, for
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe YAML (or a name in recipes/)")
-    parser.add_argument("--data", help="prepared data folder (default <run_dir>/data)")
-    parser.add_argument("--init", help="model to start from (default model.policy or <run_dir>/synth/model)")
+    parser.add_argument("--data", help="prepared data folder (default: the run's, RunLayout.sft_data)")
+    parser.add_argument("--init", help="model to start from (default: model.policy, else <run_dir>/synth/model)")
     parser.add_argument("--out", help="output HF folder (default <run_dir>/sft)")
     parser.add_argument("--force", action="store_true", help="retrain even when the output is up to date")
 
@@ -145,22 +137,16 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.sft.steps <= 0:
         raise SystemExit("sft.steps is 0: nothing to do (set sft.steps=N)")
-    out = Path(args.out) if args.out else cfg.run_path / "sft"
-    save_config(cfg, cfg.run_path / "config.yaml")
-    train_sft(cfg, Path(args.data) if args.data else cfg.run_path / "data",
-              Path(args.init) if args.init else default_init_model(cfg), out, force=getattr(args, "force", False))
+    layout = claim_run(cfg, needs=() if args.init else ("init_model",))
+    train_sft(cfg, Path(args.data) if args.data else layout.sft_data,
+              Path(args.init) if args.init else layout.init_model, Path(args.out) if args.out else layout.sft,
+              force=getattr(args, "force", False))
     return 0
 
 
 if __name__ == "__main__":
     import sys
 
-    from midpo.cli import split_overrides
+    from midpo.runtime.launch import stage_cli
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    argv, ovr = split_overrides(sys.argv[1:])
-    a = p.parse_args(argv)
-    a.overrides = ovr
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(run(a))
+    sys.exit(stage_cli("sft", add_arguments, run))

@@ -21,8 +21,8 @@ from typing import Any
 
 from midpo.config import SynthConfig
 from midpo.demo.task import check_answer, generate_eval_prompts, generate_pairs, partial_credit, solve
-from midpo.runtime.files import check_replaceable, publish_dir, temp_dir_for
-from midpo.runtime.fingerprint import atomic_write_json, hash_json
+from midpo.runtime.files import atomic_write_json, check_replaceable, publish_dir, temp_dir_for
+from midpo.runtime.fingerprint import hash_json
 
 __all__ = ["build_tiny_default", "check_answer", "partial_credit", "solve", "CHAT_TEMPLATE", "add_arguments", "run"]
 

@@ -35,8 +35,24 @@ import pyarrow as pa
 from midpo.errors import MidpoError
 from midpo.runtime.fingerprint import hash_token_ids
 from midpo.runtime.integrity import data_files, read_arrow, split_damage
-from midpo.runtime.prepared import read_manifest
-from midpo.stages.ref import REF_SCHEMA, TOPK_SCHEMA, data_fingerprints
+from midpo.runtime.prepared import data_fingerprints, read_manifest
+
+# The cache's columns, declared once: `midpo ref` writes them (runtime.chunks), training reads them.
+REF_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("tokens_hash", pa.string()),
+    ("chosen_ref_logps", pa.list_(pa.float32())),
+    ("rejected_ref_logps", pa.list_(pa.float32())),
+    ("chosen_ref_logp_sum", pa.float64()),
+    ("rejected_ref_logp_sum", pa.float64()),
+])
+TOPK_SCHEMA = pa.schema([
+    (f"{side}_{name}", typ)
+    for side in ("chosen", "rejected")
+    for name, typ in (("ref_topk_logps", pa.list_(pa.list_(pa.float32()))),
+                      ("ref_topk_ids", pa.list_(pa.list_(pa.int32()))),
+                      ("ref_tail_logmass", pa.list_(pa.float32())))
+])
 
 REF_COLUMNS = tuple(REF_SCHEMA.names)  # id, tokens_hash, {chosen,rejected}_ref_logps, ..._ref_logp_sum
 TOPK_COLUMNS = tuple(TOPK_SCHEMA.names)  # with ref.topk = k > 0; per response token: (k,) logps, (k,) ids, tail
@@ -246,3 +262,8 @@ def join_cache(data, cache, *, verify: bool = True):
     if clash:
         raise CacheMismatchError(f"cache columns {clash} already exist in the data")
     return concatenate_datasets([data, extra], axis=1)
+
+
+def row_tokens_hash(row: dict) -> str:
+    """The hash that joins a cache row to its data row (id + this hash are checked on every read)."""
+    return hash_token_ids(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])

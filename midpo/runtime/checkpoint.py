@@ -1,7 +1,7 @@
 """Checkpoints: `<run_dir>/checkpoints/step-NNNNNNN/` + `checkpoints/latest`.
 
 A checkpoint holds the DeepSpeed policy checkpoint (ZeRO-3 shards, optimizer, lr scheduler), the
-hook's state (the prior engine, when there is one), `trainer_state.json` (step, consumed samples,
+prior network's own (MI-DPO, in `prior/`, its HF config in `prior_hf_config/`), `trainer_state.json` (step, consumed samples,
 sampler state, counters, world size, input fingerprints), one `rng_rank{r}.pt` per rank (python,
 numpy, torch RNG states) and the resolved `config.yaml`. `latest` is written last, atomically, by
 rank 0, after a barrier that every rank reaches only once its own files are written; older
@@ -16,7 +16,7 @@ Loading trusts nothing in the folder (it may have been copied from elsewhere, or
   and restores it after. Before a resume, rank 0 also scans every `.pt` pickle (no tensor read) and
   all ranks refuse together, so a crafted file on one rank cannot leave the others in a collective.
   A hash recorded in the same folder would not help: whoever crafts the folder rewrites the hash.
-- `check_resume` compares the checkpoint's `config.yaml` and input fingerprints with the run about to
+- midpo.train.resume.check_resume compares the checkpoint's `config.yaml` and input fingerprints with the run about to
   resume, names every changed key and refuses all but the ones `midpo.config.RESUME_MUTABLE` lists.
 - another number of processes than the checkpoint's is supported: `load_engine` converts the ZeRO
   partitions to DeepSpeed's universal checkpoint (rank 0, once, into `step-N/universal/`) and loads
@@ -41,15 +41,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from midpo.config import RESUME_MUTABLE, Config, config_changes, load_config, save_config
+from midpo.config import Config
 from midpo.errors import MidpoError
 from midpo.runtime import dist as pdist
-from midpo.runtime.files import check_replaceable, publish_dir, temp_dir_for, written_by_midpo
-from midpo.runtime.fingerprint import atomic_write_json, atomic_write_text
+from midpo.runtime.files import (
+    atomic_write_json,
+    atomic_write_text,
+    check_replaceable,
+    publish_dir,
+    save_config,
+    temp_dir_for,
+    written_by_midpo,
+)
 
 log = logging.getLogger(__name__)
 
-_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+STEP_DIR = re.compile(r"^step-(\d{7,})$")
 UNIVERSAL_DIR = "universal"  # inside a step folder (or its prior/): DeepSpeed's universal form, written by midpo
 
 
@@ -141,20 +148,9 @@ def unsafe_files(folder: str | Path) -> list[str]:
     return out
 
 
-def _from_main(obj):
-    """Rank 0's `obj` on every rank (collective)."""
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def refuse_unsafe(folder: str | Path) -> None:
     """Collective: rank 0 scans `folder` (unsafe_files); every rank raises the same UnsafeCheckpointError."""
-    bad = _from_main(unsafe_files(folder) if pdist.is_main() else None)
+    bad = pdist.broadcast_object(unsafe_files(folder) if pdist.is_main() else None)
     if bad:
         raise UnsafeCheckpointError(
             f"refusing to load {folder}: {len(bad)} file(s) hold pickled objects that no midpo or DeepSpeed "
@@ -215,22 +211,28 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(ckpt_root: str | Path, step: int, engine, trainer_state: dict, cfg: Config, hook=None,
+def save_checkpoint(ckpt_root: str | Path, step: int, engines: dict, trainer_state: dict, cfg: Config,
                     keep_last: int = 2) -> Path:
-    """Collective: every rank calls it at the same step."""
+    """Collective: every rank calls it at the same step. `engines`: name -> runtime.engine.Engine; "policy" is
+    DeepSpeed's checkpoint in the step folder itself, any other in `<step>/<name>/` with its module's HF config in
+    `<step>/<name>_hf_config/` (what offline export needs)."""
     root = Path(ckpt_root)
     tag = step_dir_name(step)
     path = root / tag
     rank = pdist.rank()
     if rank == 0 and path.exists():
         if (root / "latest").exists() and (root / "latest").read_text().strip() == tag:
-            raise RuntimeError(f"refusing to overwrite {path}: `latest` names it")
+            raise CheckpointError(f"refusing to overwrite {path}: `latest` names it")
         shutil.rmtree(path)  # a stale half-written folder from a killed run (latest never named it)
     pdist.barrier()
-    # save_latest=False: DeepSpeed would otherwise write its own `latest` before our state exists.
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    if hook is not None:
-        hook.save_checkpoint(path)
+    for name, engine in engines.items():
+        # save_latest=False: DeepSpeed would otherwise write its own `latest` before our state exists
+        if name == "policy":
+            engine.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
+        else:
+            engine.ds.save_checkpoint(str(path), tag=name, save_latest=False)
+            if rank == 0:
+                engine.module.config.save_pretrained(str(path / f"{name}_hf_config"))
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
     if rank == 0:
         atomic_write_json(path / "trainer_state.json", trainer_state)
@@ -247,7 +249,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, engine, trainer_state: dic
 def _prune(root: Path, keep_last: int, keep: str) -> None:
     if keep_last <= 0:
         return
-    steps = sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), key=lambda p: p.name)
+    steps = sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=lambda p: p.name)
     for p in steps[:-keep_last]:
         if p.name != keep:
             shutil.rmtree(p, ignore_errors=True)
@@ -258,16 +260,18 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
 # load
 
 
-def load_checkpoint(path: str | Path, engine, hook=None) -> dict:
-    """Collective. Restores engine (weights, optimizer, scheduler), hook, this rank's RNG; returns trainer state.
-    Every file is checked first (refuse_unsafe) and loaded through safe_load."""
+def load_checkpoint(path: str | Path, engines: dict) -> dict:
+    """Collective. Restores every engine of `engines` (as save_checkpoint names them: weights, optimizer, lr
+    schedule) and this rank's RNG; returns the trainer state. Every file is checked first (refuse_unsafe) and
+    loaded through safe_load."""
     path = Path(path)
     refuse_unsafe(path)
     with safe_torch_load():
-        if load_engine(engine, path.parent, path.name) is None:
-            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
-        if hook is not None:
-            hook.load_checkpoint(path)
+        for name, engine in engines.items():
+            load_dir, tag = (path.parent, path.name) if name == "policy" else (path, name)
+            if load_engine(engine.ds, load_dir, tag) is None:
+                raise CheckpointError(f"DeepSpeed could not load the {name} checkpoint in {Path(load_dir) / tag} "
+                                      f"(was the run trained with the same loss.prior?)")
         state = json.loads((path / "trainer_state.json").read_text())
         rank, world = pdist.rank(), pdist.world_size()
         if state.get("world_size") != world:
@@ -348,124 +352,3 @@ def to_universal(src: Path, out: Path) -> Path:
         ds_to_universal.main(args)
     (Path(src) / "latest_universal").unlink(missing_ok=True)  # its pointer to our temp name; unused (we pass tags)
     return publish_dir(tmp, out)
-
-
-# ---------------------------------------------------------------------------------------------
-# may this run resume from that checkpoint?
-
-
-def global_batch(cfg: Config, world: int) -> int:
-    return cfg.train.micro_batch_size * cfg.train.grad_accum * world
-
-
-def resume_differences(saved: Config, saved_state: dict, cfg: Config, world: int, inputs: dict,
-                       total_steps: int) -> tuple[list[str], list[str]]:
-    """(refused, accepted): one line per difference between the checkpoint (its config and trainer state) and
-    the run about to resume from it. Pure. Refused: a changed key outside RESUME_MUTABLE, another global batch,
-    changed input fingerprints. Accepted: RESUME_MUTABLE keys, another process count, another run length."""
-    refused, accepted = [], []
-    for key, old, new in config_changes(saved, cfg):
-        if key in RESUME_MUTABLE:
-            accepted.append(f"{key}: {old!r} -> {new!r} ({RESUME_MUTABLE[key]})")
-        else:
-            refused.append(f"{key}: {old!r} -> {new!r}")
-    saved_world = int(saved_state.get("world_size") or world)
-    was, now = global_batch(saved, saved_world), global_batch(cfg, world)
-    if was != now:
-        tc = cfg.train
-        if was % (tc.micro_batch_size * world) == 0:
-            fix = f"train.grad_accum={was // (tc.micro_batch_size * world)}"
-        elif was % (tc.grad_accum * world) == 0:
-            fix = f"train.micro_batch_size={was // (tc.grad_accum * world)}"
-        elif was % world == 0:
-            fix = f"train.micro_batch_size={was // world} train.grad_accum=1"
-        else:
-            fix = None
-        refused.append(
-            f"pairs per optimizer step (micro x accum x processes): {saved.train.micro_batch_size} x "
-            f"{saved.train.grad_accum} x {saved_world} = {was} at the checkpoint, {tc.micro_batch_size} x "
-            f"{tc.grad_accum} x {world} = {now} now; the data order and the schedule are counted in global batches, "
-            + (f"keep {was}: pass {fix}" if fix else f"and {was} pairs cannot be split over {world} processes: "
-               f"resume with {saved_world} processes"))
-    if saved_world != world:
-        accepted.append(f"processes: {saved_world} -> {world} (ZeRO partitions resharded through DeepSpeed's universal "
-                        "checkpoint; per-rank RNG streams cannot be mapped and are not restored)")
-    for name, old in sorted((saved_state.get("inputs") or {}).items()):
-        if inputs.get(name) is not None and inputs[name] != old:
-            refused.append(f"{name} fingerprint: {old} -> {inputs[name]} (the {name} changed since the checkpoint)")
-    old_total = saved_state.get("total_steps")
-    if old_total is not None and int(old_total) != total_steps:
-        from midpo.train.schedule import lr_multiplier, warmup_steps
-
-        tc, k = cfg.train, int(saved_state.get("step", 0))
-        lrs = [tc.lr * lr_multiplier(k, n, warmup_steps(n, tc.warmup_ratio), tc.schedule)
-               for n in (int(old_total), total_steps)]
-        accepted.append(f"run length: {old_total} -> {total_steps} steps (the lr schedule, warmup included, is laid "
-                        f"over the new length: lr of step {k + 1}: {lrs[0]:.3g} -> {lrs[1]:.3g})")
-    return refused, accepted
-
-
-def check_resume(ckpt: str | Path, cfg: Config, world: int, inputs: dict, total_steps: int) -> list[str]:
-    """Raise CheckpointError naming every difference a resume from `ckpt` cannot take (resume_differences);
-    return the accepted ones (the caller logs them)."""
-    ckpt = Path(ckpt)
-    try:
-        saved = load_config(ckpt / "config.yaml")
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-    except Exception as e:
-        raise CheckpointError(f"{ckpt}: cannot read its config.yaml / trainer_state.json ({e}); a resume cannot be "
-                              "checked against it: start over with `midpo train --force`") from None
-    refused, accepted = resume_differences(saved, state, cfg, world, inputs, total_steps)
-    if refused:
-        raise CheckpointError(
-            f"cannot resume from {ckpt} with this config: it differs from the checkpoint's\n  " + "\n  ".join(refused)
-            + f"\nUndo these changes to resume (the checkpoint's config: {ckpt / 'config.yaml'}), or start the run "
-            "over with `midpo train --force` (removes its checkpoints/, training logs, tensorboard/ and export/). "
-            f"Keys a resume may change (midpo.config.RESUME_MUTABLE): {', '.join(RESUME_MUTABLE)}.")
-    return accepted
-
-
-# ---------------------------------------------------------------------------------------------
-# `midpo train --force`: start over
-
-
-TRAIN_LOGS = ("train_metrics.jsonl", "consumed_rows.jsonl", "profile_rank*.txt", "profile_rank*.json")
-
-
-def start_over(run_dir: str | Path) -> list[Path]:
-    """One process (rank 0). Remove what `midpo train` wrote in `run_dir`, and nothing else: checkpoints/latest,
-    the step-* folders and DeepSpeed's scripts beside them, the training logs (TRAIN_LOGS), TensorBoard event files,
-    and export/ when midpo wrote it (midpo.runtime.files's guard, checked before anything is removed). Returns what
-    was removed."""
-    run = Path(run_dir)
-    export = run / "export"
-    check_replaceable(export)  # raises OutputDirError for a folder midpo did not write: nothing removed yet
-    removed: list[Path] = []
-    ckpts = run / "checkpoints"
-    if ckpts.is_dir():
-        # the pointer first (no `latest` names a half-removed folder); DeepSpeed's recovery scripts, which it copies
-        # beside every checkpoint it saves
-        for name in ("latest", "zero_to_fp32.py", "zero_to_torch.py"):
-            if (ckpts / name).is_file():
-                (ckpts / name).unlink()
-                removed.append(ckpts / name)
-        for p in sorted(ckpts.iterdir()):
-            if p.is_dir() and not p.is_symlink() and _STEP_DIR.match(p.name):
-                shutil.rmtree(p)
-                removed.append(p)
-    for folder, patterns in ((run / "logs", TRAIN_LOGS), (run / "tensorboard", ("events.out.tfevents.*",))):
-        for pat in patterns:
-            for f in sorted(folder.glob(pat)) if folder.is_dir() else ():
-                if f.is_file():
-                    f.unlink()
-                    removed.append(f)
-    for folder in (ckpts, run / "logs", run / "tensorboard"):
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    if export.exists():
-        aside = export.with_name(f".{export.name}.removed")
-        shutil.rmtree(aside, ignore_errors=True)
-        export.rename(aside)
-        shutil.rmtree(aside)
-        removed.append(export)
-    return removed

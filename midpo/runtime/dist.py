@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -121,3 +122,71 @@ def all_ranks_true(flag: bool) -> bool:
     t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=device())
     dist.all_reduce(t)
     return int(t.item()) == 0
+
+
+def all_ranks_true_each(flags: list[bool]) -> list[bool]:
+    """Collective element-wise AND of per-rank flags, in one all-reduce."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(flags)
+    t = torch.tensor([0 if f else 1 for f in flags], dtype=torch.int32, device=device())
+    dist.all_reduce(t)
+    return [int(x) == 0 for x in t.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------
+# the collectives every layer above uses (one place; each is a no-op without a process group of > 1)
+
+
+def _grouped() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors live: the GPU under NCCL, the CPU under gloo."""
+    return device() if backend() == "nccl" else torch.device("cpu")
+
+
+def all_max(values: int | list[int]) -> int | list[int]:
+    """Collective element-wise MAX of one int or a list of ints (same length on every rank)."""
+    if not _grouped():
+        return values
+    t = torch.tensor(values if isinstance(values, list) else [values], dtype=torch.long, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    out = [int(x) for x in t.tolist()]
+    return out if isinstance(values, list) else out[0]
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Collective element-wise SUM of a list of floats (float64; same length on every rank)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if _grouped():
+        t = t.to(_comm_device())
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Collective: rank `src`'s (picklable) object on every rank."""
+    if not _grouped():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Collective: every rank's object, in rank order, on rank 0 (None elsewhere)."""
+    if not _grouped():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Collective: every rank's object, in rank order, on every rank."""
+    if not _grouped():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

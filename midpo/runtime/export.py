@@ -1,13 +1,10 @@
 """Export a consolidated Hugging Face model folder (safetensors, config, tokenizer, generation config).
 
-Two sources, one writer:
-- at the end of training, from the live ZeRO-3 engine: a COLLECTIVE (every rank gathers each
+Two sources, one writer (`write_hf_folder`):
+- `export_engine`, at the end of training, from a live ZeRO-3 engine: a COLLECTIVE (every rank gathers each
   parameter with `deepspeed.zero.GatheredParameters`, rank 0 keeps a CPU copy and writes);
-- from a checkpoint, offline in one process: DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`
-  merges the ZeRO-3 shards (LLaMA-Factory #2239: exporting shards without gathering gave a broken model).
-
-    midpo export --config RECIPE                      # latest checkpoint -> <run_dir>/export
-    midpo export --config RECIPE --checkpoint runs/x/checkpoints/step-0000100 --out DIR
+- `checkpoint_state_dict`, offline in one process (`midpo export`, midpo.stages.export): DeepSpeed's
+  `get_fp32_state_dict_from_zero_checkpoint` merges the ZeRO-3 shards.
 
 The key set is checked against the model class; tied embeddings are written once (as transformers
 expects); the folder is written under a temporary name and renamed into place.
@@ -15,10 +12,8 @@ expects); the folder is written under a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import shutil
@@ -26,48 +21,15 @@ from pathlib import Path
 
 import torch
 
-from midpo.config import Config, load_config
 from midpo.errors import MissingPathError
 from midpo.runtime import dist as pdist
 from midpo.runtime.files import check_replaceable, mark_output, publish_dir, temp_dir_for
-from midpo.runtime.models import resolve_dtype
 
 log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "chat_template*", "vocab*", "merges.txt",
                     "added_tokens.json")
 MAX_SHARD_BYTES = 4 * 1024 ** 3
-
-
-def policy_path(cfg: Config) -> Path:
-    """The policy's initial HF folder (see ModelConfig.policy)."""
-    if cfg.model.policy:
-        return Path(cfg.model.policy)
-    for cand in (cfg.run_path / "sft", cfg.run_path / "synth" / "model", cfg.run_path / "model"):
-        if (cand / "config.json").exists():
-            return cand
-    raise MissingPathError(f"model.policy is not set and none of {cfg.run_path}/sft, {cfg.run_path}/synth/model, "
-                            f"{cfg.run_path}/model exists")
-
-
-def has_tokenizer(path: Path) -> bool:
-    return any(Path(path).glob("tokenizer*")) or any(Path(path).glob("*.model"))
-
-
-def tokenizer_path(cfg: Config) -> Path | None:
-    """data.tokenizer, else the policy folder when it holds a tokenizer, else the one stage 1 recorded."""
-    if cfg.data.tokenizer:
-        return Path(cfg.data.tokenizer)
-    policy = policy_path(cfg)
-    if has_tokenizer(policy):
-        return policy
-    try:
-        from midpo.runtime.prepared import read_manifest
-
-        recorded = (read_manifest(cfg.run_path / "data").get("tokenizer") or {}).get("path")
-    except (ImportError, FileNotFoundError):
-        recorded = None
-    return Path(recorded) if recorded and has_tokenizer(Path(recorded)) else None
 
 
 @contextlib.contextmanager
@@ -220,92 +182,31 @@ def _write_generation_config(hf_config, out: Path, source_dir, tokenizer_dir) ->
     gen.save_pretrained(str(out))
 
 
-def export_from_engine(engine, cfg: Config, out_dir: str | Path | None = None, step: int | None = None) -> Path | None:
-    """COLLECTIVE: gather the live ZeRO-3 weights; rank 0 writes `<run_dir>/export` (or out_dir)."""
-    out = Path(out_dir) if out_dir else cfg.run_path / "export"
+def export_engine(engine, out_dir: str | Path, *, dtype: torch.dtype, tokenizer_dir: str | Path | None,
+                  source_dir: str | Path | None, step: int | None = None) -> Path:
+    """COLLECTIVE: gather an engine's live (ZeRO-3) weights; rank 0 writes them as a HF folder at `out_dir`. The
+    engine's module is `PolicyLogps` or `PriorLM` (the HF model is its `.model`)."""
     sd = gather_engine_state_dict(engine)
     if pdist.is_main():
-        hf_config = copy.deepcopy(engine.module.config)
-        write_hf_folder(sd, hf_config, out, dtype=resolve_dtype(cfg.model.dtype), tokenizer_dir=tokenizer_path(cfg),
-                        source_dir=policy_path(cfg), model=getattr(engine.module, "model", engine.module), step=step)
+        model = getattr(engine.module, "model", engine.module)
+        write_hf_folder(sd, copy.deepcopy(model.config), out_dir, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                        source_dir=source_dir, model=model, step=step)
     pdist.barrier()
-    return out
+    return Path(out_dir)
 
 
-def export_from_checkpoint(ckpt_dir: str | Path, cfg: Config, out_dir: str | Path | None = None) -> Path:
-    """One process, no collectives: merge the ZeRO-2/3 partitions of `ckpt_dir` (fp32 masters) and write. A
-    stage-0 checkpoint (no ZeRO partition files) holds the whole model in `mp_rank_00_model_states.pt`.
-    Every file is read through midpo.runtime.checkpoint.safe_load (zero_to_fp32's own torch.load included)."""
+def checkpoint_state_dict(load_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """One process, no collectives: the fp32 weights of the DeepSpeed checkpoint `load_dir/tag`: its ZeRO-2/3
+    partitions merged (zero_to_fp32; LLaMA-Factory #2239: exporting shards without gathering gave a broken model),
+    or a stage-0 checkpoint's whole model file. Every file is read through runtime.checkpoint.safe_load (zero_to_fp32's
+    own torch.load included). Keys as the engine's module names them (`model.` prefix of PolicyLogps kept)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig
 
     from midpo.runtime.checkpoint import safe_load, safe_torch_load
 
-    ckpt = Path(ckpt_dir)
-    if list(ckpt.glob("*zero_pp_rank_*")):
+    folder = Path(load_dir) / tag
+    if list(folder.glob("*zero_pp_rank_*")):
         with safe_torch_load():
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    else:
-        states = safe_load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu")
-        sd = {k: v.float() for k, v in states["module"].items()}
-    # engine.PolicyLogps may also hold a prior's parameters (`prior.*`, SparsePO's mask network): not the HF model
-    sd = {k: v for k, v in sd.items() if not k.startswith("prior.")}
-    src = policy_path(cfg)
-    hf_config = AutoConfig.from_pretrained(str(src), trust_remote_code=cfg.model.trust_remote_code)
-    out = Path(out_dir) if out_dir else cfg.run_path / "export"
-    try:
-        step = int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        step = None  # not a midpo checkpoint folder: the export just does not say which step it holds
-    return write_hf_folder(sd, hf_config, out, dtype=resolve_dtype(cfg.model.dtype), tokenizer_dir=tokenizer_path(cfg),
-                           source_dir=src, step=step)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="recipe (YAML path or name in recipes/)")
-    p.add_argument("--checkpoint", default="latest",
-                   help="checkpoint folder, or `latest` (default) = <run_dir>/checkpoints/latest")
-    p.add_argument("--out", default=None, help="output folder (default <run_dir>/export)")
-
-
-def weights_config(recipe: Config, ckpt: Path, overrides: list[str]) -> Config:
-    """The recipe, with the model the checkpoint's weights belong to: the `model` section and the tokenizer of
-    the checkpoint's own resolved config (policy folder, dtype, remote code). Everything written (run_dir, the
-    export folder) stays the recipe's: a run folder copied elsewhere exports into the copy, never the original."""
-    saved = ckpt / "config.yaml"
-    if not saved.exists():
-        return recipe
-    own = load_config(saved, overrides)
-    return dataclasses.replace(recipe, model=own.model,
-                               data=dataclasses.replace(recipe.data, tokenizer=own.data.tokenizer))
-
-
-def run(args) -> int:
-    from midpo.runtime.checkpoint import latest_checkpoint
-
-    overrides = list(getattr(args, "overrides", []))
-    recipe = load_config(args.config, overrides)
-    if args.checkpoint == "latest":
-        ckpt = latest_checkpoint(recipe.run_path / "checkpoints")
-        if ckpt is None:
-            raise MissingPathError(f"no checkpoint: {recipe.run_path}/checkpoints/latest does not exist (train first)")
-    else:
-        ckpt = Path(args.checkpoint)
-        if not (ckpt / "trainer_state.json").is_file():
-            what = "is not a checkpoint folder (no trainer_state.json)" if ckpt.is_dir() else "does not exist"
-            raise MissingPathError(f"--checkpoint {ckpt} {what}")
-    cfg = weights_config(recipe, ckpt, overrides)
-    check_replaceable(Path(args.out) if args.out else cfg.run_path / "export")  # before merging the checkpoint
-    out = export_from_checkpoint(ckpt, cfg, args.out)
-    print(f"exported {ckpt} -> {out}")
-    if (ckpt / "prior").is_dir():  # loss.prior=learned: the prior network's own ZeRO checkpoint
-        # After the policy: write_hf_folder replaces the policy folder as a whole, <out>/prior included.
-        from midpo.train.prior_engine import export_prior_from_checkpoint
-
-        prior_out = export_prior_from_checkpoint(ckpt, cfg, Path(out) / "prior")
-        print(f"exported {ckpt / 'prior'} -> {prior_out}")
-    return 0
+            return get_fp32_state_dict_from_zero_checkpoint(str(load_dir), tag=tag)
+    states = safe_load(folder / "mp_rank_00_model_states.pt", map_location="cpu")
+    return {k: v.float() for k, v in states["module"].items()}

@@ -1,4 +1,7 @@
-"""Whole-folder atomic publishing, and the one guard on what midpo may replace.
+"""Atomic writes (one file, or a whole folder), and the one guard on what midpo may replace.
+
+`atomic_file(path)` is the one way midpo writes a file that a reader may look at while it is written:
+write to a temp name beside it, fsync, rename over it. Folders are published the same way.
 
 Build under a hidden temp name beside the target, then rename: a reader sees either the previous
 complete folder or the new complete one, never a half-written one; a crash leaves only a
@@ -12,11 +15,14 @@ folder that holds the stage's own input is refused with a message, never deleted
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from midpo.errors import MidpoError
 
@@ -107,3 +113,67 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# single files
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; when the block succeeds, fsync it and rename it over `path`, so a reader
+    sees the old file or the new one, never half of one. On an error the temp file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_config(cfg, path: str | Path, records: dict | None = None) -> Path:
+    """Write a resolved config as YAML, atomically (`records`: see config.dump_config)."""
+    from midpo.config import dump_config
+
+    return atomic_write_text(path, dump_config(cfg, records))
+
+
+def update_saved_config(cfg, path: str | Path, records: dict | None = None) -> list[tuple[str, Any, Any]]:
+    """Write `cfg` (and `records`) to `path` unless it already holds the same (then the file is left untouched); a
+    file with other settings is rewritten with a warning naming every changed key (never silently). Returns those
+    changes; an unreadable file counts as changed."""
+    import logging
+
+    import yaml
+
+    from midpo.config import ConfigError, config_changes, load_config
+
+    path = Path(path)
+    changes: list[tuple[str, Any, Any]] = []
+    if path.exists():
+        try:
+            changes = config_changes(load_config(path), cfg)
+            saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (ConfigError, yaml.YAMLError) as e:
+            changes, saved = [("(unreadable)", str(e), None)], {}
+        if not changes and all(saved.get(k) == v for k, v in (records or {}).items()):
+            return []
+        logging.getLogger(__name__).warning("%s: rewritten with this run's config; changed: %s", path,
+                                            "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+    save_config(cfg, path, records)
+    return changes
+

@@ -5,24 +5,27 @@
 torchrun starts every worker in a session of its own, so a signal to the launcher's process group never
 reaches them, and a launcher killed with SIGKILL left the agent and the workers running (killed during start-up,
 the workers waited 23 minutes for a rendezvous store that had gone). Each process is tied to the one above it:
-- launcher -> agent: `midpo.stages.ref.launch_torchrun` starts the agent in a session of its own and forwards
+- launcher -> agent: `launch_torchrun` (below) starts the agent in a session of its own and forwards
   SIGTERM/SIGINT/SIGHUP to it (`forward_signals`); the agent asks the kernel for SIGTERM when the launcher dies
   (PR_SET_PDEATHSIG: a SIGKILL of the launcher cannot skip it), and on SIGTERM torchrun stops its workers
   (SIGTERM, then SIGKILL after 30 s).
 - agent -> workers: each worker asks for SIGKILL when the agent dies (`worker_dies_with_agent`, called by
-  `midpo.stages.ref.cli`); the agent passes its pid down, so a worker whose agent died while it was still
+  `stage_cli`); the agent passes its pid down, so a worker whose agent died while it was still
   starting (before it could ask) goes at once.
-This module imports only the standard library, so the agent ties itself to the launcher before anything slow.
+The agent part imports only the standard library, so the agent ties itself to the launcher before anything slow.
 Linux only (prctl); elsewhere the forwarding still works and the death signals are skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
 from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 AGENT_PID_ENV = "MIDPO_TORCHRUN_AGENT_PID"  # set by the agent for its workers
@@ -99,6 +102,78 @@ def agent_main(argv: list[str]) -> int:
     except SignalException as e:
         return 128 + int(e.sigval)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# launching a stage: `midpo <stage> --nproc N` and `python -m midpo.stages.<stage>` (what torchrun/srun run)
+
+
+def launch_torchrun(module: str, argv: list[str], nproc: int) -> int:
+    """Re-run `module` under torchrun with nproc processes on this machine; its exit code. The agent runs in a
+    session of its own, gets this process's SIGTERM/SIGINT/SIGHUP and dies with it even on SIGKILL; its workers
+    die with the agent (see the module docstring)."""
+    import subprocess
+
+    cmd = agent_command(os.getpid(), ["--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv])
+    log.info("launching: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    with forward_signals(proc.pid):
+        code = proc.wait()
+    return 128 - code if code < 0 else code  # -N: the agent died of signal N (the shell's 128 + N)
+
+
+def under_launcher() -> bool:
+    """This process is one rank of a launched group (torchrun, deepspeed, srun): never spawn another."""
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def relaunch_argv(args, *, splits: bool = False) -> list[str]:
+    """The stage's own arguments again, for its torchrun workers: recipe, --force, [--split ...], overrides."""
+    argv = [f"--config={args.config}"] if getattr(args, "config", None) else []
+    if splits:
+        argv += [f"--split={s}" for s in getattr(args, "split", None) or []]
+    argv += ["--force"] if getattr(args, "force", False) else []
+    return argv + list(getattr(args, "overrides", []))
+
+
+def run_stage(stage: str, run) -> int:
+    """Run a stage: its exit code, or 1 after printing a user error as one line (no traceback). Under torchrun
+    every rank that fails prints its line, prefixed with its rank: an error seen on one rank only is not lost."""
+    from midpo.errors import MidpoError
+
+    try:
+        return int(run() or 0)
+    except MidpoError as e:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        where = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
+        # the whole line in one write (print() writes the text and the newline apart): ranks sharing a stderr
+        # pipe must not interleave mid-line
+        sys.stderr.write(f"midpo {stage}: error: {where}{e}\n")
+        sys.stderr.flush()
+        return 1
+
+
+def stage_cli(stage: str, add_arguments, run, argv: list[str] | None = None) -> int:
+    """`python -m midpo.stages.<stage> ARGS` (what torchrun, deepspeed and srun start on every rank): the same
+    arguments and overrides as `midpo <stage>`, the same error style, logs prefixed with the rank."""
+    import argparse
+    import logging
+
+    from midpo.config import split_overrides
+    from midpo.runtime.dist import env_from_slurm
+
+    worker_dies_with_agent()  # under torchrun: never outlive the agent
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = split_overrides(argv)
+    parser = argparse.ArgumentParser(prog=f"midpo {stage}")
+    add_arguments(parser)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(rest)
+    env_from_slurm()  # under srun, RANK comes from SLURM_PROCID: map it before naming the rank in logs
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format=f"%(asctime)s %(levelname)s [rank {os.environ.get('RANK', '0')}] %(name)s: %(message)s")
+    args.overrides = overrides
+    return run_stage(stage, lambda: run(args))
 
 
 if __name__ == "__main__":

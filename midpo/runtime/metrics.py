@@ -14,7 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from midpo.runtime import dist as pdist
 
 log = logging.getLogger(__name__)
 
@@ -43,56 +44,17 @@ class MetricSums:
         names = sorted(self.sums) if names is None else names
         if not names:
             return {}
-        t = torch.tensor([[self.sums.get(n, 0.0) for n in names], [self.counts.get(n, 0.0) for n in names]],
-                         dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
-            t = t.to(dev)
-            dist.all_reduce(t)
-            t = t.cpu()
-        return {n: (t[0, i] / t[1, i]).item() if t[1, i] > 0 else float("nan") for i, n in enumerate(names)}
+        tot = pdist.all_reduce_sum([self.sums.get(n, 0.0) for n in names] + [self.counts.get(n, 0.0) for n in names])
+        sums, counts = tot[:len(names)], tot[len(names):]
+        return {n: s / c if c > 0 else float("nan") for n, s, c in zip(names, sums, counts)}
 
     def reset(self) -> None:
         self.sums.clear()
         self.counts.clear()
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
-        t = t.to(dev)
-        dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
 # ---------------------------------------------------------------------------------------------
-# FLOPs and MFU
-
-
-def train_flops(body_params: int, head_params: int, num_layers: int, hidden: int, tokens: float,
-                logit_tokens: float, attention_context: float) -> float:
-    """Model FLOPs of one forward+backward (3x the forward's; activation-checkpoint recompute is not model
-    work and is not counted): 2 FLOPs per parameter per token through it, for the decoder body (every real
-    token; the input embedding is a lookup, not counted) and the output head (only the positions whose
-    logits the loss needs: DPO's response tokens), plus the attention score and value matmuls
-    (2 x 2 x hidden per attended key, per layer; `attention_context` = sum over tokens of keys attended,
-    PairBatch.attention_context). A tied head is the embedding matrix used as a real matmul: pass it here."""
-    forward = 2.0 * body_params * tokens + 2.0 * head_params * logit_tokens
-    forward += 4.0 * num_layers * hidden * attention_context
-    return 3.0 * forward
-
-
-def flop_params(model) -> tuple[int, int]:
-    """(body, head) parameter counts of a causal LM for `train_flops` (ZeRO-3 partitioned parameters count
-    in full): the body is everything but the input embedding (a lookup) and the output head; a head tied to
-    the embedding is counted once, as the head."""
-    def numel(p) -> int:
-        return getattr(p, "ds_numel", p.numel())
-
-    total = sum(numel(p) for p in model.parameters())  # a tied matrix appears once
-    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    return total - numel(emb) - (0 if head is emb else numel(head)), numel(head)
+# the measured peak of MFU (model FLOPs: midpo.core.flops)
 
 
 def measure_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 1.0) -> float:

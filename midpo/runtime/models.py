@@ -183,3 +183,15 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     if not files:
         raise MissingPathError(f"no tokenizer files under {path}")
     return hash_json(files)
+
+
+def pad_id_of(model) -> int:
+    """The id that pads a batch: the config's pad token, else its EOS (masked out either way), else 0."""
+    cfg = model.config
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return 0

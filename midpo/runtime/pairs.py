@@ -72,25 +72,16 @@ class PairSplit:
         return out
 
 
-def load_data_split(data_dir: Path, split: str):
-    try:
-        from midpo.runtime.prepared import load_split
-    except ImportError:  # stage 1's reader not in this tree yet: the documented on-disk contract
-        load_split = None
-    if load_split is not None:
-        return load_split(data_dir, split)
-    from datasets import load_from_disk
+def open_split(data_dir: Path, ref_dir: Path, weights_dir: Path, split: str, *, reference_fp: str | None,
+               tokenizer_fp: str | None, with_cache: bool = True) -> PairSplit | None:
+    """Data + verified cache of `split` (and the TIS-DPO token weights when `weights_dir` holds them); None when the
+    data has no such split. The folders: a run's RunLayout.data, .cache, .weights."""
+    from midpo.runtime.prepared import load_split
 
-    return load_from_disk(str(Path(data_dir) / split))
-
-
-def open_split(run_dir: Path, split: str, *, reference_fp: str | None, tokenizer_fp: str | None,
-               with_cache: bool = True) -> PairSplit | None:
-    """Data + verified cache of `split`; None when the data has no such split."""
-    data_dir, ref_dir = Path(run_dir) / "data", Path(run_dir) / "ref"
+    data_dir, ref_dir, weights_dir = Path(data_dir), Path(ref_dir), Path(weights_dir)
     if not (data_dir / split).is_dir():
         return None
-    data = load_data_split(data_dir, split)
+    data = load_split(data_dir, split)
     missing = [c for c in DATA_COLUMNS if c not in data.column_names]
     if missing:
         raise ValueError(f"{data_dir / split}: missing columns {missing} (stage-1 contract: {DATA_COLUMNS})")
@@ -104,9 +95,9 @@ def open_split(run_dir: Path, split: str, *, reference_fp: str | None, tokenizer
         raise CacheMismatchError(f"{ref_dir / split}: needs per-token columns {PER_TOKEN_CACHE_COLUMNS}, has "
                                  f"{cache.column_names}")
     weights = None
-    if (Path(run_dir) / "weights" / "manifest.json").exists():  # TIS-DPO token weights (`midpo weights`)
+    if (weights_dir / "manifest.json").exists():  # TIS-DPO token weights (`midpo weights`)
         # Same manifest contract as the cache; no reference model is involved.
-        weights = open_cache(Path(run_dir) / "weights", data_dir, split, expect_tokenizer_fp=tokenizer_fp)
+        weights = open_cache(weights_dir, data_dir, split, expect_tokenizer_fp=tokenizer_fp)
         if len(weights) != len(data):
-            raise CacheMismatchError(f"{run_dir}/weights/{split}: {len(weights)} rows, data has {len(data)}")
+            raise CacheMismatchError(f"{weights_dir / split}: {len(weights)} rows, data has {len(data)}")
     return PairSplit(split, data, cache, cols, weights)

@@ -82,3 +82,16 @@ def load_split(data_dir: str | Path, split: str, *, verify: bool = True):
     if len(ds) != expected:
         raise DataNotReady(f"{folder}: {len(ds)} rows but the manifest says {expected}; {REBUILD}")
     return ds
+
+
+def data_fingerprints(manifest: dict, data_dir: Path) -> tuple[str, str]:
+    """(data fingerprint, tokenizer fingerprint) from a stage-1 manifest."""
+    data_fp = manifest.get("fingerprint")
+    tok_fp = (manifest.get("tokenizer") or {}).get("fingerprint")
+    if not data_fp or not tok_fp:
+        raise DataNotReady(f"{Path(data_dir) / 'manifest.json'}: no `fingerprint` or `tokenizer.fingerprint`")
+    return str(data_fp), str(tok_fp)
+
+
+def available_splits(manifest: dict) -> list[str]:
+    return [s for s in SPLITS if s in manifest.get("splits", {})]

@@ -1,4 +1,4 @@
-"""Opt-in torch.profiler window over training steps: `MIDPO_PROFILE_STEPS=A:B` (1-based, inclusive).
+"""Opt-in torch.profiler window over training steps: `train.profile_steps=[A,B]` (1-based, inclusive).
 
 Writes, per rank, `<run_dir>/logs/profile_rank<r>.txt` (operators by self time, CPU and, on CUDA, device)
 and `profile_rank<r>.json` (a Chrome/Perfetto trace). A debugging aid for step-time work, never on by
@@ -8,33 +8,19 @@ default: the profiler itself slows the steps it records.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from midpo.config import check_step_window
+
 log = logging.getLogger(__name__)
-
-ENV = "MIDPO_PROFILE_STEPS"
-
-
-def parse_window(spec: str | None) -> tuple[int, int] | None:
-    if not spec:
-        return None
-    try:
-        a, b = (int(x) for x in spec.split(":"))
-    except ValueError:
-        raise ValueError(f"{ENV} must be A:B (1-based steps, inclusive), got {spec!r}") from None
-    if not 1 <= a <= b:
-        raise ValueError(f"{ENV}: need 1 <= A <= B, got {spec!r}")
-    return a, b
-
 
 class StepProfiler:
     """Call `begin(step)` before and `end(step)` after every optimizer step (1-based step numbers)."""
 
-    def __init__(self, out_dir: Path, rank: int):
-        self.window = parse_window(os.environ.get(ENV))
+    def __init__(self, out_dir: Path, rank: int, window: list[int] | tuple = ()):
+        self.window = check_step_window(list(window), "train.profile_steps") if window else None
         self.out_dir, self.rank, self.prof = Path(out_dir), rank, None
 
     def begin(self, step: int) -> None:

@@ -40,8 +40,8 @@ from midpo.data.shards import COLUMNS, SplitWriter
 from midpo.data.sources import InputError, RowError, Source, decode_json_row, file_size, iter_rows, resolve_inputs
 from midpo.data.tokenization import Encoded, EncodeSettings, PairEncoder, Rejected, is_eval
 from midpo.errors import MidpoError
-from midpo.runtime.files import OutputDirError, check_replaceable, publish_dir, temp_dir_for
-from midpo.runtime.fingerprint import TOKENIZER_FILES, atomic_write_json, hash_dir, hash_file, hash_json
+from midpo.runtime.files import OutputDirError, atomic_write_json, check_replaceable, publish_dir, temp_dir_for
+from midpo.runtime.fingerprint import TOKENIZER_FILES, hash_dir, hash_file, hash_json
 from midpo.runtime.integrity import split_damage
 
 log = logging.getLogger(__name__)
@@ -462,16 +462,19 @@ def resolve(args: Any):
     """(DataConfig, inputs, tokenizer_dir, out_dir, model folders the recipe names) from CLI args, recipe and
     overrides."""
     from midpo.config import load_config
+    from midpo.runtime.layout import RunLayout, claim_run
 
     cfg = load_config(getattr(args, "config", None), list(getattr(args, "overrides", []) or []))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig)
              if f.name != "inputs" and hasattr(args, f.name)}
-    data = dataclasses.replace(cfg.data, **given)  # re-runs DataConfig's validation
-    inputs = list(getattr(args, "inputs", None) or data.inputs or [str(cfg.run_path / "synth" / "pairs.jsonl")])
-    tokenizer = data.tokenizer or cfg.model.policy or str(cfg.run_path / "synth" / "model")
-    out = args.out or str(cfg.run_path / "data")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **given))  # re-runs DataConfig's validation
+    # into the run's own data folder: the run's paths (checked against, or recorded in, <run_dir>/config.yaml);
+    # with --out: a standalone use, no run involved
+    layout = RunLayout.resolve(cfg) if args.out else claim_run(cfg, needs=("tokenizer",))
+    inputs = list(getattr(args, "inputs", None) or cfg.data.inputs or layout.default_inputs)
+    out = args.out or str(layout.data)
     models = tuple(m for m in (cfg.model.policy, cfg.model.reference) if m)
-    return data, inputs, tokenizer, out, models
+    return cfg.data, inputs, str(layout.tokenizer), out, models
 
 
 def run(args: Any) -> int:

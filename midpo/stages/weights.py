@@ -32,20 +32,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from midpo.config import Config, save_config
+from midpo.config import Config, load_config
 from midpo.runtime import dist as pdist
-from midpo.stages.ref import (
-    ReferenceStageError,
-    StageSpec,
-    available_splits,
-    cli,
-    data_fingerprints,
-    load_reference,
-    pad_id_of,
-    row_tokens_hash,
-    run_module,
-    run_stage,
-)
+from midpo.runtime.cache import row_tokens_hash
+from midpo.runtime.chunks import StageError, StageSpec, run_stage
+from midpo.runtime.files import save_config
+from midpo.runtime.launch import launch_torchrun, relaunch_argv, stage_cli, under_launcher
+from midpo.runtime.layout import claim_run_on_all_ranks
+from midpo.runtime.models import pad_id_of
+from midpo.runtime.prepared import available_splits, data_fingerprints
+from midpo.stages.ref import load_reference
 
 WEIGHTS_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -110,13 +106,15 @@ def main(cfg: Config, splits: list[str] | None = None, force: bool = False) -> d
 
     r = cfg.ref
     if not r.weights_forward or not r.weights_reverse:
-        raise ReferenceStageError("midpo weights needs ref.weights_forward and ref.weights_reverse (HF folders of "
+        raise StageError("midpo weights needs ref.weights_forward and ref.weights_reverse (HF folders of "
                                   "the forward and reverse DPO models)")
     if not r.weights_min <= r.weights_max:
-        raise ReferenceStageError(f"ref.weights_min ({r.weights_min}) must be <= ref.weights_max ({r.weights_max})")
-    data_dir, out_dir = cfg.run_path / "data", cfg.run_path / "weights"
+        raise StageError(f"ref.weights_min ({r.weights_min}) must be <= ref.weights_max ({r.weights_max})")
+    owned = not torch.distributed.is_initialized()  # a caller's process group is the caller's to destroy
     pdist.init_distributed()
     try:
+        layout = claim_run_on_all_ranks(cfg)
+        data_dir, out_dir = layout.data, layout.weights
         manifest = read_manifest(data_dir)
         data_fp, tok_fp = data_fingerprints(manifest, data_dir)
         splits = splits or available_splits(manifest)
@@ -139,10 +137,13 @@ def main(cfg: Config, splits: list[str] | None = None, force: bool = False) -> d
         )
         if pdist.is_main():
             save_config(cfg, out_dir / "config.yaml")
-        return run_stage(spec, data_dir, splits, {"forward_path": r.weights_forward,
-                                                  "reverse_path": r.weights_reverse}, force)
+        manifest = run_stage(spec, data_dir, splits, {"forward_path": r.weights_forward,
+                                                      "reverse_path": r.weights_reverse}, force)
+        pdist.barrier()  # every rank done before any tears down
+        return manifest
     finally:
-        pdist.cleanup()
+        if owned:
+            pdist.cleanup()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,8 +153,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_module(args, "midpo.stages.weights", main)
+    cfg = load_config(args.config, args.overrides)
+    if args.nproc > 1 and not under_launcher():
+        return launch_torchrun("midpo.stages.weights", relaunch_argv(args, splits=True), args.nproc)
+    main(cfg, args.split, force=args.force)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli(runner=run, prog="midpo.stages.weights"))
+    sys.exit(stage_cli("weights", add_arguments, run))

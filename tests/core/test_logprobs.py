@@ -323,7 +323,7 @@ def test_train_flops_equal_torch_flop_counter():
     causal half is PairBatch.attention_context's job (tested against the masks in test_batching)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from midpo.runtime.metrics import flop_params, train_flops
+    from midpo.core.flops import flop_params, train_flops
 
     m = tiny_llama(attn="eager")
     g = torch.Generator().manual_seed(1)

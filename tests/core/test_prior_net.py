@@ -1,4 +1,5 @@
-"""MI-DPO proper: the learnable prior network and its engine hook, in one process (plain PyTorch engine).
+"""MI-DPO proper: the learnable prior network (midpo.train.prior_engine.PriorNetwork), in one process on a
+plain-PyTorch stand-in of its engine (tests/support/prior_helpers.TorchEngine).
 
 Independent references: DPO through the DPO prior (step-0 equality, bit-exact), KL / log-probs from a
 plain full-sequence forward with a full-vocab log_softmax (no chunking, no packing), a LlamaForCausalLM
@@ -12,14 +13,13 @@ import math
 
 import pytest
 import torch
-from prior_helpers import BETA, BOS, PAD, V, independent, llama, mean, rows, train_step
+from prior_helpers import BETA, BOS, PAD, V, independent, llama, mean, rows, torch_prior, train_step
 
 from midpo.config import LossConfig, PriorNetConfig
 from midpo.core.batching import collate_pairs
 from midpo.core.logprobs import response_logps
 from midpo.core.prior_net import prior_batch, prior_from_model, truncate_layers
 from midpo.core.priors import PriorInputs, SidePair, build_prior, check_needs, compute_loss
-from midpo.train.prior_engine import torch_hook
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,7 +35,7 @@ def one_thread():
 def models():
     ref = llama(0, layers=2, scale=8.0)
     policy = llama(1, layers=2, scale=8.0)
-    policy.requires_grad_(True)  # the policy forward needs grad for before_loss to see a training step
+    policy.requires_grad_(True)  # the policy forward needs grad for the prior's forward to see a training step
     return {"ref": ref, "policy": policy}
 
 
@@ -59,12 +59,13 @@ def test_step0_equals_dpo_loss_and_gradients(models, layout):
     policy.zero_grad(set_to_none=True)
 
     prior = prior_from_model(ref)
-    hook = torch_hook(prior, PriorNetConfig(condition_on_prompt=True, lr=1e-2), beta=BETA, pad_id=PAD)
+    hook = torch_prior(prior, PriorNetConfig(condition_on_prompt=True, lr=1e-2), beta=BETA, pad_id=PAD)
     lcfg = LossConfig(prior="learned", beta=BETA)
     learned = build_prior(lcfg)
     pol = response_logps(policy, batch, return_logits=True)
-    extra = hook.before_loss(batch, pol)  # also takes the prior's gradient (update due at step 1)
-    mi = compute_loss(learned, PriorInputs(policy=pol, **extra), lcfg)
+    zeta, prior_loss = hook.forward(batch, pol, update=hook.update_due(1))  # the prior's objective (update at step 1)
+    hook.engine.backward(prior_loss)
+    mi = compute_loss(learned, PriorInputs(policy=pol, prior_logps=zeta), lcfg)
     mi.losses.mean().backward()
     g_mi = {n: p.grad.clone() for n, p in policy.named_parameters()}
 
@@ -76,11 +77,13 @@ def test_step0_equals_dpo_loss_and_gradients(models, layout):
 
     # The prior really moves after step 1, and the next MI-DPO loss then differs from DPO's.
     before = [p.detach().clone() for p in prior.parameters()]
-    hook.after_step(1, batch, pol)
+    hook.engine.step()
+    hook.end_step(1, updated=True)
     assert any(not torch.equal(a, p) for a, p in zip(before, prior.parameters()))
     with torch.no_grad():
         pol = response_logps(policy, batch)
-        mi2 = compute_loss(learned, PriorInputs(policy=pol, **hook.before_loss(batch, pol)), lcfg)
+        mi2 = compute_loss(learned, PriorInputs(policy=pol, prior_logps=hook.forward(batch, pol, update=False)[0]),
+                           lcfg)
     assert not torch.allclose(mi2.losses, dpo.losses.detach())
 
 
@@ -91,13 +94,13 @@ def test_step0_equals_dpo_loss_and_gradients(models, layout):
 def test_marginal_drives_kl_down_and_prior_stays_normalized(models):
     policy = models["policy"]
     prior = prior_from_model(models["ref"], num_layers=1)  # unconditioned, first layer of the reference
-    hook = torch_hook(prior, PriorNetConfig(objective="marginal", lr=1e-2), beta=BETA, pad_id=PAD)
+    hook = torch_prior(prior, PriorNetConfig(objective="marginal", lr=1e-2), beta=BETA, pad_id=PAD)
     rs = rows(6, seed=5)
     batch = collate_pairs(rs, layout="packed", pad_id=PAD)
 
     ind0 = independent(policy, prior, rs)
     m1 = train_step(hook, policy, batch, 1)
-    # The hook's metrics against the independent full-vocab computation (before the first update).
+    # The prior's metrics against the independent full-vocab computation (before the first update).
     n_tok = int(batch.response_lens.sum())
     assert m1["prior/kl_policy"][1] == n_tok
     assert float(m1["prior/kl_policy"][0]) == pytest.approx(float(ind0["kl"].sum()), rel=1e-5)
@@ -115,11 +118,11 @@ def test_marginal_drives_kl_down_and_prior_stays_normalized(models):
     kl0, kl30 = float(ind0["kl"].sum()), float(ind["kl"].sum())
     assert kl30 < kl0 / 4, (kl0, kl30)
 
-    # Normalized LM: at sampled contexts, zeta(v | context) from the hook's own forward path sums to 1 over v.
+    # Normalized LM: at sampled contexts, zeta(v | context) from the prior's own forward path sums to 1 over v.
     for r in rs[:2]:
         prefix = r["chosen_ids"][:2]
         cands = [{"prompt_ids": [BOS, 7], "chosen_ids": prefix + [v], "rejected_ids": prefix + [v]} for v in range(V)]
-        pb = hook.prior_batch(collate_pairs(cands, layout="padded", pad_id=PAD))  # padded: 2V short rows
+        pb = hook.batch(collate_pairs(cands, layout="padded", pad_id=PAD))  # padded: 2V short rows
         with torch.no_grad():
             logp = hook.engine(pb, ())[0]
         last = torch.cumsum(pb.response_lens[:V], 0) - 1  # the candidate token of each chosen sequence
@@ -136,7 +139,7 @@ def _joint_run(models, anchor: str, weight: float, beta: float = BETA, steps: in
     prior = prior_from_model(models["ref"], num_layers=1)
     init = prior_from_model(models["ref"], num_layers=1)
     cfg = PriorNetConfig(objective="joint", anchor=anchor, anchor_weight=weight, lr=1e-2)
-    hook = torch_hook(prior, cfg, beta=beta, pad_id=PAD, init_model=init if anchor == "kl_init" else None)
+    hook = torch_prior(prior, cfg, beta=beta, pad_id=PAD, init_model=init if anchor == "kl_init" else None)
     rs = rows(6, seed=7)
     batch = collate_pairs(rs, layout="packed", pad_id=PAD)
     z0 = independent(policy, prior, rs)
@@ -228,7 +231,7 @@ def test_schedule_update_every_start_step_warmup(models):
     policy = models["policy"]
     prior = prior_from_model(models["ref"], num_layers=1)
     cfg = PriorNetConfig(lr=1e-2, update_every=2, start_step=1, warmup_steps=2)
-    hook = torch_hook(prior, cfg, beta=BETA, pad_id=PAD)
+    hook = torch_prior(prior, cfg, beta=BETA, pad_id=PAD)
     batch = collate_pairs(rows(2, seed=9), layout="packed", pad_id=PAD)
     changed, lrs = [], []
     for step in range(1, 7):
@@ -238,19 +241,20 @@ def test_schedule_update_every_start_step_warmup(models):
         lrs.append(mean(m, "prior/lr") if "prior/lr" in m else None)
     assert changed == [False, True, False, True, False, True]  # steps 2, 4, 6
     # the trainer asks the policy forward for logits exactly on the marginal objective's update steps
-    assert [hook.policy_logits_due(s) for s in range(1, 7)] == [False, True, False, True, False, True]
-    joint = torch_hook(prior_from_model(models["ref"], num_layers=1), PriorNetConfig(objective="joint", anchor="nll"),
+    assert [hook.logits_due(s) for s in range(1, 7)] == [False, True, False, True, False, True]
+    joint = torch_prior(prior_from_model(models["ref"], num_layers=1), PriorNetConfig(objective="joint", anchor="nll"),
                        beta=BETA, pad_id=PAD)
-    assert not any(joint.policy_logits_due(s) for s in range(1, 7))
+    assert not any(joint.logits_due(s) for s in range(1, 7))
     assert lrs == [None, pytest.approx(5e-3), None, pytest.approx(1e-2), None, pytest.approx(1e-2)]
     assert hook.state_dict() == {"step": 6, "updates": 3}
     # eval (grad disabled): log zeta only, no update, no metrics
     before = [p.detach().clone() for p in prior.parameters()]
     with torch.no_grad():
         pol = response_logps(policy, batch, return_logits=True)
-        hook.before_loss(batch, pol)
+        _, loss = hook.forward(batch, pol, update=True)
+    assert loss is None
     assert all(torch.equal(a, p) for a, p in zip(before, prior.parameters()))
-    assert hook.after_step(6) == {}
+    assert hook.end_step(6, updated=None) == {}
 
 
 def test_checkpoint_round_trip_reproduces_training(models, tmp_path):
@@ -259,15 +263,16 @@ def test_checkpoint_round_trip_reproduces_training(models, tmp_path):
     cfg = PriorNetConfig(objective="marginal", lr=1e-2, warmup_steps=3)
 
     def hook():
-        return torch_hook(prior_from_model(models["ref"], num_layers=1), cfg, beta=BETA, pad_id=PAD)
+        return torch_prior(prior_from_model(models["ref"], num_layers=1), cfg, beta=BETA, pad_id=PAD)
 
     a = hook()
     for s in (1, 2):
         train_step(a, policy, batch, s)
-    a.save_checkpoint(tmp_path)
+    saved = copy.deepcopy({"engine": a.engine.state_dict(), "prior": a.state_dict()})  # what a checkpoint holds
     tail_a = [train_step(a, policy, batch, s) for s in (3, 4)]
     b = hook()
-    b.load_checkpoint(tmp_path)
+    b.engine.load_state_dict(saved["engine"])
+    b.load_state_dict(saved["prior"])
     assert b.state_dict() == {"step": 2, "updates": 2}
     tail_b = [train_step(b, policy, batch, s) for s in (3, 4)]
     for ma, mb in zip(tail_a, tail_b):

@@ -160,7 +160,8 @@ def _open_train(run_dir: Path):
     """The open path `midpo train` uses: data + verified cache."""
     from midpo.runtime.pairs import open_split
 
-    return open_split(run_dir, "train", reference_fp="ref-fp-1", tokenizer_fp="tok-test-1")
+    return open_split(run_dir / "data", run_dir / "ref", run_dir / "weights", "train", reference_fp="ref-fp-1",
+                      tokenizer_fp="tok-test-1")
 
 
 def test_flipped_bytes_in_a_cached_float_are_refused_naming_the_file(run_dir):

@@ -98,7 +98,7 @@ def _cfg(*overrides: str):
 
 
 def test_resume_differences_name_every_changed_key():
-    from midpo.runtime.checkpoint import resume_differences
+    from midpo.train.resume import resume_differences
 
     saved, state = _cfg(), {"world_size": 2, "step": 3, "total_steps": 6, "inputs": {"data": "d1", "reference": "r1"}}
     refused, accepted = resume_differences(saved, state, _cfg("loss.prior=simpo", "train.lr=1e-3",
@@ -119,8 +119,8 @@ def test_resume_differences_name_every_changed_key():
 
 
 def test_start_over_removes_only_what_training_wrote(tmp_path):
-    from midpo.runtime.checkpoint import start_over
     from midpo.runtime.files import OutputDirError, mark_output
+    from midpo.train.resume import start_over
 
     run = tmp_path / "run"
     ck = run / "checkpoints"
@@ -147,7 +147,7 @@ def test_start_over_removes_only_what_training_wrote(tmp_path):
 
 
 def test_update_saved_config_rewrites_only_changed_values(tmp_path):
-    from midpo.config import save_config, update_saved_config
+    from midpo.runtime.files import save_config, update_saved_config
 
     path = save_config(_cfg(), tmp_path / "config.yaml")
     path.write_text(path.read_text())  # same text, new mtime: then the call must leave it alone

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from midpo.config import DS_CONFIGS_DIR, ConfigError, load_config
-from midpo.runtime.engine import _walk, inference_ds_config, resolve_ds_config
+from midpo.runtime.ds_config import _walk, inference_ds_config, resolve_ds_config
 
 SHIPPED = sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json"))
 

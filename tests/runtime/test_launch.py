@@ -27,7 +27,7 @@ GONE_WITH_AGENT_S = 60.0  # agent killed too: a worker still importing goes when
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
-    from midpo.stages.train import tokenizer_fp
+    from midpo.runtime.models import tokenizer_fingerprint as tokenizer_fp
 
     root = tmp_path_factory.mktemp("launch")
     model = make_model(root / "model")

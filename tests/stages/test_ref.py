@@ -30,14 +30,13 @@ from ref_helpers import (
 )
 from train_helpers import fake_ref_stage, flip_two_bytes, make_rows, write_data
 
-from midpo.runtime.fingerprint import hash_token_ids
-from midpo.stages.ref import (
-    PAUSE_ENV,
+from midpo.runtime.chunks import (
     assign_to_ranks,
     chunk_ranges,
     pair_cost,
     plan_micro_batches,
 )
+from midpo.runtime.fingerprint import hash_token_ids
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,7 +128,7 @@ def test_sigkill_process_group_then_resume_is_identical(base, tmp_path):
     root, _, _ = base
     recipe = make_run(tmp_path)
     work = tmp_path / "run" / "ref" / ".work" / "train"
-    proc = subprocess.Popen(stage_cmd(recipe, 1), env=stage_env(**{PAUSE_ENV: "1"}), cwd=REPO,
+    proc = subprocess.Popen(stage_cmd(recipe, 1, faults=("--pause-after-chunks", "1")), env=stage_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -238,7 +237,8 @@ def test_force_flag_reaches_ref_and_weights(tmp_path, monkeypatch):
     calls = []
     for mod in (reference, token_weights):
         monkeypatch.setattr(mod, "main", lambda cfg, splits, force=False, m=mod.__name__: calls.append((m, force)))
-    monkeypatch.setattr(reference, "launch_torchrun", lambda module, argv, nproc: calls.append((module, argv)) or 0)
+    for mod in (reference, token_weights):
+        monkeypatch.setattr(mod, "launch_torchrun", lambda module, argv, nproc: calls.append((module, argv)) or 0)
     for stage in ("ref", "weights"):
         assert cli.main([stage, "--config", str(recipe)]) == 0
         assert cli.main([stage, "--config", str(recipe), "--force"]) == 0

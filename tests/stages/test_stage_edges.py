@@ -19,7 +19,7 @@ from train_helpers import REPO, clean_env, read_jsonl
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["synth.n_pairs=48", "synth.n_eval_prompts=4", "synth.n_onpolicy_prompts=4", "synth.hidden_size=16",
+SMALL = ["sft.steps=0", "onpolicy.enabled=false", "synth.n_pairs=48", "synth.n_eval_prompts=4", "synth.n_onpolicy_prompts=4", "synth.hidden_size=16",
          "synth.intermediate_size=32", "synth.num_layers=1", "synth.num_heads=2", "synth.num_kv_heads=1",
          "data.eval_fraction=0", "train.max_steps=2", "train.micro_batch_size=4", "train.epochs=1",
          "train.eval_every=1", "train.save_every=0", "train.peak_flops=1e11"]
@@ -74,11 +74,19 @@ def test_pairs_longer_than_the_models_positions_are_refused_at_ref_and_train(run
     want = (f"is {longest} tokens, but the model {short} has max_position_embeddings={longest - 1}. "
             f"Lower data.max_length to at most {longest - 1}")
 
-    ref = midpo("ref", *run["common"], f"model.reference={short}")
-    assert ref.returncode != 0 and want in ref.stderr, ref.stderr[-3000:]
-    assert json.loads((run_dir / "ref" / "manifest.json").read_text())["reference_path"] != str(short)  # untouched
+    # other models are another run's paths (runtime.layout): a run folder of its own, holding this run's data
+    # (and, for train, its cache: built from the same reference)
+    def other_run(name: str, *subs: str) -> list[str]:
+        for sub in subs:
+            shutil.copytree(run_dir / sub, tmp_path / name / sub)
+        return ["--config", "tiny", f"run_dir={tmp_path / name}", *SMALL]
 
-    train = midpo("train", *run["common"], f"model.policy={short}", f"model.reference={run_dir / 'synth' / 'model'}")
+    ref = midpo("ref", *other_run("r", "data"), f"model.reference={short}")
+    assert ref.returncode != 0 and want in ref.stderr, ref.stderr[-3000:]
+    assert not (tmp_path / "r" / "ref" / "manifest.json").exists()
+
+    train = midpo("train", *other_run("t", "data", "ref"), f"model.policy={short}",
+                  f"model.reference={run_dir / 'synth' / 'model'}")
     assert train.returncode == 1 and want in train.stderr, train.stderr[-3000:]
 
 

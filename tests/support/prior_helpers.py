@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from midpo.core.logprobs import response_logps
+from midpo.core.prior_net import PriorLM, warmup_lambda
+from midpo.core.priors import SidePair
+from midpo.train.prior_engine import PriorNetwork, bos_of
 
 V, PAD, BOS, EOS = 200, 0, 1, 2
 
@@ -59,12 +62,85 @@ def independent(policy, prior, rs: list[dict]) -> dict:
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
 
 
-def train_step(hook, policy, batch, step: int) -> dict:
-    """One trainer step as pipeline/train.py runs it with a fixed (not updated) policy."""
+class TorchEngine:
+    """A plain-PyTorch stand-in for midpo.runtime.engine.Engine (one process): the same protocol (engine(...),
+    backward(loss) scaled by 1/accumulation, step() at the boundary returning the grad norm, skip(), lr,
+    module), AdamW with the prior's warmup."""
+
+    def __init__(self, module: torch.nn.Module, *, lr: float, warmup_steps: int = 0, grad_accum: int = 1,
+                 max_grad_norm: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8):
+        self.module = module
+        self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, betas=betas,
+                                           eps=eps, weight_decay=0.0)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(warmup_steps))
+        self.accum, self.max_grad_norm, self.backwards = grad_accum, max_grad_norm, 0
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+        self.backwards += 1
+
+    def step(self) -> float:
+        assert self.backwards == self.accum, (self.backwards, self.accum)
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm) if self.max_grad_norm \
+            else torch.zeros(())
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backwards = 0
+        return float(norm)
+
+    def skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backwards = 0
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.module.load_state_dict(s["module"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.lr_scheduler.load_state_dict(s["lr_scheduler"])
+
+
+def torch_prior(prior_model: torch.nn.Module, cfg, *, beta: float, pad_id: int, grad_accum: int = 1,
+                init_model: torch.nn.Module | None = None, max_grad_norm: float = 0.0) -> PriorNetwork:
+    """A PriorNetwork on TorchEngine. ``prior_model`` is trained in place; ``init_model`` (joint + kl_init): a frozen
+    copy of its initialization."""
+    engine = TorchEngine(PriorLM(prior_model, cfg.chunk_size), lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                         grad_accum=grad_accum, max_grad_norm=max_grad_norm)
+    init = None
+    if init_model is not None:
+        init_model.requires_grad_(False)
+        init = PriorLM(init_model.eval(), cfg.chunk_size)
+    return PriorNetwork(engine, cfg, beta=beta, pad_id=pad_id, bos_id=bos_of(cfg, prior_model), init_engine=init)
+
+
+def train_step(prior_net, policy, batch, step: int) -> dict:
+    """One optimizer step of the prior as midpo.train.step.train_step runs it, with a fixed (not updated) policy."""
+    update = prior_net.update_due(step)
     pol = response_logps(policy, batch, return_logits=True)
-    extra = hook.before_loss(batch, pol)
-    assert set(extra) == {"prior_logps"}
-    return hook.after_step(step, batch, pol)
+    zeta, loss = prior_net.forward(batch, pol, update=update)
+    assert isinstance(zeta, SidePair)
+    updated = None
+    if update:
+        lr = prior_net.engine.lr
+        updated = bool(torch.isfinite(loss))
+        if updated:
+            prior_net.engine.backward(loss)
+            prior_net.add_loss(loss, batch.num_pairs)
+            prior_net.engine.step()
+        else:
+            prior_net.engine.skip()
+        return prior_net.end_step(step, updated=updated, lr=lr)
+    return prior_net.end_step(step, updated=updated)
 
 
 def mean(metrics: dict, name: str) -> float:

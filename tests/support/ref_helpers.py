@@ -3,14 +3,13 @@ stage launched in subprocesses, and an independent single-sequence forward."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from train_helpers import make_rows, write_data
+from train_helpers import clean_env, make_rows, write_data
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,15 +50,16 @@ def make_run(root: Path, *, n_train: int = 19, n_eval: int = 5, extra: str = "")
     return recipe
 
 
-def stage_cmd(recipe: Path, nproc: int, *overrides: str, module: str = "midpo.stages.ref") -> list[str]:
+def stage_cmd(recipe: Path, nproc: int, *overrides: str, module: str = "midpo.stages.ref",
+              faults: tuple[str, ...] = ()) -> list[str]:
+    """A chunked stage on `nproc` processes; `faults` (e.g. ("--pause-after-chunks", "1")): through the suite's fault
+    injection entry point (tests/support/faults.py)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return (launcher if nproc > 1 else [sys.executable]) + ["-m", module, "--config", str(recipe), *overrides]
+    target = [str(Path(__file__).with_name("faults.py")), "ref", *faults, "--"] if faults else ["-m", module]
+    return (launcher if nproc > 1 else [sys.executable]) + target + ["--config", str(recipe), *overrides]
 
 
-def stage_env(**extra: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
-    env.pop("RANK", None)
-    return env
+stage_env = clean_env  # no launcher variable an in-process group of another test left in os.environ
 
 
 def run_stage(recipe: Path, nproc: int = 1, *overrides: str, module: str = "midpo.stages.ref",

@@ -80,7 +80,7 @@ def fake_logps(row: dict, side: str) -> np.ndarray:
 
 def fake_score(rows: list[dict], topk: int = 0) -> list[dict]:
     """The reference stage's per-row records from `fake_logps` (top-k: ids 3.., log-probs below the row's)."""
-    from midpo.stages.ref import row_tokens_hash
+    from midpo.runtime.cache import row_tokens_hash
 
     out = []
     for r in rows:
@@ -101,7 +101,8 @@ def fake_ref_stage(ref_dir: Path, data_dir: Path, *, reference_fp: str = "ref-fp
                    splits: tuple[str, ...] = ("train", "eval"), force: bool = False, score=None) -> dict | None:
     """`midpo ref`'s chunked engine and writer (`reference.run_stage`, in this process) with `fake_score`
     instead of a model: the real manifest, content hashes and checks. None when skipped as up to date."""
-    from midpo.stages.ref import REF_SCHEMA, TOPK_SCHEMA, StageSpec, run_stage
+    from midpo.runtime.cache import REF_SCHEMA, TOPK_SCHEMA
+    from midpo.runtime.chunks import StageSpec, run_stage
 
     data_m = json.loads((data_dir / "manifest.json").read_text())
     plan = {"data_fingerprint": data_m["fingerprint"], "tokenizer_fingerprint": data_m["tokenizer"]["fingerprint"],
@@ -184,7 +185,7 @@ def recipe_text(run_dir: Path, model: Path, **train) -> str:
 
 def make_run(root: Path, *, n_train: int = 24, n_eval: int = 10, **train) -> Path:
     """Model, data, reference cache; returns the recipe path. The cache is built by the real stage 2."""
-    from midpo.stages.train import tokenizer_fp
+    from midpo.runtime.models import tokenizer_fingerprint as tokenizer_fp
 
     root.mkdir(parents=True, exist_ok=True)
     model = make_model(root / "model")
@@ -197,16 +198,19 @@ def make_run(root: Path, *, n_train: int = 24, n_eval: int = 10, **train) -> Pat
     return recipe
 
 
-def build_cache(recipe: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "midpo.stages.ref", "--config", str(recipe)], env=clean_env(),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+def build_cache(recipe: Path, *overrides: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "midpo.stages.ref", "--config", str(recipe), *overrides],
+                          env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"reference stage failed:\n{proc.stderr[-4000:]}"
 
 
-def train_cmd(recipe: Path, nproc: int, *overrides: str) -> list[str]:
+def train_cmd(recipe: Path, nproc: int, *overrides: str, faults: tuple[str, ...] = ()) -> list[str]:
+    """`midpo train` on `nproc` processes; `faults` (e.g. ("--pause-after-step", "4")): through the suite's fault
+    injection entry point (tests/support/faults.py: callbacks, midpo's one test seam)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return (launcher if nproc > 1 else [sys.executable]) + ["-m", "midpo.stages.train", "--config", str(recipe),
-                                                            *overrides]
+    target = [str(Path(__file__).with_name("faults.py")), "train", *faults, "--"] if faults else \
+        ["-m", "midpo.stages.train"]
+    return (launcher if nproc > 1 else [sys.executable]) + target + ["--config", str(recipe), *overrides]
 
 
 def run_train(recipe: Path, nproc: int = 1, *overrides: str, timeout: int = 300, check: bool = True,

@@ -1,9 +1,10 @@
-"""The MI-DPO hook on its own DeepSpeed ZeRO-3 engine (one CPU process, gloo, in a subprocess).
+"""The MI-DPO prior network on its own DeepSpeed ZeRO-3 engine (one CPU process, gloo, in a subprocess).
 
 - ZeRO-3 prior engine == plain-PyTorch engine (same AdamW, same warmup): per-step metrics and final
   weights within 1e-5 over 5 marginal updates on a fixed policy (the engine's config comes from
-  engine.resolve_ds_config through prior_ds_config);
-- checkpoint at step 3, resume in a fresh engine: steps 4-5 equal the uninterrupted ones (1e-7);
+  runtime.ds_config.resolve_ds_config through prior_ds_config);
+- checkpoint at step 3 (runtime.checkpoint.save_checkpoint), resume in a fresh engine: steps 4-5 equal the
+  uninterrupted ones (1e-7);
 - export: the live collective export and the offline merge of the step-3 checkpoint reload with
   AutoModelForCausalLM and equal the engine's gathered weights.
 """
@@ -25,13 +26,16 @@ import copy, sys, torch
 torch.set_num_threads(1)
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-from prior_helpers import BETA, PAD, llama, rows, train_step
+from prior_helpers import BETA, PAD, llama, rows, torch_prior, train_step
 from transformers import AutoModelForCausalLM
 from midpo.runtime import dist as pdist
 from midpo.core.batching import collate_pairs
 from midpo.config import Config, ModelConfig, PriorNetConfig, TrainConfig
 from midpo.runtime.export import gather_engine_state_dict
-from midpo.train.prior_engine import build_midpo_hook, export_prior_from_checkpoint, prior_ds_config, torch_hook
+from midpo.runtime.checkpoint import load_checkpoint, save_checkpoint
+from midpo.runtime.export import export_engine
+from midpo.stages.export import export_prior
+from midpo.train.prior_engine import build_prior_network, prior_ds_config
 from midpo.core.prior_net import prior_from_model
 
 pdist.init_distributed()
@@ -46,20 +50,21 @@ ds = prior_ds_config(cfg, 1, 64)
 assert ds["zero_optimization"]["stage"] == 3 and ds["optimizer"]["params"]["lr"] == 1e-2, ds
 
 def build():
-    return build_midpo_hook(cfg, reference_path=root / "ref", policy_config=ref.config, world_size=1, pad_id=PAD, beta=BETA)
+    return build_prior_network(cfg, init_path=root / "ref", policy_config=ref.config, world_size=1, pad_id=PAD,
+                               beta=BETA)
 
 def weights(h):
     return {k: v.double() for k, v in gather_engine_state_dict(h.engine).items()}
 
 batch = collate_pairs(rows(3, seed=21), layout="packed", pad_id=PAD)
 a = build()
-t = torch_hook(prior_from_model(AutoModelForCausalLM.from_pretrained(root / "ref"), 1), pn, beta=BETA, pad_id=PAD)
+t = torch_prior(prior_from_model(AutoModelForCausalLM.from_pretrained(root / "ref"), 1), pn, beta=BETA, pad_id=PAD)
 ma, mt = [], []
 for s in range(1, 6):
     ma.append(train_step(a, policy, batch, s))
     mt.append(train_step(t, policy, batch, s))
     if s == 3:
-        a.save_checkpoint(root / "ckpt" / "step-3")
+        save_checkpoint(root / "ckpt", 3, {"prior": a.engine}, {"prior": a.state_dict(), "world_size": 1}, cfg)
         w3 = weights(a)
 for x, y in zip(ma, mt):
     assert set(x) == set(y)
@@ -72,7 +77,7 @@ for k in wt:
     assert torch.allclose(wa[k], wt[k], atol=1e-5), k
 
 b = build()
-b.load_checkpoint(root / "ckpt" / "step-3")
+b.load_state_dict(load_checkpoint(root / "ckpt" / "step-0000003", {"prior": b.engine})["prior"])
 assert b.state_dict() == {"step": 3, "updates": 3}
 mb = [train_step(b, policy, batch, s) for s in (4, 5)]
 for x, y in zip(ma[3:], mb):
@@ -82,9 +87,11 @@ wb = weights(b)
 for k in wa:
     assert torch.allclose(wa[k], wb[k], atol=1e-7), k
 
-out = a.export(cfg)
+out = export_engine(a.engine, root / "run" / "export" / "prior", dtype=torch.float32, tokenizer_dir=None,
+                    source_dir=None)
 assert out == root / "run" / "export" / "prior"
-for folder, want in ((out, wa), (export_prior_from_checkpoint(root / "ckpt" / "step-3", cfg, root / "exp3"), w3)):
+exp3 = export_prior(root / "ckpt" / "step-0000003", root / "exp3", dtype=torch.float32, tokenizer_dir=None)
+for folder, want in ((out, wa), (exp3, w3)):
     m = AutoModelForCausalLM.from_pretrained(folder)
     assert m.config.num_hidden_layers == 1
     sd = m.state_dict()

@@ -62,7 +62,7 @@ def base(tmp_path_factory) -> dict:
     run_train(recipe1, 1)
     # Small output-head chunks: ranks get different token counts per micro-batch, so this run only
     # finishes if every rank still makes the same number of head calls (ZeRO-3 collectives).
-    run_train(recipe2, 2, MIDPO_LOGIT_CHUNK="24")
+    run_train(recipe2, 2, "train.head_chunk_tokens=24")
     return {"root": root, "recipe1": recipe1, "run1": run1, "recipe2": recipe2, "run2": root2 / "run",
             "model": root / "one" / "model"}
 
@@ -131,10 +131,10 @@ def test_compiled_equals_eager(base):
     """train.compile (torch.compile of the decoder, Inductor) with ZeRO-2 and the shared-prompt layout: the same
     losses and exported weights as the eager ZeRO-3 packed run (Inductor fuses and reorders fp32 ops: 1e-5),
     and the log proves Dynamo compiled graphs (a silently eager run would pass the comparison too). The run also
-    records a MIDPO_PROFILE_STEPS window (it must not change the numbers)."""
+    records a train.profile_steps window (it must not change the numbers)."""
     recipe, run = _fresh_run(base, "compiled", share_prompt="true", ds_config="zero2_cpu_fp32", compile="true",
                              save_every=0, eval_every=0)
-    proc = run_train(recipe, 1, timeout=600, MIDPO_PROFILE_STEPS="2:3")
+    proc = run_train(recipe, 1, "train.profile_steps=[2,3]", timeout=600)
     prof = (run / "logs" / "profile_rank0.txt").read_text()  # the opt-in profiler window (midpo.runtime.profiling)
     assert prof.startswith("steps 2-3 (2 steps)") and "aten::mm" in prof and (run / "logs" / "profile_rank0.json").exists()
     m = re.search(r"torch.compile: (\d+) graphs, (\d+) graph breaks", proc.stderr)
@@ -149,7 +149,7 @@ def test_compiled_equals_eager(base):
 def test_resume_after_sigkill_matches_uninterrupted(base):
     recipe, run = _fresh_run(base, "resume", grad_accum=1)
     rows_file = run / "logs" / "consumed_rows.jsonl"
-    run_then_kill_after_step(train_cmd(recipe, 2), clean_env(MIDPO_TEST_PAUSE_AFTER_STEP="4"), run, 4)
+    run_then_kill_after_step(train_cmd(recipe, 2, faults=("--pause-after-step", "4")), clean_env(), run, 4)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     assert not (run / "export").exists()
     assert len(read_jsonl(rows_file)) == 4  # step 4 ran but was never checkpointed
@@ -172,7 +172,7 @@ def test_zero2_and_zero0_match_zero3_through_a_sigkill_resume(base, ds_config):
     resumed from step 3: same losses, weights and rows as ZeRO-3 straight. Both keep whole parameters on every
     rank; only the gradient reduction (reduce-scatter / all-reduce) and the optimizer state layout differ."""
     recipe, run = _fresh_run(base, ds_config, grad_accum=1, ds_config=ds_config)
-    run_then_kill_after_step(train_cmd(recipe, 2), clean_env(MIDPO_TEST_PAUSE_AFTER_STEP="4"), run, 4)
+    run_then_kill_after_step(train_cmd(recipe, 2, faults=("--pause-after-step", "4")), clean_env(), run, 4)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     proc = run_train(recipe, 2)
     assert "ZeRO stage" not in proc.stderr  # no "untested stage" warning
@@ -247,7 +247,7 @@ def test_export_reloads_and_equals_zero3_weights(base):
 def test_tensorboard_has_the_tags(base):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from midpo.stages.train import TRAIN_TAGS
+    from midpo.train.trainer import TRAIN_TAGS
 
     acc = EventAccumulator(str(base["run1"] / "tensorboard"))
     acc.Reload()
@@ -313,15 +313,17 @@ def test_finished_run_relaunch_changed_config_and_force(base):
     """A finished run relaunched with the same config does nothing (export/ and config.yaml untouched); with a
     changed config (`loss.prior=simpo train.lr=1e-4`) it is refused, naming each key old -> new, and nothing is
     written; `midpo train --force` removes this run's training outputs and trains from step 0 with the new config."""
-    from midpo.config import load_config, save_config
+    from midpo.config import load_config
     from midpo.runtime.files import OUTPUT_MARKER
+    from midpo.runtime.layout import claim_run
 
     d = base["root"] / "relaunch"
     run = d / "run"
     shutil.copytree(base["run1"], run)
     recipe = d / "recipe.yaml"
     recipe.write_text(recipe_text(run, base["model"]))
-    save_config(load_config(recipe), run / "config.yaml")  # what this recipe's run would have written
+    (run / "config.yaml").unlink()
+    claim_run(load_config(recipe))  # what this recipe's run would have written (settings and paths)
     watched = [run / "export" / OUTPUT_MARKER, run / "export" / "model.safetensors", run / "config.yaml"]
     before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in watched]
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())

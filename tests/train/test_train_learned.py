@@ -4,7 +4,7 @@ The prior network is the reference's first layer (prior_net.num_layers=1) on its
 Acceptance, tolerances stated:
 - 2 processes (micro 2 x accum 1) == 1 process (micro 2 x accum 2) over 5 steps: losses and every prior/*
   and mi/* metric within 1e-5, final policy and prior weights within 1e-5, the same rows per step.
-  Small head chunks on both networks (MIDPO_LOGIT_CHUNK, prior_net.chunk_size) give the ranks different
+  Small head chunks on both networks (train.head_chunk_tokens, prior_net.chunk_size) give the ranks different
   token counts per chunk: the runs only finish if every rank makes the same number of head calls.
 - resume after SIGKILL (checkpoint at 3, step 4 run, kill, relaunch) == uninterrupted: losses and prior
   metrics within 1e-6, final policy AND prior weights within 1e-6.
@@ -59,8 +59,8 @@ def learned(tmp_path_factory) -> dict:
         shutil.copytree(run1 / sub, root2 / "run" / sub)
     recipe2 = root2 / "recipe.yaml"
     recipe2.write_text(recipe_text(root2 / "run", root / "one" / "model", grad_accum=1, **TRAIN))
-    run_train(recipe1, 1, *LEARNED, MIDPO_LOGIT_CHUNK="8")
-    run_train(recipe2, 2, *LEARNED, MIDPO_LOGIT_CHUNK="8")
+    run_train(recipe1, 1, *LEARNED, "train.head_chunk_tokens=8")
+    run_train(recipe2, 2, *LEARNED, "train.head_chunk_tokens=8")
     return {"root": root, "recipe1": recipe1, "run1": run1, "recipe2": recipe2, "run2": root2 / "run",
             "model": root / "one" / "model"}
 
@@ -98,13 +98,13 @@ def test_learned_prior_resume_after_sigkill_matches_uninterrupted(learned):
         shutil.copytree(learned["run1"] / sub, d / "run" / sub)
     recipe, run = d / "recipe.yaml", d / "run"
     recipe.write_text(recipe_text(run, learned["model"], **TRAIN))  # accum 2, 1 process: as run1
-    run_then_kill_after_step(train_cmd(recipe, 1, *LEARNED),
-                             clean_env(MIDPO_TEST_PAUSE_AFTER_STEP="4", MIDPO_LOGIT_CHUNK="8"), run, 4)
+    run_then_kill_after_step(train_cmd(recipe, 1, *LEARNED, "train.head_chunk_tokens=8",
+                                       faults=("--pause-after-step", "4")), clean_env(), run, 4)
     ckpt = run / "checkpoints" / "step-0000003"
     assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.name
     assert (ckpt / "prior").is_dir() and not (run / "export").exists()
 
-    run_train(recipe, 1, *LEARNED, MIDPO_LOGIT_CHUNK="8")
+    run_train(recipe, 1, *LEARNED, "train.head_chunk_tokens=8")
     m, base = _metrics(run), _metrics(learned["run1"])
     assert [r["step"] for r in m] == list(range(1, STEPS + 1))
     for name in ("loss", *PRIOR_METRICS):
@@ -120,7 +120,7 @@ def test_learned_prior_resume_on_another_process_count(learned):
     from midpo.runtime.files import written_by_midpo
 
     recipe, run = resume_copy(learned["run2"], 3, learned["root"] / "reshard", learned["model"], **TRAIN)
-    run_train(recipe, 1, *LEARNED, MIDPO_LOGIT_CHUNK="8")
+    run_train(recipe, 1, *LEARNED, "train.head_chunk_tokens=8")
     ckpt = run / "checkpoints" / "step-0000003"
     assert written_by_midpo(ckpt / "universal") and written_by_midpo(ckpt / "prior" / "universal")
     m, base = _metrics(run), _metrics(learned["run1"])

@@ -135,7 +135,7 @@ def test_tdpo_online_trains_and_topk_cache_matches_within_its_bound(online_run):
     shutil.copytree(online_run["run"] / "data", d / "run" / "data")
     text = recipe_text(d / "run", online_run["model"], **TRAIN).replace("ref:\n", f"ref:\n  topk: {TOPK}\n")
     (d / "recipe.yaml").write_text(text)
-    build_cache(d / "recipe.yaml")
+    build_cache(d / "recipe.yaml", *moved)  # the run's stages agree on its models (runtime.layout)
     _train(d / "recipe.yaml", *moved)
     lk = _losses(d / "run")
 
@@ -191,7 +191,7 @@ def test_sparsepo_online_trains_its_mask_network_and_resumes_it(online_run):
 def test_online_reference_serves_what_no_cache_can(online_run):
     from midpo.core.priors import check_needs
     from midpo.runtime.pairs import PairSplit
-    from midpo.stages.train import available_inputs
+    from midpo.train.trainer import available_inputs
 
     split = PairSplit("train", data=None, cache=None)
     check_needs("sparsepo", available_inputs(split, online_reference=True))

@@ -57,10 +57,10 @@ def _copy_run(prior_run: dict, name: str) -> tuple[Path, Path]:
     return recipe, d / "run"
 
 
-def _train(recipe: Path, *overrides: str) -> dict:
+def _train(recipe: Path, *overrides: str, callbacks=()) -> dict:
     from midpo.stages.train import main
 
-    return main(load_config(recipe, ["train.export_at_end=false", *overrides]))
+    return main(load_config(recipe, ["train.export_at_end=false", *overrides]), callbacks=callbacks)
 
 
 def _first_batch(run: Path) -> list[dict]:
@@ -179,12 +179,13 @@ def test_probe_stops_a_cache_that_does_not_match_the_policy(prior_run):
         _train(recipe)
 
 
-def test_nan_steps_are_skipped_counted_and_stop_the_run(prior_run, monkeypatch):
-    from midpo.stages.train import NAN_ENV, TrainError
+def test_nan_steps_are_skipped_counted_and_stop_the_run(prior_run):
+    from faults import NanLoss
+
+    from midpo.stages.train import TrainError
 
     recipe, run = _copy_run(prior_run, "nan")
-    monkeypatch.setenv(NAN_ENV, "2")
-    summary = _train(recipe)
+    summary = _train(recipe, callbacks=[NanLoss({2})])
     assert summary["step"] == 3 and summary["bad_steps_total"] == 1
     rows = read_jsonl(run / "logs" / "consumed_rows.jsonl")
     assert [r["skipped"] for r in rows] == [False, True, False]
@@ -193,9 +194,8 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(prior_run, monkeypatch):
     assert all(np.isfinite(r["loss"]) for r in logged if "loss" in r)
 
     recipe2, run2 = _copy_run(prior_run, "nan_stop")
-    monkeypatch.setenv(NAN_ENV, "1,2")
     with pytest.raises(TrainError, match="2 consecutive non-finite"):
-        _train(recipe2, "train.max_bad_steps=2")
+        _train(recipe2, "train.max_bad_steps=2", callbacks=[NanLoss({1, 2})])
     assert not (run2 / "checkpoints" / "latest").exists()
 
 

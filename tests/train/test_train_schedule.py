@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from midpo.stages.train import eval_plan
-from midpo.train.schedule import lr_multiplier, warmup_steps
+from midpo.core.schedule import lr_multiplier, warmup_steps
+from midpo.train.step import eval_plan
 
 
 def test_warmup_then_cosine_to_zero():
@@ -33,10 +33,13 @@ def test_eval_plan_covers_every_row_once_in_lockstep(n, micro, world):
 
 
 def test_profile_window_parsing():
-    from midpo.runtime.profiling import parse_window
+    from midpo.config import ConfigError, TrainConfig, check_step_window, load_config
 
-    assert parse_window(None) is None and parse_window("") is None
-    assert parse_window("3:7") == (3, 7) and parse_window("5:5") == (5, 5)
-    for bad in ("7:3", "0:2", "3", "a:b"):
-        with pytest.raises(ValueError, match="MIDPO_PROFILE_STEPS"):
-            parse_window(bad)
+    assert check_step_window([3, 7], "w") == (3, 7) and check_step_window([5, 5], "w") == (5, 5)
+    assert TrainConfig().profile_steps == [] and load_config(None, ["train.profile_steps=[2,3]"]).train.profile_steps \
+        == [2, 3]
+    for bad in ([7, 3], [0, 2], [3], [1, 2, 3]):
+        with pytest.raises(ValueError, match="train.profile_steps"):
+            TrainConfig(profile_steps=bad)
+        with pytest.raises(ConfigError, match="w"):
+            check_step_window(bad, "w")

@@ -1,0 +1,535 @@
+"""The training run: `Trainer(cfg).setup()`, `.fit()`, `.close()` on every rank (midpo.stages.train runs it).
+
+setup(): the run's paths (runtime.layout), data + verified reference cache (refused when its fingerprints
+differ), the prior and what it needs, the sampler, the resume point (checked against the checkpoint's config,
+or `--force`: start over), the policy engine (DeepSpeed, ZeRO stage from the ds_config), the online reference and
+the MI-DPO prior network when the prior needs them, then the checkpoint's state or the start-of-run probe.
+fit(): the loop below: train_step -> row records -> metrics (every train.log_every steps) -> eval / checkpoint
+as scheduled -> stop on SIGTERM/SIGUSR1 (Slurm preemption: checkpoint at the step boundary, exit 0); at the end a
+final eval, checkpoint and export (a relaunch of a finished run does none of them again).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from midpo.config import Config
+from midpo.core.batching import DENSE_MASK_ROW_TOKENS, collate_pairs
+from midpo.core.losses import METRIC_NAMES
+from midpo.errors import MidpoError
+from midpo.runtime import dist as pdist
+from midpo.runtime.files import OUTPUT_MARKER, atomic_write_text
+from midpo.train.step import BATCH_COUNTS, Objective, evaluate, make_micro_batch, probe_reference, train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(MidpoError, RuntimeError):
+    """A start-up check or a run condition that stops training; the message says what to do."""
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    consumed_samples: int = 0
+    bad_steps_total: int = 0
+    bad_steps_in_a_row: int = 0
+    dropped_tail_rows: int = 0  # rows skipped at epoch ends so far (the sampler drops incomplete global batches)
+    eval_history: list = field(default_factory=list)
+
+
+COUNTERS = ("step", "consumed_samples", "bad_steps_total", "bad_steps_in_a_row", "dropped_tail_rows")
+# what every log line holds (TensorBoard `train/<tag>`, logs/train_metrics.jsonl): TRL's loss metrics, the optimizer's,
+# the throughput's; with MI-DPO also train.prior_engine.PriorNetwork.METRIC_NAMES
+THROUGHPUT_TAGS = ("tokens_per_s", "pairs_per_s", "padding_fraction", "mfu")
+TRAIN_TAGS = (*METRIC_NAMES, "lr", "grad_norm", *THROUGHPUT_TAGS)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, force: bool = False, callbacks=()):
+        self.cfg, self.force, self.callbacks = cfg, force, tuple(callbacks)
+        self.state = RunState()
+        self.resumed_step = -1  # the step a resume started from (-1: a fresh start)
+
+    # -----------------------------------------------------------------------------------------
+    # setup
+
+    def setup(self) -> Trainer:
+        from transformers import AutoConfig
+
+        from midpo.core.priors import build_prior, check_needs
+        from midpo.runtime.cache import read_cache_manifest
+        from midpo.runtime.layout import claim_run_on_all_ranks, record_settings
+        from midpo.runtime.models import model_fingerprint, tokenizer_fingerprint
+        from midpo.runtime.pairs import open_split
+        from midpo.runtime.prepared import read_manifest
+        from midpo.train.sampler import PairSampler
+
+        cfg, tc = self.cfg, self.cfg.train
+        rank, world = pdist.rank(), pdist.world_size()
+        self.layout = layout = claim_run_on_all_ranks(cfg, needs=("policy", "reference", "tokenizer"))
+        random.seed(tc.seed + rank)
+        np.random.seed(tc.seed + rank)
+        torch.manual_seed(tc.seed)  # same on every rank: identical dropout masks do not matter, identical init does
+
+        # data + cache (refused when fingerprints differ); an online reference reads no cache
+        online = bool(tc.online_reference)
+        self.ref_fp = model_fingerprint(layout.reference)
+        tok_fp = tokenizer_fingerprint(layout.tokenizer)
+        splits = {s: open_split(layout.data, layout.cache, layout.weights, s, reference_fp=self.ref_fp,
+                                tokenizer_fp=tok_fp, with_cache=not online) for s in ("train", "eval")}
+        self.train_split, self.eval_split = splits["train"], splits["eval"]
+        if self.train_split is None:
+            raise TrainError(f"{layout.data}/train not found: run `midpo prep` then `midpo ref` first")
+        self.cache_manifest = {} if online else read_cache_manifest(layout.cache)
+        self.hf_config = AutoConfig.from_pretrained(str(layout.policy), trust_remote_code=cfg.model.trust_remote_code)
+        check_data(self.train_split, self.eval_split, self.hf_config, layout.policy)
+        prior = build_prior(cfg.loss, model_config=self.hf_config)
+        check_needs(prior, available_inputs(self.train_split, online)
+                    | ({"prior_network"} if prior.needs.prior_network else set()))
+
+        self.sampler = PairSampler(len(self.train_split), micro_batch_size=tc.micro_batch_size,
+                                   grad_accum=tc.grad_accum, world_size=world, rank=rank, seed=tc.seed)
+        self.total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * self.sampler.steps_per_epoch
+        if self.total_steps <= 0:
+            raise TrainError("no optimizer steps to run: set train.max_steps or train.epochs")
+        self.inputs = {"data": read_manifest(layout.data).get("fingerprint"), "reference": self.ref_fp}
+        ckpt = self._resume_point()
+
+        self._build_engines(prior)
+        attn = self.attn
+        data_layout = "shared" if tc.share_prompt else "packed" if tc.packing else "padded"
+        if data_layout == "shared" and "flash" in attn:
+            raise TrainError(f"train.share_prompt needs a dense attention mask; attention resolves to {attn}, which "
+                             "cannot take one: set model.attn_implementation=sdpa, or train.share_prompt=false "
+                             "(flash-attn's packed layout is padding-free already)")
+        self.data_layout = data_layout
+        self.collate = functools.partial(collate_pairs, layout=data_layout, pad_id=self.pad_id,
+                                         max_row_tokens=None if "flash" in attn else DENSE_MASK_ROW_TOKENS)
+
+        self.logs = layout.logs
+        self.metrics_file, self.rows_file = self.logs / "train_metrics.jsonl", self.logs / "consumed_rows.jsonl"
+        if ckpt is not None:
+            self._load(ckpt)
+        else:
+            if pdist.is_main():  # a fresh start: lines a killed attempt logged before its first checkpoint go
+                for f in (self.metrics_file, self.rows_file):
+                    _rewrite_jsonl_upto(f, 0)
+            self._probe()
+        if pdist.is_main():
+            self.logs.mkdir(parents=True, exist_ok=True)
+            record_settings(cfg, layout)  # this config continues the run (untouched when the values are the same)
+        pdist.barrier()
+        return self
+
+    def _resume_point(self) -> Path | None:
+        """Collective. `--force`: rank 0 first removes this run's training outputs (train.resume.start_over).
+        Then the checkpoint to resume from, checked against this run's config and inputs, or None."""
+        from midpo.runtime.checkpoint import CheckpointError, latest_checkpoint
+        from midpo.train.resume import check_resume, start_over
+
+        if self.force:
+            err = ""
+            if pdist.is_main():
+                try:
+                    removed = start_over(self.layout.run_dir)
+                    log.warning("--force: starting %s over from step 0; removed %d training outputs%s",
+                                self.layout.run_dir, len(removed),
+                                f" ({', '.join(p.name for p in removed[:8])}...)" if removed else "")
+                except OSError as e:  # OutputDirError: an export/ midpo did not write; nothing was removed
+                    err = str(e)
+            if not pdist.all_ranks_true(not err):
+                raise TrainError(f"--force: {err or 'rank 0 could not remove the run outputs (see its log)'}")
+        ckpt = latest_checkpoint(self.layout.checkpoints)
+        if ckpt is not None:
+            try:
+                accepted = check_resume(ckpt, self.cfg, pdist.world_size(), self.inputs, self.total_steps)
+            except CheckpointError as e:
+                raise TrainError(str(e)) from None
+            if pdist.is_main():
+                for line in accepted:
+                    log.warning("resuming %s with a change: %s", ckpt.name, line)
+        return ckpt
+
+    def _build_engines(self, prior) -> None:
+        """COLLECTIVE: the policy engine (a prior with parameters, SparsePO's mask network, is optimized, clipped,
+        scheduled and checkpointed inside it), the frozen online reference, the prior network."""
+        from midpo.core.flops import flop_params
+        from midpo.core.schedule import make_scheduler
+        from midpo.runtime.ds_config import resolve_ds_config
+        from midpo.runtime.engine import Engine, PolicyLogps, build_reference_engine
+        from midpo.runtime.models import compile_decoder, load_model, pad_id_of, resolve_attn, resolve_dtype
+
+        cfg, tc, layout = self.cfg, self.cfg.train, self.layout
+        self.dtype, self.attn = resolve_dtype(cfg.model.dtype), resolve_attn(cfg.model.attn_implementation)
+        ds_config = resolve_ds_config(cfg, pdist.world_size(), self.hf_config.hidden_size)
+        keep_alive = _zero3_loading(ds_config)  # noqa: F841  (must stay alive while from_pretrained runs)
+        model = load_model(layout.policy, cfg.model, device=pdist.device(), train=True)
+        if tc.compile:  # resolve_ds_config refused ZeRO-3 already
+            compile_decoder(model)
+        self.flop_params = flop_params(model)  # MFU's numerator: the head runs on response positions only
+        has_params = any(p.requires_grad for p in prior.parameters())
+        self.policy = Engine.build(
+            PolicyLogps(model, prior if has_params else None, head_chunk_tokens=tc.head_chunk_tokens), ds_config,
+            lr_scheduler=lambda opt: make_scheduler(opt, self.total_steps, tc.warmup_ratio, tc.schedule))
+        self.pad_id = pad_id_of(model)
+        reference = prior_net = None
+        if tc.online_reference and not prior.needs.needs_reference:
+            log.info("train.online_reference=true but prior %r uses no reference: none is loaded", prior.name)
+        elif tc.online_reference:  # the frozen reference on its own ZeRO-3 inference engine (policy config - optimizer)
+            reference = build_reference_engine(load_model(layout.reference, cfg.model, device=pdist.device()),
+                                               ds_config, return_logits=prior.needs.ref_full_vocab,
+                                               return_hidden=prior.needs.ref_hidden_states,
+                                               head_chunk_tokens=tc.head_chunk_tokens)
+            log.info("online reference: %s on a ZeRO-3 inference engine (logits %s, hidden states %s)",
+                     layout.reference, reference.return_logits, reference.return_hidden)
+        if prior.needs.prior_network:  # MI-DPO proper: the prior network on its own engine
+            from midpo.train.prior_engine import build_prior_network
+
+            init = layout.reference if cfg.prior_net.init == "reference" else Path(cfg.prior_net.init)
+            prior_net = build_prior_network(cfg, init_path=init, policy_config=self.hf_config,
+                                            world_size=pdist.world_size(), pad_id=self.pad_id, beta=prior.beta)
+        self.obj = Objective(prior, cfg.loss, reference=reference, prior_net=prior_net)
+
+    def engines(self) -> dict:
+        """What a checkpoint holds (runtime.checkpoint.save_checkpoint's names)."""
+        out = {"policy": self.policy}
+        if self.obj.prior_net is not None:
+            out["prior"] = self.obj.prior_net.engine
+        return out
+
+    def _load(self, ckpt: Path) -> None:
+        from midpo.runtime.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(ckpt, self.engines())
+        self.sampler.load_state_dict(saved["sampler"])
+        for k in COUNTERS:
+            setattr(self.state, k, int(saved[k]))
+        self.state.eval_history = saved.get("eval_history", [])
+        if self.obj.prior_net is not None:
+            self.obj.prior_net.load_state_dict(saved["prior"])
+        self.resumed_step = self.state.step
+        if pdist.is_main():
+            for f in (self.metrics_file, self.rows_file):
+                _rewrite_jsonl_upto(f, self.state.step)
+        log.info("resumed from %s at step %d (%d samples consumed)", ckpt, self.state.step,
+                 self.state.consumed_samples)
+
+    def _probe(self) -> None:
+        """Re-score `train.probe_rows` cached rows with the policy when it starts as the reference; stop with a
+        diagnosis when they differ from the cache."""
+        from midpo.runtime.models import model_fingerprint
+
+        tc = self.cfg.train
+        if tc.online_reference:
+            log.info("start-of-run probe skipped (online reference: no cache to check)")
+            return
+        if tc.probe_rows <= 0 or model_fingerprint(self.layout.policy) != self.ref_fp:
+            log.info("start-of-run probe skipped (%s)", "train.probe_rows=0" if tc.probe_rows <= 0
+                     else "the policy does not start from the reference weights")
+            return
+        stats = probe_reference(self.policy, self.train_split, tc.probe_rows, self.collate)
+        tol = tc.probe_tolerance or (1e-4 if self.dtype == torch.float32 else 2e-2)
+        stats["tolerance"] = tol
+        if not stats["mean_abs_diff"] <= tol:
+            ours = {"dtype": str(self.dtype).removeprefix("torch."), "attn_implementation": self.attn}
+            differ = [f"{k}: cache {self.cache_manifest.get(k)} vs training {v}" for k, v in ours.items()
+                      if self.cache_manifest.get(k) != v]
+            raise TrainError(
+                f"start-of-run probe failed: the policy starts from the reference weights, yet its log-probs on "
+                f"{stats['rows']} cached rows differ from the cache (mean |diff| {stats['mean_abs_diff']:.3g} per "
+                f"token, max {stats['max_abs_diff']:.3g}, tolerance {tol:.3g}). Likely causes: a different tokenizer "
+                "or chat template than the data was built with; another dtype or attention implementation than the "
+                "cache (" + ("; ".join(differ) if differ else "these match") + "); a cache built from other weights; "
+                "packed-sequence masking not isolating sequences. Rebuild the cache with the training settings "
+                "(`midpo ref`), or raise train.probe_tolerance if the difference is expected.")
+        log.info("start-of-run probe passed: %s", stats)
+
+    # -----------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self) -> dict:
+        from midpo.runtime.metrics import MetricSums, TBLogger, measure_peak_flops
+        from midpo.runtime.profiling import StepProfiler
+
+        tc, st, sampler = self.cfg.train, self.state, self.sampler
+        world = pdist.world_size()
+        peak = tc.peak_flops or measure_peak_flops(self.dtype, pdist.device(), seconds=0.5)
+        self.tb = TBLogger(self.layout.tensorboard if pdist.is_main() else None)
+        if pdist.is_main():
+            log.info("train: %d rows, %d steps (%d per epoch, global batch %d = micro %d x accum %d x world %d), "
+                     "%d tail rows dropped per epoch; eval: %d rows; layout %s, attn %s, %s; peak %.3g FLOP/s per "
+                     "rank", len(self.train_split), self.total_steps, sampler.steps_per_epoch, sampler.global_batch,
+                     tc.micro_batch_size, tc.grad_accum, world, sampler.dropped_per_epoch,
+                     len(self.eval_split) if self.eval_split else 0, self.data_layout, self.attn, self.dtype, peak)
+        stop = _StopFlag()
+        stop.install()
+        bar = None
+        if pdist.is_main():
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=st.step, unit="step", dynamic_ncols=True, desc="train")
+        names = [*METRIC_NAMES, "grad_norm", "lr"]
+        if self.obj.prior_net is not None:
+            names += list(self.obj.prior_net.METRIC_NAMES)
+        sums, window = MetricSums(), dict.fromkeys((*BATCH_COUNTS, "time"), 0.0)
+        stopped_early = False
+        profiler = StepProfiler(self.logs, pdist.rank(), tc.profile_steps)
+        while st.step < self.total_steps:
+            t0 = time.perf_counter()
+            profiler.begin(st.step + 1)
+            epoch_before = sampler.state.epoch
+            micro_rows = sampler.next_step()
+            if sampler.state.epoch != epoch_before:
+                st.dropped_tail_rows += sampler.dropped_per_epoch
+                if pdist.is_main() and sampler.dropped_per_epoch:
+                    log.info("epoch %d done: %d tail rows dropped (incomplete global batch)", epoch_before,
+                             sampler.dropped_per_epoch)
+            micro_batches = (make_micro_batch(self.train_split.rows(idx), self.collate, pdist.device())
+                             for idx in micro_rows)
+            res = train_step(self.policy, self.obj, micro_batches, st.step + 1, callbacks=self.callbacks)
+            if res.skipped:
+                st.bad_steps_total += 1
+                st.bad_steps_in_a_row += 1
+                log.warning("step %d: non-finite loss on some rank; optimizer step skipped (%d in a row, %d total)",
+                            st.step + 1, st.bad_steps_in_a_row, st.bad_steps_total)
+                if st.bad_steps_in_a_row >= tc.max_bad_steps:
+                    raise TrainError(f"{st.bad_steps_in_a_row} consecutive non-finite steps (train.max_bad_steps="
+                                     f"{tc.max_bad_steps}); lower train.lr, check the data, or use fp32")
+            else:
+                st.bad_steps_in_a_row = 0
+            for name, (total, count) in res.sums.items():
+                sums.add(name, total, count)
+            for k, v in res.counts.items():
+                window[k] += v
+            st.step += 1
+            st.consumed_samples += sampler.global_batch
+            t1 = time.perf_counter()
+            window["time"] += t1 - t0
+
+            if tc.record_rows:
+                self._record_rows(res.ids, res.skipped)
+            if st.step % tc.log_every == 0 or st.step == self.total_steps:
+                # a window of only skipped steps has no samples: leave those metrics out rather than log NaN
+                vals = {k: v for k, v in sums.reduce(names).items() if not math.isnan(v)}
+                *tot, stop_votes = pdist.all_reduce_sum([window[k] for k in BATCH_COUNTS] + [float(stop.requested)])
+                vals.update(self._throughput(dict(zip(BATCH_COUNTS, tot)), window["time"], peak))
+                self._log(vals, bar)
+                sums.reset()
+                window = dict.fromkeys(window, 0.0)
+                stopped_early = stop_votes > 0
+            if bar is not None:
+                bar.update(1)
+            # row records, metric reduction and logging are per-step costs too (counted in the next window);
+            # eval and checkpoints are not
+            window["time"] += time.perf_counter() - t1
+            profiler.end(st.step)
+
+            if tc.eval_every and st.step % tc.eval_every == 0 and st.step < self.total_steps:
+                self._eval()
+            if stopped_early or (tc.save_every and st.step % tc.save_every == 0 and st.step < self.total_steps):
+                self._checkpoint()
+            for cb in self.callbacks:
+                cb.on_step_end(st.step)
+            if stopped_early:
+                log.warning("stop requested (signal): checkpointed at step %d, exiting", st.step)
+                break
+        if bar is not None:
+            bar.close()
+        last_eval = None if stopped_early else self._finish()
+        summary = {"step": st.step, "bad_steps_total": st.bad_steps_total, "eval": last_eval,
+                   "dropped_tail_rows": st.dropped_tail_rows, "stopped_early": stopped_early}
+        if pdist.is_main():
+            if tc.compile:
+                from midpo.runtime.models import compile_stats
+
+                log.info("torch.compile: %s", compile_stats())
+            log.info("done: %s", summary)
+        return summary
+
+    def _finish(self) -> dict | None:
+        """The end of a run: final eval, checkpoint, export. A relaunch of a finished run does none of them again
+        (no second final eval, no rewrite of the checkpoint it loaded or of an export that holds this step)."""
+        st, tc = self.state, self.cfg.train
+        if st.eval_history and st.eval_history[-1]["step"] == st.step:
+            last_eval = {k: v for k, v in st.eval_history[-1].items() if k != "step"}
+        else:
+            last_eval = self._eval()
+        if st.step > self.resumed_step:
+            self._checkpoint()
+        if tc.export_at_end and not (st.step == self.resumed_step and self._export_done()):
+            self._export()
+        elif tc.export_at_end and pdist.is_main():
+            log.info("%s already holds step %d: not rewritten", self.layout.export, st.step)
+        return last_eval
+
+    def close(self) -> None:
+        tb = getattr(self, "tb", None)
+        if tb is not None:
+            tb.close()
+
+    # -----------------------------------------------------------------------------------------
+    # pieces of the loop
+
+    def _throughput(self, counts: dict, seconds: float, peak: float) -> dict[str, float]:
+        """tokens/s, pairs/s, padding and MFU of a window (counts summed over ranks; ranks run in lockstep, so
+        rank 0's wall time is the window's)."""
+        from midpo.core.flops import train_flops
+
+        flops = train_flops(*self.flop_params, self.hf_config.num_hidden_layers, self.hf_config.hidden_size,
+                            counts["tokens"], counts["logit_tokens"], counts["attn"])
+        dt, world = seconds, pdist.world_size()
+        return {"tokens_per_s": counts["tokens"] / dt if dt else 0.0, "pairs_per_s": counts["pairs"] / dt if dt else 0.0,
+                "padding_fraction": counts["pad"] / counts["slots"] if counts["slots"] else 0.0,
+                "mfu": flops / dt / (peak * world) if dt else 0.0}
+
+    def _log(self, vals: dict, bar) -> None:
+        self.tb.scalars(vals, self.state.step, prefix="train/")
+        if pdist.is_main():
+            with open(self.metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.state.step, "bad_steps_total": self.state.bad_steps_total, **vals})
+                        + "\n")
+            bar.set_postfix(loss=f"{vals.get('loss', float('nan')):.4f}",
+                            acc=f"{vals.get('rewards/accuracies', float('nan')):.2f}",
+                            pairs_s=f"{vals['pairs_per_s']:.1f}", mfu=f"{vals['mfu']:.0%}")
+
+    def _record_rows(self, ids: list[list[str]], skipped: bool) -> None:
+        """Append this step's row ids in global-batch order ((micro-step k, rank r) slices, as the sampler cuts
+        them) to logs/consumed_rows.jsonl. Collective."""
+        per_rank = pdist.gather_objects(ids)
+        if pdist.is_main():
+            ordered = [i for k in range(len(per_rank[0])) for r in per_rank for i in r[k]]
+            with open(self.rows_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.state.step, "skipped": skipped, "ids": ordered}) + "\n")
+
+    def _eval(self) -> dict | None:
+        if self.eval_split is None or len(self.eval_split) == 0:
+            return None
+        res = evaluate(self.policy, self.obj, self.eval_split, self.cfg.train.micro_batch_size, self.collate)
+        self.tb.scalars(res, self.state.step, prefix="eval/")
+        self.state.eval_history.append({"step": self.state.step, **res})
+        if pdist.is_main():
+            log.info("eval @ step %d: %s", self.state.step, " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+        return res
+
+    def _trainer_state(self) -> dict:
+        st = self.state
+        out = {k: getattr(st, k) for k in COUNTERS}
+        out.update(sampler=self.sampler.state_dict(), world_size=pdist.world_size(), eval_history=st.eval_history,
+                   total_steps=self.total_steps, inputs=self.inputs)
+        if self.obj.prior_net is not None:
+            out["prior"] = self.obj.prior_net.state_dict()
+        return out
+
+    def _checkpoint(self) -> None:
+        from midpo.runtime.checkpoint import save_checkpoint
+
+        if not pdist.all_ranks_true(all(e.params_finite() for e in self.engines().values())):
+            raise TrainError(f"step {self.state.step}: parameters are not finite; refusing to checkpoint this state")
+        save_checkpoint(self.layout.checkpoints, self.state.step, self.engines(), self._trainer_state(), self.cfg,
+                        keep_last=self.cfg.train.keep_last)
+
+    def _export(self) -> None:
+        """COLLECTIVE: <run_dir>/export (the policy), then <run_dir>/export/prior (the prior network)."""
+        from midpo.runtime.export import export_engine
+
+        kw = {"dtype": self.dtype, "tokenizer_dir": self.layout.tokenizer, "step": self.state.step}
+        export_engine(self.policy, self.layout.export, source_dir=self.layout.policy, **kw)
+        if self.obj.prior_net is not None:  # after the policy: its folder is replaced as a whole
+            export_engine(self.obj.prior_net.engine, self.layout.export / "prior", source_dir=None, **kw)
+
+    def _export_done(self) -> bool:
+        """<run_dir>/export already holds this step's weights (its output marker says so), with the prior's folder
+        when there is a prior network."""
+        out = self.layout.export
+        try:
+            marker = json.loads((out / OUTPUT_MARKER).read_text())
+        except (OSError, ValueError):
+            return False
+        return marker.get("step") == self.state.step and (
+            self.obj.prior_net is None or (out / "prior" / OUTPUT_MARKER).is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# start-up checks and small helpers
+
+
+ONLINE_REFERENCE_INPUTS = frozenset({"ref_seq_logps", "ref_token_logps", "ref_full_vocab", "ref_hidden_states",
+                                     "policy_full_vocab"})
+
+
+def available_inputs(split, online_reference: bool = False) -> set[str]:
+    """Availability keys (midpo.core.priors.AVAILABLE_KEYS) the cache of `split` (or the online reference) serves."""
+    if online_reference:  # the reference runs beside the policy: log-probs, full-vocab logits, hidden states
+        return set(ONLINE_REFERENCE_INPUTS) | ({"token_weights"} if split.weights is not None else set())
+    a = {"ref_seq_logps", "ref_token_logps"}
+    if split.weights is not None:
+        a.add("token_weights")
+    if {"chosen_ref_topk_logps", "rejected_ref_topk_logps"} <= set(split.cache_columns):
+        a |= {"ref_topk", "policy_full_vocab"}  # the trainer asks the policy forward for logits then
+    return a
+
+
+def check_data(train_split, eval_split, hf_config, policy: Path) -> None:
+    """At start: refuse pairs longer than the policy's positions (a RoPE model would train on positions past
+    them, silently); say so when there is no eval split (training then runs without evaluation)."""
+    from midpo.runtime.models import longest_pair, max_positions, positions_problem
+
+    for split in (train_split, eval_split):
+        if split is not None:
+            problem = positions_problem(longest_pair(split.data), max_positions(hf_config), model=policy,
+                                        what=f"the longest {split.name} pair (prompt + longer response)")
+            if problem:
+                raise TrainError(problem)
+    if (eval_split is None or len(eval_split) == 0) and pdist.is_main():
+        log.warning("the eval split is empty (data.eval_fraction=0, or too few rows): training runs without evaluation")
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGUSR1; acted on collectively at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except (ValueError, OSError):  # not the main thread
+                pass
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+
+def _zero3_loading(ds_config: dict):
+    """With accelerate installed, transformers' HfDeepSpeedConfig makes from_pretrained load straight into
+    ZeRO-3 shards (no full copy per rank). Without it each rank loads the full model and DeepSpeed
+    partitions it at initialize: correct, but needs host memory for one full model per rank."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        log.info("accelerate not installed: every rank loads the full policy before ZeRO-3 partitions it")
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def _rewrite_jsonl_upto(path: Path, step: int) -> None:
+    """Keep lines with step <= `step`: a killed run may have logged steps past its last checkpoint."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
