@@ -10,7 +10,7 @@ decides the function of it. Per pair, with the prior already applied:
 and every link maps (r_w, r_l, beta, its own hyperparameters) to a per-pair loss (B,) with gradient.
 `sigmoid` is DPO, the loss midpo.core.losses.mi_dpo_loss computes. Length normalization, a missing
 reference and target margins belong to the prior (e.g. the SimPO prior), so a link takes r_w and
-r_l as given. docs/links.md has each formula, its source and where TRL's code differs.
+r_l as given. docs/algorithms.md, "Links", has each formula, its source and where TRL's code differs.
 
     losses = link_loss("ipo", r_w, r_l, beta=0.1)                                   # (B,)
     total, terms = combine([("sigmoid", 1.0, {}), ("bco_pair", 0.5, {"delta": d})], r_w, r_l, beta=0.1)

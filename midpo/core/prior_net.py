@@ -1,4 +1,4 @@
-"""The learnable token-level prior network of MI-DPO proper (docs/algorithms.md, last section).
+"""The learnable token-level prior network of MI-DPO proper (docs/algorithms.md, "MI-DPO proper").
 
     zeta_phi(y | [x]) = prod_t zeta_phi(y_t | y_<t [, x])      a causal LM normalized by its softmax
 

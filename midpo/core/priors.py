@@ -500,8 +500,8 @@ class SparsePOPrior(Prior):
 
 
 class LearnedPrior(Prior):
-    """MI-DPO proper: log zeta per token from the learnable prior network (docs/algorithms.md, last
-    section; pipeline/prior_net.py). The MI-DPO engine hook computes it in ``before_loss`` and passes it
+    """MI-DPO proper: log zeta per token from the learnable prior network (docs/algorithms.md, "MI-DPO
+    proper"; midpo/core/prior_net.py). The MI-DPO engine hook computes it in ``before_loss`` and passes it
     as ``PriorInputs.prior_logps``; it is detached here, so the policy update treats zeta as fixed (the
     prior has its own update in the hook). a = beta (default 0.1)."""
 
