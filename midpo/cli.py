@@ -4,6 +4,7 @@
     midpo prep INPUT... --tokenizer DIR --out DIR
     midpo prep --config tiny                    # inputs and settings from a recipe
     midpo <cmd> --config RECIPE key.sub=value   # any `key.sub=value` token overrides the recipe
+    midpo config show RECIPE [key.sub=value]    # the resolved config, each key with its help
 
 Each stage module provides `add_arguments(parser)` and `run(args) -> int`; this file only routes,
 so `midpo --help` stays fast (stage modules are imported on use).
@@ -37,7 +38,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("midpo.stages.train", "stage 3: DeepSpeed ZeRO-3 training from the reference cache (auto-resume, export)"),
     "export": ("midpo.runtime.export", "a consolidated Hugging Face folder from a ZeRO-3 checkpoint (default: latest)"),
     "run": ("midpo.demo.run", "the whole pipeline on one machine (synth, prep, sft, ref, train, eval) + summary"),
+    "config": ("midpo.stages.config_cmd", "show a recipe's resolved config with each key's help; list the shipped recipes"),
 }
+
+# Appended to every stage's --help: the ~100 config keys are too many for flags, so each stage points to where they
+# are documented (`midpo config show`, from the fields' help in midpo/config.py) and to the override syntax.
+CONFIG_EPILOG = (
+    "Config keys: `midpo config show RECIPE` prints the resolved config with each key's help (`midpo config list`: "
+    "the shipped recipes). Override any key on the command line as key.sub=value, e.g. train.lr=1e-5 "
+    "loss.prior=simpo; precedence: defaults < recipe < overrides."
+)
 
 # `section.key=value`, or one of the top-level keys (`run_dir=...`, `seed=...`).
 _OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+|run_dir|seed)=")
@@ -71,6 +81,21 @@ def run_stage(stage: str, run: Callable[[], int | None]) -> int:
         return 1
 
 
+class _ParagraphsFormatter(argparse.HelpFormatter):
+    """argparse's default formatter, except that blank lines in a description or epilog separate paragraphs (the
+    default joins them all into one)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(super(_ParagraphsFormatter, self)._fill_text(p, width, indent)
+                             for p in re.split(r"\n\s*\n", text.strip()))
+
+
+def add_config_epilog(parser: argparse.ArgumentParser) -> None:
+    """Point a stage's --help to `midpo config show` and the override syntax (after the stage's own epilog)."""
+    parser.epilog = f"{parser.epilog}\n\n{CONFIG_EPILOG}" if parser.epilog else CONFIG_EPILOG
+    parser.formatter_class = _ParagraphsFormatter
+
+
 def build_parser(load_commands: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="midpo",
@@ -83,6 +108,8 @@ def build_parser(load_commands: list[str] | None = None) -> argparse.ArgumentPar
         p = sub.add_parser(name, help=help_text, description=help_text)
         if load_commands is None or name in load_commands:
             importlib.import_module(module).add_arguments(p)
+            if name != "config":
+                add_config_epilog(p)
     return parser
 
 

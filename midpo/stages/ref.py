@@ -644,7 +644,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def cli(argv: list[str] | None = None, *, add=add_arguments, runner=run, prog: str = "midpo.stages.ref") -> int:
-    from midpo.cli import run_stage, split_overrides, stage_name
+    from midpo.cli import add_config_epilog, run_stage, split_overrides, stage_name
     from midpo.runtime.launch import worker_dies_with_agent
 
     worker_dies_with_agent()  # under torchrun: never outlive the agent (midpo.runtime.launch)
@@ -652,6 +652,7 @@ def cli(argv: list[str] | None = None, *, add=add_arguments, runner=run, prog: s
     rest, overrides = split_overrides(argv)
     parser = argparse.ArgumentParser(prog=prog)
     add(parser)
+    add_config_epilog(parser)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(rest)
     pdist.env_from_slurm()  # under srun, RANK comes from SLURM_PROCID: map it before naming the rank in logs
