@@ -86,6 +86,7 @@ class _ParagraphsFormatter(argparse.HelpFormatter):
     default joins them all into one)."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
+        # super() with its arguments: the zero-argument form does not work inside a generator expression
         return "\n\n".join(super(_ParagraphsFormatter, self)._fill_text(p, width, indent)
                              for p in re.split(r"\n\s*\n", text.strip()))
 
