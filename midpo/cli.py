@@ -4,6 +4,7 @@
     midpo prep INPUT... --tokenizer DIR --out DIR
     midpo prep --config tiny                    # inputs and settings from a recipe
     midpo <cmd> --config RECIPE key.sub=value   # any `key.sub=value` token overrides the recipe
+    midpo config show RECIPE [key.sub=value]    # the resolved config, each key with its help
 
 Each stage module provides `add_arguments(parser)` and `run(args) -> int`; this file only routes,
 so `midpo --help` stays fast (stage modules are imported on use).
@@ -22,7 +23,7 @@ import logging
 import sys
 
 from midpo.config import split_overrides
-from midpo.runtime.launch import run_stage
+from midpo.runtime.launch import add_config_epilog, run_stage
 
 # One registry of subcommands: name -> (module, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,10 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("midpo.stages.train", "stage 3: DeepSpeed ZeRO-3 training from the reference cache (auto-resume, export)"),
     "export": ("midpo.stages.export", "a consolidated Hugging Face folder from a ZeRO-3 checkpoint (default: latest)"),
     "run": ("midpo.demo.run", "the whole pipeline on one machine (synth, prep, sft, ref, train, eval) + summary"),
+    "config": ("midpo.stages.config_cmd", "show a recipe's resolved config with each key's help; list the shipped recipes"),
 }
-
-
-
 
 
 def build_parser(load_commands: list[str] | None = None) -> argparse.ArgumentParser:
@@ -53,6 +52,8 @@ def build_parser(load_commands: list[str] | None = None) -> argparse.ArgumentPar
         p = sub.add_parser(name, help=help_text, description=help_text)
         if load_commands is None or name in load_commands:
             importlib.import_module(module).add_arguments(p)
+            if name != "config":
+                add_config_epilog(p)
     return parser
 
 

@@ -4,16 +4,21 @@ One `Config` describes a whole run; every stage reads the same resolved config a
 inside `cfg.run_dir`. The resolved config is saved into the run folder (and every checkpoint) so
 a run can always be reproduced from its own folder.
 
-Each field's docstring-comment is the help text users see; `__post_init__` rejects contradictions.
+Every key is documented once, as its field's help (`knob(default, "help")`, `section(Cls)` for a section whose
+docstring is its help): `midpo config show RECIPE` prints the resolved config with that help, and prep's flags reuse
+it. `__post_init__` rejects contradictions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import re
+import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,43 +34,61 @@ DS_CONFIGS_DIR = PACKAGE_DIR / "ds_configs"
 log = logging.getLogger(__name__)
 
 
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A Config field with its help text, the one place a key is documented: `midpo config show` prints it, prep's
+    flags reuse it. `knob(2000, "pairs to generate")`, or `knob(help=..., factory=list)` for a mutable default."""
+    if not help.strip():  # a key without help would show up blank in `midpo config show`
+        raise TypeError("knob() needs a non-empty help text")
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type) -> Any:
+    """A Config field holding a section dataclass; its help is the section's docstring (documented once)."""
+    return field(default_factory=cls, metadata={"help": inspect.cleandoc(cls.__doc__ or "")})
+
+
 @dataclass
 class SynthConfig:
     """The embedded default: a verifiable preference task, a local tokenizer and a tiny Llama."""
 
-    n_pairs: int = 2000  # preference pairs to generate
-    seed: int = 0
-    min_items: int = 3  # list length range of the task prompts
-    max_items: int = 8
-    tasks: list[str] = field(default_factory=lambda: ["sort", "reverse", "dedupe"])
-    vocab_size: int = 512  # sentencepiece vocabulary (byte fallback on)
-    hidden_size: int = 128
-    intermediate_size: int = 344
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_position_embeddings: int = 512
-    n_eval_prompts: int = 200  # held-out prompts (disjoint seed) for generation-based evaluation
-    n_onpolicy_prompts: int = 0  # fresh prompts (unseen by SFT, disjoint from eval) for on-policy sampling
+    n_pairs: int = knob(2000, "preference pairs to generate")
+    seed: int = knob(0, "seed of the generated pairs and prompts and of the model's random initialization")
+    min_items: int = knob(3, "list length range of the task prompts: shortest list")
+    max_items: int = knob(8, "list length range of the task prompts: longest list")
+    tasks: list[str] = knob(help="task kinds to draw from (sort | reverse | dedupe)",
+                            factory=lambda: ["sort", "reverse", "dedupe"])
+    vocab_size: int = knob(512, "sentencepiece vocabulary (byte fallback on)")
+    hidden_size: int = knob(128, "tiny Llama: hidden size")
+    intermediate_size: int = knob(344, "tiny Llama: MLP intermediate size")
+    num_layers: int = knob(4, "tiny Llama: decoder layers")
+    num_heads: int = knob(4, "tiny Llama: attention heads")
+    num_kv_heads: int = knob(2, "tiny Llama: key/value heads (grouped-query attention when fewer than num_heads)")
+    max_position_embeddings: int = knob(512, "tiny Llama: longest sequence, in tokens")
+    n_eval_prompts: int = knob(200, "held-out prompts (disjoint seed) for generation-based evaluation")
+    n_onpolicy_prompts: int = knob(0, "fresh prompts (unseen by SFT, disjoint from eval) for on-policy sampling")
 
 
 @dataclass
 class DataConfig:
     """Stage 1 (`midpo prep`): raw preference files -> tokenized sharded Arrow + manifest."""
 
-    inputs: list[str] = field(default_factory=list)  # paths or globs; empty = the synthetic default
-    format: str = "auto"  # auto | standard | conversational | implicit | hh
-    tokenizer: str | None = None  # tokenizer folder; default: the policy model's folder
-    max_prompt_tokens: int = 256  # prompts longer than this keep their END
-    max_length: int = 512  # prompt + longest response, in tokens
-    response_overflow: str = "drop"  # drop | truncate: what to do with over-long responses
-    eval_fraction: float = 0.05  # deterministic by row id
-    shard_rows: int = 50_000  # rows per Arrow shard
-    num_proc: int = 1  # tokenization worker processes
-    max_reject_fraction: float = 0.05  # fail above this fraction of unusable rows (duplicates not counted), in [0, 1]
-    dedup: bool = True  # reject repeats of a pair (same row id), keeping the first
-    system_prompt: str | None = None  # prepended as a system message when the input has none
-    prompt_overflow: str = "truncate"  # truncate (keep the END, BOS kept) | drop: prompts over max_prompt_tokens
+    inputs: list[str] = knob(help="paths or globs; empty = the synthetic default", factory=list)
+    format: str = knob("auto", "auto | standard | conversational | implicit | hh")
+    tokenizer: str | None = knob(None, "tokenizer folder; default: the policy model's folder")
+    max_prompt_tokens: int = knob(256, "prompts longer than this keep their END")
+    max_length: int = knob(512, "prompt + longest response, in tokens")
+    response_overflow: str = knob("drop", "drop | truncate: what to do with over-long responses")
+    eval_fraction: float = knob(0.05, "fraction of pairs held out as the eval split; deterministic by row id")
+    shard_rows: int = knob(50_000, "rows per Arrow shard")
+    num_proc: int = knob(1, "tokenization worker processes")
+    max_reject_fraction: float = knob(
+        0.05, "fail above this fraction of unusable rows (duplicates not counted), in [0, 1]")
+    dedup: bool = knob(True, "reject repeats of a pair (same row id), keeping the first")
+    system_prompt: str | None = knob(None, "prepended as a system message when the input has none")
+    prompt_overflow: str = knob(
+        "truncate", "truncate (keep the END, BOS kept) | drop: prompts over max_prompt_tokens")
 
     def __post_init__(self) -> None:
         if self.prompt_overflow not in ("drop", "truncate"):
@@ -84,12 +107,15 @@ class DataConfig:
 class ModelConfig:
     """Which models the stages load, and how."""
 
-    policy: str | None = None  # HF folder; default: <run_dir>/sft (or <run_dir>/model for the tiny default)
-    reference: str | None = None  # HF folder of pi_ref; default: the policy's initial weights
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    attn_implementation: str = "auto"  # auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager
-    trust_remote_code: bool = False  # never on unless the recipe says so
-    gradient_checkpointing: bool = False
+    policy: str | None = knob(
+        None, "HF folder; default: <run_dir>/sft (or <run_dir>/model for the tiny default)")
+    reference: str | None = knob(None, "HF folder of pi_ref; default: the policy's initial weights")
+    dtype: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    attn_implementation: str = knob(
+        "auto", "auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager")
+    trust_remote_code: bool = knob(False, "never on unless the recipe says so")
+    gradient_checkpointing: bool = knob(
+        False, "recompute activations in the backward pass instead of keeping them (memory for time)")
 
 
 @dataclass
@@ -97,26 +123,27 @@ class SftConfig:
     """A minimal supervised warm start on the chosen responses (`midpo sft`), so the reference of the
     embedded default can answer at all before preference training. Single process; steps=0 skips it."""
 
-    steps: int = 0  # optimizer steps; 0 = no SFT stage
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    # torch intra-op threads of this single-process stage (and of `midpo run`'s generation eval); 0 =
-    # torch's default (all cores). 1 by default: a tiny model gains little from a second thread, and
-    # with any other process on the cores OpenMP's spin-waiting makes 2 threads up to ~20x slower.
-    num_threads: int = 1
+    steps: int = knob(0, "optimizer steps; 0 = no SFT stage")
+    batch_size: int = knob(32, "pairs (their prompt + chosen response) per step")
+    lr: float = knob(1e-3, "peak learning rate (AdamW; linear warmup, then cosine decay to 0)")
+    warmup_steps: int = knob(20, "steps of linear lr warmup")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    num_threads: int = knob(
+        1, "torch intra-op threads of this single-process stage (and of `midpo run`'s generation eval); 0 = "
+        "torch's default (all cores). 1 by default: a tiny model gains little from a second thread, and "
+        "with any other process on the cores OpenMP's spin-waiting makes 2 threads up to ~20x slower.")
 
 
 @dataclass
 class LossConfig:
     """The generalized MI-DPO loss and the prior that specializes it (see docs/algorithms.md)."""
 
-    prior: str = "dpo"  # a name from midpo.core.priors.PRIORS
-    beta: float | None = None  # a = beta_X of the recovered algorithm; None = the prior's official default (0.1; simpo 2.0)
-    label_smoothing: float = 0.0  # cDPO, in [0, 0.5)
-    sft_weight: float = 0.0  # weight of a token-mean NLL term on the chosen response
-    options: dict[str, Any] = field(default_factory=dict)  # prior-specific (gamma_beta_ratio, c, r, alpha, ...)
+    prior: str = knob("dpo", "a name from midpo.core.priors.PRIORS")
+    beta: float | None = knob(
+        None, "a = beta_X of the recovered algorithm; None = the prior's official default (0.1; simpo 2.0)")
+    label_smoothing: float = knob(0.0, "cDPO, in [0, 0.5)")
+    sft_weight: float = knob(0.0, "weight of a token-mean NLL term on the chosen response")
+    options: dict[str, Any] = knob(help="prior-specific (gamma_beta_ratio, c, r, alpha, ...)", factory=dict)
 
     def __post_init__(self) -> None:
         if self.beta is not None and not self.beta > 0:
@@ -131,58 +158,67 @@ class LossConfig:
 class RefConfig:
     """Stage 2 (`midpo ref`): the offline per-token reference cache."""
 
-    micro_batch_tokens: int = 4096  # token budget of one forward
-    packing: bool = True  # packed (padding-free) or length-bucketed padded batches
-    zero3: bool = False  # shard the reference with ZeRO-3 inference when it does not fit one device
-    topk: int = 0  # >0: also cache the top-k of the reference distribution per response token
-    rows_per_shard: int = 2048  # resume granularity
-    # TIS-DPO token weights (`midpo weights`): two contrastive models scored on the same data
-    weights_forward: str | None = None  # HF folder of the forward DPO model (trained on chosen > rejected)
-    weights_reverse: str | None = None  # HF folder of the reverse DPO model (trained on rejected > chosen)
-    weights_min: float = 0.7  # rank-based mapping of per-token scores into [weights_min, weights_max]
-    weights_max: float = 1.3
+    micro_batch_tokens: int = knob(4096, "token budget of one forward")
+    packing: bool = knob(True, "packed (padding-free) or length-bucketed padded batches")
+    zero3: bool = knob(False, "shard the reference with ZeRO-3 inference when it does not fit one device")
+    topk: int = knob(0, ">0: also cache the top-k of the reference distribution per response token")
+    rows_per_shard: int = knob(2048, "rows per cache chunk: the resume granularity")
+    weights_forward: str | None = knob(
+        None, "TIS-DPO token weights (`midpo weights`): two contrastive models scored on the same data. "
+        "HF folder of the forward DPO model (trained on chosen > rejected)")
+    weights_reverse: str | None = knob(
+        None, "TIS-DPO token weights (`midpo weights`): HF folder of the reverse DPO model (trained on "
+        "rejected > chosen)")
+    weights_min: float = knob(
+        0.7, "TIS-DPO token weights: rank-based mapping of per-token scores into [weights_min, weights_max]")
+    weights_max: float = knob(1.3, "TIS-DPO token weights: upper end of that mapping (see weights_min)")
 
 
 @dataclass
 class TrainConfig:
     """Stage 3 (`midpo train`)."""
 
-    ds_config: str = "auto"  # a file in ds_configs/ or a path; auto = zero3_bf16 on CUDA, zero3_cpu_fp32 on CPU
-    micro_batch_size: int = 8  # pairs per micro-batch per rank
-    grad_accum: int = 1
-    max_steps: int = -1  # optimizer steps; -1 = epochs * steps per epoch
-    epochs: int = 1
-    lr: float = 5e-7
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    schedule: str = "cosine"  # cosine | linear | constant
-    max_grad_norm: float = 1.0
-    packing: bool = True
-    # One row per pair, prompt + chosen + rejected: the prompt is computed once for both responses (saves
-    # P of 2P+C+R tokens per pair); a dense 4-D mask, so sdpa/eager only. Takes precedence over `packing`.
-    share_prompt: bool = False
-    # torch.compile the policy's decoder stack (Inductor; fused norms/activations/rotary around the GEMMs).
-    # ZeRO stage <= 2 only (ZeRO-3's per-module gather hooks do not trace). The first steps pay the compile
-    # (~20-60 s on CPU: one graph per grad mode, one more when the sequence length first changes).
-    compile: bool = False
-    eval_every: int = 0  # steps; 0 = only at the end
-    save_every: int = 0  # steps; 0 = only at the end
-    keep_last: int = 2
-    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    peak_flops: float = 0.0  # per device, for MFU; 0 = measure a GEMM at start
-    online_reference: bool = False  # run pi_ref beside the policy instead of reading the cache
-    seed: int = 0
-    log_every: int = 1  # steps between metric reductions/log lines (TensorBoard, progress bar, jsonl)
-    probe_rows: int = 8  # cached rows re-scored at start when the policy IS the reference (0 = off)
-    probe_tolerance: float = 0.0  # max mean |policy - cached| per-token log-prob; 0 = auto (fp32 1e-4, bf16/fp16 2e-2)
-    export_at_end: bool = True  # write <run_dir>/export (HF folder) when training finishes
-    record_rows: bool = True  # append each step's row ids (all ranks) to <run_dir>/logs/consumed_rows.jsonl
-    # response positions per output-head call: bounds the fp32 logits alive at once (chunks x vocab); the head runs
-    # in the same number of chunks on every rank (ZeRO-3 gathers it per call)
-    head_chunk_tokens: int = 1024
-    # a torch.profiler window over optimizer steps [A, B] (1-based, inclusive), e.g. [3, 5]: per-rank operator tables
-    # and Chrome traces in <run_dir>/logs/profile_rank<r>.{txt,json}; [] = off (the profiler slows those steps)
-    profile_steps: list[int] = field(default_factory=list)
+    ds_config: str = knob(
+        "auto", "a file in ds_configs/ or a path; auto = zero3_bf16 on CUDA, zero3_cpu_fp32 on CPU")
+    micro_batch_size: int = knob(8, "pairs per micro-batch per rank")
+    grad_accum: int = knob(1, "micro-batches per optimizer step (global batch = micro x accum x processes)")
+    max_steps: int = knob(-1, "optimizer steps; -1 = epochs * steps per epoch")
+    epochs: int = knob(1, "passes over the training split (when max_steps is -1)")
+    lr: float = knob(5e-7, "peak learning rate of the policy")
+    weight_decay: float = knob(0.0, "AdamW weight decay of the policy")
+    warmup_ratio: float = knob(0.1, "fraction of the steps with linear lr warmup")
+    schedule: str = knob("cosine", "cosine | linear | constant")
+    max_grad_norm: float = knob(1.0, "gradient clipping (global norm)")
+    packing: bool = knob(True, "packed (padding-free) or padded micro-batches")
+    share_prompt: bool = knob(
+        False, "One row per pair, prompt + chosen + rejected: the prompt is computed once for both responses "
+        "(saves P of 2P+C+R tokens per pair); a dense 4-D mask, so sdpa/eager only. Takes precedence over "
+        "`packing`.")
+    compile: bool = knob(
+        False, "torch.compile the policy's decoder stack (Inductor; fused norms/activations/rotary around the "
+        "GEMMs). ZeRO stage <= 2 only (ZeRO-3's per-module gather hooks do not trace). The first steps pay the "
+        "compile (~20-60 s on CPU: one graph per grad mode, one more when the sequence length first changes).")
+    eval_every: int = knob(0, "evaluate every N steps; 0 = only at the end")
+    save_every: int = knob(0, "checkpoint every N steps; 0 = only at the end")
+    keep_last: int = knob(2, "checkpoints kept (older ones are removed once a new one is complete)")
+    max_bad_steps: int = knob(5, "consecutive non-finite steps before the run stops")
+    peak_flops: float = knob(0.0, "per device, for MFU; 0 = measure a GEMM at start")
+    online_reference: bool = knob(False, "run pi_ref beside the policy instead of reading the cache")
+    seed: int = knob(
+        0, "seed of the training data order and of the training processes' random generators (python, numpy, torch)")
+    log_every: int = knob(1, "steps between metric reductions/log lines (TensorBoard, progress bar, jsonl)")
+    probe_rows: int = knob(8, "cached rows re-scored at start when the policy IS the reference (0 = off)")
+    probe_tolerance: float = knob(
+        0.0, "max mean |policy - cached| per-token log-prob; 0 = auto (fp32 1e-4, bf16/fp16 2e-2)")
+    export_at_end: bool = knob(True, "write <run_dir>/export (HF folder) when training finishes")
+    record_rows: bool = knob(True, "append each step's row ids (all ranks) to <run_dir>/logs/consumed_rows.jsonl")
+    head_chunk_tokens: int = knob(
+        1024, "response positions per output-head call: bounds the fp32 logits alive at once (chunks x vocab); the "
+        "head runs in the same number of chunks on every rank (ZeRO-3 gathers it per call)")
+    profile_steps: list[int] = knob(
+        help="a torch.profiler window over optimizer steps [A, B] (1-based, inclusive), e.g. [3, 5]: per-rank "
+        "operator tables and Chrome traces in <run_dir>/logs/profile_rank<r>.{txt,json}; [] = off (the profiler "
+        "slows those steps)", factory=list)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -201,22 +237,26 @@ class TrainConfig:
 class PriorNetConfig:
     """The learnable token-level prior network of MI-DPO proper."""
 
-    objective: str = "marginal"  # marginal | joint
-    init: str = "reference"  # reference | <HF folder>
-    num_layers: int = 0  # 0 = all of the init model's layers, k = its first k layers
-    condition_on_prompt: bool = False
-    lr: float = 1e-5
-    # Update the prior on every k-th policy step. A speed knob: the other steps only run the prior's no-grad
-    # forward for log zeta, and (marginal) the policy forward skips its logits. The prior then trails the
-    # policy by up to k steps (fewer alternating steps toward the marginal); bench/midpo_vs_dpo.py --update-every.
-    update_every: int = 1
-    warmup_steps: int = 0  # linear lr warmup over the prior's first updates
-    anchor: str = "kl_init"  # joint objective's anchor: kl_init | nll
-    anchor_weight: float = 1.0
-    zero_stage: int = 3
-    start_step: int = 0  # policy steps before the prior's first update (it stays at its init until then)
-    bos_token_id: int | None = None  # context token of the unconditioned prior; None = the init model's bos_token_id
-    chunk_size: int = 1024  # response tokens per full-vocab chunk (prior logits, KL)
+    objective: str = knob(
+        "marginal", "marginal (KL toward the policy's marginal over responses) | joint (the MI-DPO loss "
+        "w.r.t. the prior + anchor_weight * anchor)")
+    init: str = knob("reference", "reference | <HF folder>")
+    num_layers: int = knob(0, "0 = all of the init model's layers, k = its first k layers")
+    condition_on_prompt: bool = knob(False, "the prior sees prompt + response; off: [BOS] + response only")
+    lr: float = knob(1e-5, "learning rate of the prior network")
+    update_every: int = knob(
+        1, "Update the prior on every k-th policy step. A speed knob: the other steps only run the prior's "
+        "no-grad forward for log zeta, and (marginal) the policy forward skips its logits. The prior then "
+        "trails the policy by up to k steps (fewer alternating steps toward the marginal); "
+        "bench/midpo_vs_dpo.py --update-every.")
+    warmup_steps: int = knob(0, "linear lr warmup over the prior's first updates")
+    anchor: str = knob("kl_init", "joint objective's anchor: kl_init | nll")
+    anchor_weight: float = knob(1.0, "weight of the joint objective's anchor term")
+    zero_stage: int = knob(3, "ZeRO stage of the prior's own DeepSpeed engine")
+    start_step: int = knob(0, "policy steps before the prior's first update (it stays at its init until then)")
+    bos_token_id: int | None = knob(
+        None, "context token of the unconditioned prior; None = the init model's bos_token_id")
+    chunk_size: int = knob(1024, "response tokens per full-vocab chunk (prior logits, KL)")
 
     def __post_init__(self) -> None:
         if self.objective not in ("marginal", "joint"):
@@ -235,14 +275,16 @@ class OnPolicyConfig:
     labels the answers, and its wrong answers become the rejected responses. Needs a verifiable task
     (the embedded default); `midpo run` uses it when `enabled`."""
 
-    enabled: bool = False
-    prompts: str | None = None  # JSONL of prompt + task record; None = <run_dir>/synth/onpolicy_prompts.jsonl
-    samples: int = 4  # answers per prompt
-    temperature: float = 1.0
-    pairs_per_prompt: int = 1  # distinct wrong answers kept per prompt (most frequent first)
-    chosen: str = "sample"  # sample (a correct sample; prompts without one skipped) | sample_or_gold | gold (the solution)
-    max_prompts: int = 0  # 0 = every prompt of the input file
-    batch_size: int = 64  # prompts per generate call
+    enabled: bool = knob(False, "`midpo run` samples on-policy pairs and trains on them")
+    prompts: str | None = knob(
+        None, "JSONL of prompt + task record; None = <run_dir>/synth/onpolicy_prompts.jsonl")
+    samples: int = knob(4, "answers per prompt")
+    temperature: float = knob(1.0, "sampling temperature of the answers")
+    pairs_per_prompt: int = knob(1, "distinct wrong answers kept per prompt (most frequent first)")
+    chosen: str = knob(
+        "sample", "sample (a correct sample; prompts without one skipped) | sample_or_gold | gold (the solution)")
+    max_prompts: int = knob(0, "prompts to sample from; 0 = every prompt of the input file")
+    batch_size: int = knob(64, "prompts per generate call")
 
     def __post_init__(self) -> None:
         if self.chosen not in ("sample", "sample_or_gold", "gold"):
@@ -255,17 +297,19 @@ class OnPolicyConfig:
 
 @dataclass
 class Config:
-    run_dir: str = "runs/tiny"
-    seed: int = 0
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sft: SftConfig = field(default_factory=SftConfig)
-    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    ref: RefConfig = field(default_factory=RefConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    prior_net: PriorNetConfig = field(default_factory=PriorNetConfig)
+    """A whole run: every stage reads this one resolved config and writes only inside run_dir."""
+
+    run_dir: str = knob("runs/tiny", "the run folder: every stage's inputs and outputs live under it")
+    seed: int = knob(0, "seed of the SFT warm start's data order, on-policy sampling and the sampled eval")
+    synth: SynthConfig = section(SynthConfig)
+    data: DataConfig = section(DataConfig)
+    model: ModelConfig = section(ModelConfig)
+    sft: SftConfig = section(SftConfig)
+    onpolicy: OnPolicyConfig = section(OnPolicyConfig)
+    loss: LossConfig = section(LossConfig)
+    ref: RefConfig = section(RefConfig)
+    train: TrainConfig = section(TrainConfig)
+    prior_net: PriorNetConfig = section(PriorNetConfig)
 
     @property
     def run_path(self) -> Path:
@@ -320,6 +364,70 @@ def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     """(key, old value, new value) for every leaf that differs (None where a side lacks the key), key order."""
     a, b = flat_items(old), flat_items(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# ---------------------------------------------------------------------------------------------
+# help text and rendering (`midpo config show`)
+
+HELP_WIDTH = 100  # columns of a rendered help comment
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> help text of a config dataclass (its `knob`/`section` metadata)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _flow(value: Any) -> str:
+    """One value as YAML in flow style (`[a, b]`, `{}`, `null`, quoted where YAML would misread it)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True, sort_keys=False)
+    text = text.rstrip("\n")
+    return text[: -len("\n...")] if text.endswith("\n...") else text  # a bare scalar's document-end marker
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    return [f"{indent}# {line}" for line in textwrap.wrap(" ".join(text.split()), HELP_WIDTH - len(indent) - 2)]
+
+
+def _render_fields(obj: Any, indent: str) -> list[str]:
+    """`key: value` lines of one dataclass level, each key preceded by its help (and its default when the value
+    differs from it); a section's docstring heads it."""
+    lines: list[str] = []
+    defaults = type(obj)()
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += ["", *_comment(f"== {f.name}: {f.metadata.get('help', '')}", indent), f"{indent}{f.name}:"]
+            lines += _render_fields(value, indent + "  ")
+            continue
+        text = f.metadata.get("help", "")
+        default = getattr(defaults, f.name)
+        if value != default:
+            text += f" (default: {_flow(default)})"
+        lines += [*_comment(text, indent), f"{indent}{f.name}: {_flow(value)}"]
+    return lines
+
+
+def render_config(cfg: Config) -> str:
+    """The resolved config as YAML that `load_config` reads back to an equal Config, with each key's help as a
+    comment above it and each section's docstring as its header."""
+    header = _comment(inspect.cleandoc(type(cfg).__doc__ or ""), "")
+    return "\n".join([*header, "", *_render_fields(cfg, "")]) + "\n"
+
+
+def render_overrides(cfg: Config) -> list[str]:
+    """One `key.sub=value` line per key (override syntax: any of them can be passed back on a command line)."""
+    out: list[str] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out.append(f"{prefix}{f.name}={_flow(value)}")
+
+    walk(cfg, "")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,17 +540,23 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file: `path` itself, else a name in the shipped recipes (with or without `.yaml`)."""
+    p = Path(path)
+    if not p.exists() and (RECIPES_DIR / p).exists():
+        p = RECIPES_DIR / p
+    if not p.exists() and (RECIPES_DIR / f"{p}.yaml").exists():
+        p = RECIPES_DIR / f"{p}.yaml"
+    if not p.exists():
+        raise ConfigError(f"recipe {path} not found (also looked in {RECIPES_DIR})")
+    return p
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults < YAML at `path` < overrides (`key.sub=value`)."""
     tree: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists() and (RECIPES_DIR / p).exists():
-            p = RECIPES_DIR / p
-        if not p.exists() and (RECIPES_DIR / f"{p}.yaml").exists():
-            p = RECIPES_DIR / f"{p}.yaml"
-        if not p.exists():
-            raise ConfigError(f"recipe {path} not found (also looked in {RECIPES_DIR})")
+        p = find_recipe(path)
         with open(p, encoding="utf-8") as f:
             loaded = yaml.safe_load(f)
         if loaded is None:

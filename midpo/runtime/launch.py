@@ -18,9 +18,11 @@ Linux only (prctl); elsewhere the forwarding still works and the death signals a
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -153,12 +155,34 @@ def run_stage(stage: str, run) -> int:
         return 1
 
 
+# Appended to every stage's --help: the ~100 config keys are too many for flags, so each stage points to where they
+# are documented (`midpo config show`, from the fields' help in midpo/config.py) and to the override syntax.
+CONFIG_EPILOG = (
+    "Config keys: `midpo config show RECIPE` prints the resolved config with each key's help (`midpo config list`: "
+    "the shipped recipes). Override any key on the command line as key.sub=value, e.g. train.lr=1e-5 "
+    "loss.prior=simpo; precedence: defaults < recipe < overrides."
+)
+
+
+class _ParagraphsFormatter(argparse.HelpFormatter):
+    """argparse's default formatter, except that blank lines in a description or epilog separate paragraphs (the
+    default joins them all into one)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        # super() with its arguments: the zero-argument form does not work inside a generator expression
+        return "\n\n".join(super(_ParagraphsFormatter, self)._fill_text(p, width, indent)
+                             for p in re.split(r"\n\s*\n", text.strip()))
+
+
+def add_config_epilog(parser: argparse.ArgumentParser) -> None:
+    """Point a stage's --help to `midpo config show` and the override syntax (after the stage's own epilog)."""
+    parser.epilog = f"{parser.epilog}\n\n{CONFIG_EPILOG}" if parser.epilog else CONFIG_EPILOG
+    parser.formatter_class = _ParagraphsFormatter
+
+
 def stage_cli(stage: str, add_arguments, run, argv: list[str] | None = None) -> int:
     """`python -m midpo.stages.<stage> ARGS` (what torchrun, deepspeed and srun start on every rank): the same
     arguments and overrides as `midpo <stage>`, the same error style, logs prefixed with the rank."""
-    import argparse
-    import logging
-
     from midpo.config import split_overrides
     from midpo.runtime.dist import env_from_slurm
 
@@ -167,6 +191,7 @@ def stage_cli(stage: str, add_arguments, run, argv: list[str] | None = None) -> 
     rest, overrides = split_overrides(argv)
     parser = argparse.ArgumentParser(prog=f"midpo {stage}")
     add_arguments(parser)
+    add_config_epilog(parser)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(rest)
     env_from_slurm()  # under srun, RANK comes from SLURM_PROCID: map it before naming the rank in logs

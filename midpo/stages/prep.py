@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import inspect
 import itertools
 import json
 import logging
-import re
 import shutil
 import sys
 import time
@@ -34,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from midpo.config import ConfigError, DataConfig
+from midpo.config import ConfigError, DataConfig, field_help
 from midpo.data import formats as fmts
 from midpo.data.shards import COLUMNS, SplitWriter
 from midpo.data.sources import InputError, RowError, Source, decode_json_row, file_size, iter_rows, resolve_inputs
@@ -412,21 +410,11 @@ def _tokenizer_info(encoder: PairEncoder) -> dict[str, Any]:
 # CLI
 
 
-def _field_help() -> dict[str, str]:
-    """Help text of each DataConfig field: its comment in pipeline/config.py (one source of truth)."""
-    out = {}
-    for line in inspect.getsource(DataConfig).splitlines():
-        m = re.match(r"^\s+(\w+):[^#]*#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-    return out
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    helps = _field_help()
+    helps = field_help(DataConfig)  # the one place keys are documented: their metadata in midpo/config.py
     defaults = DataConfig()
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help=f"data.inputs: {helps.get('inputs', '')}; .jsonl/.json/.parquet/.arrow files, globs or "
+                        help=f"data.inputs: {helps['inputs']}; .jsonl/.json/.parquet/.arrow files, globs or "
                         "datasets.save_to_disk folders (default: <run_dir>/synth/pairs.jsonl)")
     parser.add_argument("--config", default=None, help="recipe YAML (a path or a name in recipes/)")
     parser.add_argument("--out", default=None, help="output folder (default: <run_dir>/data)")
@@ -437,9 +425,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        text = f"data.{f.name}: {helps.get(f.name, '')} (default: {default})"
+        text = f"data.{f.name}: {helps[f.name]} (default: {default})"
         if f.name == "tokenizer":
-            text = (f"data.tokenizer: {helps.get('tokenizer', '')}; falls back to model.policy, then "
+            text = (f"data.tokenizer: {helps['tokenizer']}; falls back to model.policy, then "
                     "<run_dir>/synth/model")
         kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text, "dest": f.name}
         if f.name == "format":

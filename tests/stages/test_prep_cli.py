@@ -9,7 +9,7 @@ import pytest
 from prep_helpers import write_jsonl
 
 from midpo import cli
-from midpo.config import DataConfig, load_config
+from midpo.config import DataConfig, field_help, load_config
 
 
 def _help(capsys, *argv) -> str:
@@ -27,7 +27,8 @@ def test_prep_help_documents_every_option(capsys):
             continue
         flag = "--" + f.name.replace("_", "-")
         assert flag in text, flag
-        assert f"data.{f.name}:" in text, f.name  # with its help text
+        assert f"data.{f.name}:" in text, f.name  # with its help text, from the field's metadata (midpo/config.py)
+        assert "".join(field_help(DataConfig)[f.name].split()) in "".join(text.split()), f.name
     for opt in ("--config", "--out", "--no-dedup", "auto,standard,conversational,implicit,hh"):
         assert opt in text
 
