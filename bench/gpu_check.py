@@ -17,6 +17,7 @@ What it checks, in one process on one GPU (world size 1, NCCL; the ZeRO-3 engine
 4. with --prior-layers K: MI-DPO proper (loss.prior=learned, the marginal objective, a prior network of the
    policy's first K layers on its own ZeRO-3 engine, updated every step) on the same packed batches as the
    DPO timing: step time learned / dpo (issue goal <= 1.15 with a quarter of the layers).
+Every timed step is midpo.train.step.train_step, the trainer's own step function.
 Prints one JSON object; exits 1 when a check fails.
 """
 
@@ -75,10 +76,13 @@ def main() -> int:
     from midpo.core.flops import flop_params, train_flops
     from midpo.core.logprobs import ResponseLogps
     from midpo.core.priors import build_prior
+    from midpo.core.schedule import make_scheduler
     from midpo.runtime import dist as pdist
-    from midpo.runtime.engine import PolicyLogps, build_policy_engine, ds_config_path, policy_logps, resolve_ds_config
+    from midpo.runtime.ds_config import ds_config_path, resolve_ds_config
+    from midpo.runtime.engine import Engine, PolicyLogps, policy_logps
     from midpo.runtime.metrics import measure_peak_flops
     from midpo.runtime.models import resolve_attn
+    from midpo.train.step import Objective
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     pdist.init_distributed()
@@ -113,8 +117,8 @@ def main() -> int:
                              f"train.micro_batch_size={a.micro}", "train.grad_accum=1", "train.lr=1e-5",
                              f"train.max_steps={a.steps + 2}"])
     ds = resolve_ds_config(cfg, world_size=1, hidden_size=a.hidden)
-    engine = build_policy_engine(PolicyLogps(model), ds, total_steps=a.steps + 2, warmup_ratio=0.0,
-                                 schedule="constant")
+    engine = Engine.build(PolicyLogps(model), ds,
+                          lr_scheduler=lambda opt: make_scheduler(opt, a.steps + 2, 0.0, "constant"))
     gen = torch.Generator().manual_seed(0)
 
     # --- 1. packing equivalence (bf16 + flash) and isolation ---
@@ -138,7 +142,7 @@ def main() -> int:
     # Timed per layout: "packed" as training packs (rows capped by row_tokens_for: one row under flash-attn,
     # DENSE_MASK_ROW_TOKENS under sdpa's 4-D mask) and "padded" (2B rows, sdpa's own causal kernels).
     cfg_loss = load_config(None, ["loss.prior=dpo", "loss.beta=0.1"]).loss
-    prior = build_prior(cfg_loss)
+    dpo = Objective(build_prior(cfg_loss), cfg_loss)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     body_n, head_n = flop_params(model)
     measured_peak = measure_peak_flops(dtype, dev, n=1024 if a.cpu_smoke else 8192, seconds=2.0)
@@ -158,7 +162,7 @@ def main() -> int:
             batches.append((b, ResponseLogps(ref.chosen.float(), ref.chosen_mask, ref.rejected.float(),
                                              ref.rejected_mask)))
         torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-        times, tokens, logit_tokens, attn_ctx, first_loss = dpo_steps(engine, batches, prior, cfg_loss, sync)
+        times, tokens, logit_tokens, attn_ctx, first_loss = dpo_steps(engine, batches, dpo, sync)
         dpo_batches[layout] = batches
         report[f"step0_loss_{layout}"] = first_loss  # references are re-scored by the current policy: ln 2 both
         if not abs(first_loss - math.log(2)) < 1e-3:
@@ -177,7 +181,7 @@ def main() -> int:
             mi = report["mi_dpo"] = time_mi_dpo(a, engine, cfg, hf, ref_dir, dpo_batches[layout], sync)
             # DPO again on the same batches after MI-DPO: the first DPO timing includes the process's warm-up
             # (allocator growth, kernel selection), which would flatter MI-DPO; the ratio uses both DPO timings.
-            after = dpo_steps(engine, dpo_batches[layout], prior, cfg_loss, sync)[0]
+            after = dpo_steps(engine, dpo_batches[layout], dpo, sync)[0]
             before = report[f"throughput_{layout}"]["step_s"]
             mi["dpo_after_step_s"] = sum(after) / len(after)
             mi["dpo_after_step_s_each"] = [round(t, 4) for t in after]
@@ -192,38 +196,31 @@ def main() -> int:
     return 0 if report["ok"] else 1
 
 
-def timed_steps(batches: list, step, sync) -> tuple[list[float], float]:
-    """Run step(i, batch, ref) -> loss over `batches` -> (seconds of each step after the first 2, the first
-    step's loss). The device is synchronized around every step."""
+def timed_steps(engine, obj, batches: list, sync) -> tuple[list[float], float]:
+    """One optimizer step (midpo.train.step.train_step, the trainer's own) per batch -> (seconds of each step after
+    the first 2, the first step's loss). The device is synchronized around every step."""
+    from midpo.train.step import MicroBatch, train_step
+
+    engine.train()
     times, first_loss = [], None
     for i, (b, ref) in enumerate(batches):
         sync()
         t0 = time.perf_counter()
-        loss = step(i, b, ref)
+        res = train_step(engine, obj, [MicroBatch(b, ref, None, None, [])], i + 1)
         sync()
         if i == 0:
-            first_loss = loss.item()
+            total, count = res.sums["loss"]
+            first_loss = total / count
         if i >= 2:
             times.append(time.perf_counter() - t0)
     return times, first_loss
 
 
-def dpo_steps(engine, batches: list, prior, cfg_loss, sync) -> tuple[list[float], list[int], int, float, float]:
+def dpo_steps(engine, batches: list, obj, sync) -> tuple[list[float], list[int], int, float, float]:
     """DPO training steps from the batches' "cached" reference log-probs -> (seconds of each step after the
     first 2, real tokens of those steps, their response (logit) tokens, their attention context
     (PairBatch.attention_context), the first step's loss)."""
-    from midpo.core.priors import PriorInputs, compute_loss
-    from midpo.runtime.engine import policy_logps
-
-    def step(i, b, ref):
-        pol = policy_logps(engine, b)
-        loss = compute_loss(prior, PriorInputs(policy=pol, ref=ref), cfg_loss).losses.mean()
-        engine.backward(loss)
-        engine.step()
-        return loss
-
-    engine.train()
-    times, first_loss = timed_steps(batches, step, sync)
+    times, first_loss = timed_steps(engine, obj, batches, sync)
     timed = [b for b, _ in batches[2:]]
     tokens = [int(b.seq_lens.sum()) for b in timed]  # real tokens: padding is not work done
     logit_tokens = sum(b.target_index.numel() for b in timed)
@@ -231,32 +228,21 @@ def dpo_steps(engine, batches: list, prior, cfg_loss, sync) -> tuple[list[float]
 
 
 def time_mi_dpo(a, engine, cfg, hf, ref_dir: Path, batches: list, sync) -> dict:
-    """Training steps of loss.prior=learned on `batches` (the DPO timing's): policy forward (flat detached
-    logits on the prior's update steps), hook.before_loss (log zeta), loss, backward, step, hook.after_step
-    (the prior's own update) -- the order midpo.stages.train uses."""
+    """Training steps of loss.prior=learned on `batches` (the DPO timing's), as the trainer runs them: the policy
+    and the prior network (its first K layers, on its own ZeRO-3 engine, updated every step) in train_step."""
     import dataclasses
 
     from midpo.config import load_config
-    from midpo.core.priors import PriorInputs, build_prior, compute_loss
-    from midpo.runtime.engine import policy_logps
-    from midpo.train.prior_engine import build_midpo_hook
+    from midpo.core.priors import build_prior
+    from midpo.train.prior_engine import build_prior_network
+    from midpo.train.step import Objective
 
     lcfg = load_config(None, ["loss.prior=learned", "loss.beta=0.1", f"prior_net.num_layers={a.prior_layers}"])
     cfg = dataclasses.replace(cfg, prior_net=lcfg.prior_net)
-    prior = build_prior(lcfg.loss)
-    hook = build_midpo_hook(cfg, reference_path=ref_dir, policy_config=hf, world_size=1, pad_id=0, beta=0.1)
-    def step(i, b, ref):
-        pol = policy_logps(engine, b, return_flat_logits=hook.policy_logits_due(i + 1))
-        extra = hook.before_loss(b, pol) or {}
-        loss = compute_loss(prior, PriorInputs(policy=pol, ref=ref, **extra), lcfg.loss).losses.mean()
-        engine.backward(loss)
-        engine.step()
-        hook.after_step(i + 1, b, pol)
-        return loss
-
-    engine.train()
+    prior_net = build_prior_network(cfg, init_path=ref_dir, policy_config=hf, world_size=1, pad_id=0, beta=0.1)
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-    times, first_loss = timed_steps(batches, step, sync)
+    times, first_loss = timed_steps(engine, Objective(build_prior(lcfg.loss), lcfg.loss, prior_net=prior_net),
+                                    batches, sync)
     return {"prior_layers": a.prior_layers, "objective": cfg.prior_net.objective, "step0_loss": first_loss,
             "step_s": sum(times) / len(times), "step_s_each": [round(t, 4) for t in times],
             "pairs_per_s": a.micro * len(times) / sum(times),

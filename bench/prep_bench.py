@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 def child(pairs: str, tok: str, out: str, num_proc: int) -> None:
     from midpo.config import DataConfig
-    from midpo.stages.prep import prepare
+    from midpo.data.prepare import prepare
 
     cfg = DataConfig(max_prompt_tokens=96, max_length=160, eval_fraction=0.05, num_proc=num_proc, shard_rows=50_000)
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ Update objectives (pure functions below, on flat per-token tensors):
   stops the collapse once the margin has grown, see tests/core/test_prior_net.py).
 
 Sums are per pair (over both responses' tokens), averaged over the micro-batch's pairs.
-The engine hook that runs all this under DeepSpeed is in pipeline/mi_dpo_hook.py.
+The prior network that runs all this on its own DeepSpeed engine is midpo/train/prior_engine.py.
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ _FIX = {
     "policy_full_vocab": "compute the policy with response_logps(..., return_logits=True)",
     "token_weights": "add chosen/rejected per-token weight columns (TIS-DPO token weight estimation from a "
     "forward and a reverse DPO model) to the data",
-    "prior_network": "loss.prior=learned takes log zeta from the prior network (pipeline/prior_net.py, the "
-    "prior_net section): the trainer must run the MI-DPO hook (midpo.train.prior_engine.MIDPOHook), whose before_loss "
+    "prior_network": "loss.prior=learned takes log zeta from the prior network (midpo/core/prior_net.py, the "
+    "prior_net section): the training step must run it (midpo.train.prior_engine.PriorNetwork), whose forward "
     "fills PriorInputs.prior_logps",
 }
 
@@ -501,9 +501,9 @@ class SparsePOPrior(Prior):
 
 class LearnedPrior(Prior):
     """MI-DPO proper: log zeta per token from the learnable prior network (docs/algorithms.md, "MI-DPO
-    proper"; midpo/core/prior_net.py). The MI-DPO engine hook computes it in ``before_loss`` and passes it
-    as ``PriorInputs.prior_logps``; it is detached here, so the policy update treats zeta as fixed (the
-    prior has its own update in the hook). a = beta (default 0.1)."""
+    proper"; midpo/core/prior_net.py). The prior network (midpo.train.prior_engine.PriorNetwork) computes it in
+    its ``forward`` and the training step passes it as ``PriorInputs.prior_logps``; it is detached here, so the
+    policy update treats zeta as fixed (the prior has its own update). a = beta (default 0.1)."""
 
     name = "learned"
     NEEDS = Needs(prior_network=True, reference="none")

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from midpo.errors import ConfigError
+
 # Every reason a row can be rejected for, with the explanation written into the manifest.
 REJECT_REASONS: dict[str, str] = {
     "invalid_json": "the line/element is not valid JSON",
@@ -249,7 +251,7 @@ def format_names() -> str:
 
 def get_format(name: str) -> Format:
     if name not in FORMATS:
-        raise ValueError(f"unknown data format {name!r}; choose one of {format_names()}")
+        raise ConfigError(f"unknown data format {name!r}; choose one of {format_names()}")
     return FORMATS[name]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from midpo.errors import ConfigError
 from midpo.runtime.integrity import HASHES, hash_split
 
 COLUMNS = ("id", "prompt_ids", "chosen_ids", "rejected_ids")
@@ -30,7 +31,7 @@ def features():
 class SplitWriter:
     def __init__(self, folder: Path, shard_rows: int):
         if shard_rows < 1:
-            raise ValueError(f"data.shard_rows must be >= 1, got {shard_rows}")
+            raise ConfigError(f"data.shard_rows must be >= 1, got {shard_rows}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True)
         self.shard_rows = shard_rows

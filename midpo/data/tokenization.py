@@ -40,6 +40,7 @@ from typing import Any
 
 from midpo.data.formats import Pair, RowReject, to_pair
 from midpo.data.sources import RowError, decode_json_row
+from midpo.errors import UnusableInputError
 from midpo.runtime.fingerprint import hash_json
 
 ID_HEX = 32  # 128 bits of sha256: the row id
@@ -111,9 +112,9 @@ class PairEncoder:
 
         self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         if not getattr(self.tok, "chat_template", None):
-            raise ValueError(f"tokenizer {tokenizer_dir} has no chat template; add one (tokenizer.chat_template)")
+            raise UnusableInputError(f"tokenizer {tokenizer_dir} has no chat template; add one (tokenizer.chat_template)")
         if self.tok.eos_token_id is None:
-            raise ValueError(f"tokenizer {tokenizer_dir} has no eos_token; responses must end in EOS")
+            raise UnusableInputError(f"tokenizer {tokenizer_dir} has no eos_token; responses must end in EOS")
         self.eos = self.tok.eos_token_id
         self.bos = self.tok.bos_token_id
         self.s = settings

@@ -92,10 +92,10 @@ def _timed(timings: dict[str, float], name: str, title: str, fn, *args):
 def prepare_base(cfg: Config, nproc: int, timings: dict[str, float]) -> Path:
     """synth (when data.inputs is empty) -> prep -> sft (when sft.steps > 0) -> [sample + prep] -> ref: everything
     the training stage reads, at the paths every stage resolves alike (runtime.layout); returns the run config."""
+    from midpo.data.prepare import prepare
     from midpo.demo.sft import train_sft
     from midpo.demo.synthetic import build_tiny_default
     from midpo.runtime.layout import claim_run
-    from midpo.stages.prep import prepare
 
     layout = claim_run(cfg)  # records the run's paths in <run_dir>/config.yaml (or checks them against it)
     if not cfg.data.inputs:

@@ -27,11 +27,15 @@ weights finite, no nulls. `midpo ref`/`midpo weights` run the same value check b
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from midpo.core.logprobs import ResponseLogps
+from midpo.core.priors import SidePair, TopK
 from midpo.errors import MidpoError
 from midpo.runtime.fingerprint import hash_token_ids
 from midpo.runtime.integrity import data_files, read_arrow, split_damage
@@ -53,6 +57,15 @@ TOPK_SCHEMA = pa.schema([
                       ("ref_topk_ids", pa.list_(pa.list_(pa.int32()))),
                       ("ref_tail_logmass", pa.list_(pa.float32())))
 ])
+
+# `midpo weights` (TIS-DPO): one weight per response token, same row order as the data
+WEIGHTS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("tokens_hash", pa.string()),
+    ("chosen_weights", pa.list_(pa.float32())),
+    ("rejected_weights", pa.list_(pa.float32())),
+])
+
 
 REF_COLUMNS = tuple(REF_SCHEMA.names)  # id, tokens_hash, {chosen,rejected}_ref_logps, ..._ref_logp_sum
 TOPK_COLUMNS = tuple(TOPK_SCHEMA.names)  # with ref.topk = k > 0; per response token: (k,) logps, (k,) ids, tail
@@ -267,3 +280,159 @@ def join_cache(data, cache, *, verify: bool = True):
 def row_tokens_hash(row: dict) -> str:
     """The hash that joins a cache row to its data row (id + this hash are checked on every read)."""
     return hash_token_ids(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the training data: tokenized pairs joined to their cached values, fetched by row index as tensors
+
+
+DATA_COLUMNS = ("id", "prompt_ids", "chosen_ids", "rejected_ids")
+PER_TOKEN_CACHE_COLUMNS = ("chosen_ref_logps", "rejected_ref_logps")
+OPTIONAL_CACHE_COLUMNS = tuple(TOPK_SCHEMA.names)  # each present one reaches the prior with its rows
+WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
+
+
+@dataclass
+class Cached:
+    """A micro-batch's cached values as tensors (left-aligned per response, as core.logprobs.ResponseLogps)."""
+
+    ref: ResponseLogps | None = None  # the reference's per-token log-probs
+    weights: SidePair | None = None  # TIS-DPO token weights per side, (B, L)
+    topk: SidePair | None = None  # TopK per side: (B, L, k) log-probs and ids, (B, L) tail log-mass
+
+    def to(self, device) -> Cached:
+        weights = topk = None
+        if self.weights is not None:
+            weights = SidePair(self.weights.chosen.to(device), self.weights.rejected.to(device))
+        if self.topk is not None:
+            topk = SidePair(*(TopK(t.values.to(device), t.indices.to(device), t.tail.to(device))
+                              for t in (self.topk.chosen, self.topk.rejected)))
+        return Cached(None if self.ref is None else self.ref.to(device), weights, topk)
+
+
+def padded(column: pa.Array | pa.ChunkedArray, dtype: torch.dtype) -> torch.Tensor:
+    """A list<T> column (one list per row) -> (B, L) zero-padded, left-aligned; a list<list<T>> column with a fixed
+    inner length k -> (B, L, k). Straight from the Arrow buffers: no Python list per value."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lens = arr.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)  # (B,)
+    values = arr.flatten()  # the rows' values in order (a slice's offsets are respected)
+    inner = None
+    if pa.types.is_list(values.type):
+        inner = values.value_lengths().to_numpy(zero_copy_only=False)
+        values = values.flatten()
+    flat = torch.from_numpy(np.array(values.to_numpy(zero_copy_only=False))).to(dtype)  # a copy: writable
+    B, L = len(lens), int(lens.max()) if len(lens) else 0
+    mask = torch.from_numpy(np.arange(L)[None, :] < lens[:, None])  # (B, L)
+    if inner is None:
+        out = torch.zeros(B, L, dtype=dtype)
+        out[mask] = flat
+        return out
+    k = int(inner[0]) if len(inner) else 0
+    out = torch.zeros(B, L, k, dtype=dtype)
+    out[mask] = flat.view(-1, k)
+    return out
+
+
+@dataclass
+class PairSplit:
+    """One split: data rows + (optionally) their cached reference values and TIS-DPO weights, fetched together.
+
+    The data and its caches have the same row order (written so by `midpo ref` / `midpo weights`); the join is by
+    position and VERIFIED for every fetched row: equal `id`, equal token-id hash of (prompt, chosen, rejected), one
+    cached value per response token. Fingerprints, content hashes and value ranges were checked when the caches
+    were opened (open_cache), the data's hashes when it was loaded (runtime.prepared.load_split)."""
+
+    name: str
+    data: object  # datasets.Dataset with DATA_COLUMNS
+    cache: object | None  # datasets.Dataset with id, tokens_hash, *_ref_logps, ... (same row order)
+    cache_columns: tuple[str, ...] = ()
+    weights: object | None = None  # `midpo weights` output: id, tokens_hash, chosen/rejected_weights (same order)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def rows(self, indices) -> list[dict]:
+        """The data rows at `indices` (row positions) as dicts of DATA_COLUMNS (token ids: what collate reads)."""
+        idx = [int(i) for i in indices]
+        d = self.data.select_columns(list(DATA_COLUMNS))[idx]
+        return [{k: d[k][j] for k in DATA_COLUMNS} for j in range(len(idx))]
+
+    def fetch(self, indices) -> tuple[list[dict], Cached]:
+        """(rows, their cached values as tensors), every row verified against each cache."""
+        idx = [int(i) for i in indices]
+        rows = self.rows(idx)
+        cached = Cached()
+        hashes = [row_tokens_hash(r) for r in rows]
+        if self.cache is not None:
+            t = self._verified(self.cache, ["id", "tokens_hash", *self.cache_columns], idx, rows, hashes, "midpo ref",
+                               PER_TOKEN_CACHE_COLUMNS)
+            cached.ref = ResponseLogps(*_side(t, "chosen_ref_logps"), *_side(t, "rejected_ref_logps"))
+            if "chosen_ref_topk_logps" in self.cache_columns:
+                cached.topk = SidePair(*(TopK(padded(t[f"{side}_ref_topk_logps"], torch.float32),
+                                              padded(t[f"{side}_ref_topk_ids"], torch.long),
+                                              padded(t[f"{side}_ref_tail_logmass"], torch.float32))
+                                         for side in ("chosen", "rejected")))
+        if self.weights is not None:
+            t = self._verified(self.weights, ["id", "tokens_hash", *WEIGHT_COLUMNS], idx, rows, hashes,
+                               "midpo weights", WEIGHT_COLUMNS)
+            cached.weights = SidePair(_side(t, "chosen_weights")[0], _side(t, "rejected_weights")[0])
+        return rows, cached
+
+    def _verified(self, source, cols: list[str], idx: list[int], rows: list[dict], hashes: list[str], stage: str,
+                  per_token: tuple[str, str]) -> pa.Table:
+        """The Arrow rows `idx` of a cache, after checking that they belong to `rows`."""
+        t = source.with_format("arrow").select_columns(cols)[idx]
+        ids, got = t.column("id").to_pylist(), t.column("tokens_hash").to_pylist()
+        for j, row in enumerate(rows):
+            where = f"{self.name} row {idx[j]} (id {row['id']})"
+            if row["id"] != ids[j]:
+                raise CacheMismatchError(f"{where}: `{stage}` output has id {ids[j]!r} here; it was built for other "
+                                         f"data, rebuild it with `{stage}`")
+            if hashes[j] != got[j]:
+                raise CacheMismatchError(f"{where}: token ids differ from the ones `{stage}` saw (other tokenizer or "
+                                         f"data); rebuild with `{stage}`")
+        for col, side in zip(per_token, ("chosen", "rejected")):
+            n = t.column(col).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+            for j, row in enumerate(rows):
+                if n[j] != len(row[f"{side}_ids"]):
+                    raise CacheMismatchError(f"{self.name} row {idx[j]} (id {row['id']}): {n[j]} {col} values for "
+                                             f"{len(row[f'{side}_ids'])} tokens")
+        return t
+
+
+def _side(t: pa.Table, col: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (B, L) fp32, mask (B, L)) of a per-token column."""
+    vals = padded(t.column(col), torch.float32)
+    lens = torch.from_numpy(t.column(col).combine_chunks().value_lengths().to_numpy(zero_copy_only=False))
+    return vals, torch.arange(vals.shape[1])[None, :] < lens[:, None].long()
+
+
+def open_split(data_dir: Path, ref_dir: Path, weights_dir: Path, split: str, *, reference_fp: str | None,
+               tokenizer_fp: str | None, with_cache: bool = True) -> PairSplit | None:
+    """Data + verified cache of `split` (and the TIS-DPO token weights when `weights_dir` holds them); None when the
+    data has no such split. The folders: a run's RunLayout.data, .cache, .weights."""
+    from midpo.runtime.prepared import load_split
+
+    data_dir, ref_dir, weights_dir = Path(data_dir), Path(ref_dir), Path(weights_dir)
+    if not (data_dir / split).is_dir():
+        return None
+    data = load_split(data_dir, split)
+    missing = [c for c in DATA_COLUMNS if c not in data.column_names]
+    if missing:
+        raise ValueError(f"{data_dir / split}: missing columns {missing} (stage-1 contract: {DATA_COLUMNS})")
+    if not with_cache:
+        return PairSplit(split, data, None)
+    cache = open_cache(ref_dir, data_dir, split, expect_reference_fp=reference_fp, expect_tokenizer_fp=tokenizer_fp)
+    if len(cache) != len(data):
+        raise CacheMismatchError(f"{ref_dir / split}: {len(cache)} rows, data has {len(data)}")
+    cols = tuple(c for c in PER_TOKEN_CACHE_COLUMNS + OPTIONAL_CACHE_COLUMNS if c in cache.column_names)
+    if not set(PER_TOKEN_CACHE_COLUMNS) <= set(cols):
+        raise CacheMismatchError(f"{ref_dir / split}: needs per-token columns {PER_TOKEN_CACHE_COLUMNS}, has "
+                                 f"{cache.column_names}")
+    weights = None
+    if (weights_dir / "manifest.json").exists():  # TIS-DPO token weights (`midpo weights`)
+        # Same manifest contract as the cache; no reference model is involved.
+        weights = open_cache(weights_dir, data_dir, split, expect_tokenizer_fp=tokenizer_fp)
+        if len(weights) != len(data):
+            raise CacheMismatchError(f"{weights_dir / split}: {len(weights)} rows, data has {len(data)}")
+    return PairSplit(split, data, cache, cols, weights)

@@ -176,13 +176,18 @@ def model_fingerprint(path: str | Path) -> str:
     return hash_json(files)
 
 
-def tokenizer_fingerprint(path: str | Path) -> str:
-    """Hash of the tokenizer's files (vocab/model, special tokens, chat template); the same value
-    `midpo prep` records in its manifest."""
+def tokenizer_files(path: str | Path) -> dict[str, str]:
+    """{file: sha256} of the tokenizer's files (vocab/model, special tokens, chat template: TOKENIZER_FILES)."""
     files = hash_dir(path, TOKENIZER_FILES)
     if not files:
-        raise MissingPathError(f"no tokenizer files under {path}")
-    return hash_json(files)
+        raise MissingPathError(f"tokenizer folder {path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return files
+
+
+def tokenizer_fingerprint(path: str | Path) -> str:
+    """The one tokenizer fingerprint: the hash of `tokenizer_files` (`midpo prep` records it in its manifest, the
+    caches and training compare against it)."""
+    return hash_json(tokenizer_files(path))
 
 
 def pad_id_of(model) -> int:

@@ -28,13 +28,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import torch
 
 from midpo.config import Config, load_config
+from midpo.core.token_weights import rank_weights, tis_scores
 from midpo.runtime import dist as pdist
-from midpo.runtime.cache import row_tokens_hash
+from midpo.runtime.cache import WEIGHTS_SCHEMA, row_tokens_hash
 from midpo.runtime.chunks import StageError, StageSpec, run_stage
 from midpo.runtime.files import save_config
 from midpo.runtime.launch import launch_torchrun, relaunch_argv, stage_cli, under_launcher
@@ -42,43 +41,6 @@ from midpo.runtime.layout import claim_run_on_all_ranks
 from midpo.runtime.models import pad_id_of
 from midpo.runtime.prepared import available_splits, data_fingerprints
 from midpo.stages.ref import load_reference
-
-WEIGHTS_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("tokens_hash", pa.string()),
-    ("chosen_weights", pa.list_(pa.float32())),
-    ("rejected_weights", pa.list_(pa.float32())),
-])
-
-
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """0-based ranks of `x`, ties sharing the mean of their ranks."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=ranks)
-    return sums[inv] / counts[inv]
-
-
-def rank_weights(scores: np.ndarray, lo: float = 0.7, hi: float = 1.3, eos_weight: float = 0.0) -> np.ndarray:
-    """Per-token weights of ONE response (last token = EOS) from its scores s_t: rank-mapped to [lo, hi]."""
-    scores = np.asarray(scores, dtype=np.float64)
-    out = np.empty(len(scores), dtype=np.float32)
-    body = scores[:-1]
-    if len(body) == 1:
-        out[:-1] = (lo + hi) / 2
-    elif len(body) > 1:
-        out[:-1] = lo + (hi - lo) * average_ranks(body) / (len(body) - 1)
-    if len(scores):
-        out[-1] = eos_weight
-    return out
-
-
-def tis_scores(lp_fwd: np.ndarray, lp_rev: np.ndarray, side: str) -> np.ndarray:
-    """s_t of one response: fwd - rev for chosen, its negation for rejected."""
-    s = np.asarray(lp_fwd, dtype=np.float64) - np.asarray(lp_rev, dtype=np.float64)
-    return s if side == "chosen" else -s
 
 
 def score_weight_rows(fwd, rev, rows: list[dict], *, packing: bool, pad_id: int, lo: float, hi: float) -> list[dict]:

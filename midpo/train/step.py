@@ -18,11 +18,10 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from midpo.core.logprobs import ResponseLogps
-from midpo.core.priors import Prior, PriorInputs, SidePair, TopK, compute_loss
+from midpo.core.priors import Prior, PriorInputs, SidePair, compute_loss
 from midpo.runtime import dist as pdist
 from midpo.runtime.engine import policy_logps
 
@@ -37,37 +36,13 @@ class MicroBatch:
     real: bool = True  # False: a dummy batch that keeps ranks in lockstep (eval tail); its metrics are dropped
 
 
-def make_micro_batch(rows: list[dict], collate, device: torch.device, real: bool = True) -> MicroBatch:
-    """`collate`: rows -> PairBatch with the run's layout, pad id and packed-row budget."""
-    batch = collate(rows).to(device)
-    ref = None
-    if "chosen_ref_logps" in rows[0]:
-        ref = ResponseLogps.from_lists([r["chosen_ref_logps"] for r in rows], [r["rejected_ref_logps"] for r in rows],
-                                       device=device)
-    weights = None
-    if "chosen_weights" in rows[0]:
-        w = ResponseLogps.from_lists([r["chosen_weights"] for r in rows], [r["rejected_weights"] for r in rows],
-                                     device=device)
-        weights = SidePair(w.chosen, w.rejected)
-    topk = None
-    if "chosen_ref_topk_logps" in rows[0]:
-        sides = []
-        for side in ("chosen", "rejected"):
-            vals = _pad3([r[f"{side}_ref_topk_logps"] for r in rows], torch.float32)  # (B, L, k)
-            idx = _pad3([r[f"{side}_ref_topk_ids"] for r in rows], torch.long)  # (B, L, k)
-            tail = ResponseLogps.from_lists([r[f"{side}_ref_tail_logmass"] for r in rows],
-                                            [r[f"{side}_ref_tail_logmass"] for r in rows]).chosen  # (B, L)
-            sides.append(TopK(vals.to(device), idx.to(device), tail.to(device)))
-        topk = SidePair(*sides)
-    return MicroBatch(batch, ref, weights, topk, [r["id"] for r in rows], real)
-
-
-def _pad3(lists, dtype) -> torch.Tensor:
-    B, L, k = len(lists), max(len(x) for x in lists), len(lists[0][0])
-    out = torch.zeros(B, L, k, dtype=dtype)
-    for i, x in enumerate(lists):
-        out[i, : len(x)] = torch.tensor(np.asarray(x), dtype=dtype)
-    return out
+def make_micro_batch(split, indices, collate, device: torch.device, real: bool = True) -> MicroBatch:
+    """Rows `indices` of `split` (runtime.cache.PairSplit, verified against its caches) as one micro-batch on
+    `device`: `collate` (rows -> PairBatch with the run's layout, pad id and packed-row budget), the cached values
+    as tensors straight from Arrow."""
+    rows, cached = split.fetch(indices)
+    c = cached.to(device)
+    return MicroBatch(collate(rows).to(device), c.ref, c.weights, c.topk, [r["id"] for r in rows], real)
 
 
 @dataclass
@@ -200,7 +175,7 @@ def evaluate(policy, obj: Objective, split, micro: int, collate) -> dict[str, fl
     policy.eval()
     with torch.no_grad():
         for idx, real in eval_plan(len(split), micro, pdist.world_size(), pdist.rank()):
-            mb = make_micro_batch(split.rows(idx), collate, pdist.device(), real)
+            mb = make_micro_batch(split, idx, collate, pdist.device(), real)
             _, out, _ = forward_loss(policy, obj, mb)
             if real:
                 for k, v in out.metrics().items():
@@ -212,7 +187,7 @@ def evaluate(policy, obj: Objective, split, micro: int, collate) -> dict[str, fl
 def probe_reference(policy, split, n_rows: int, collate) -> dict:
     """Re-score the first `n_rows` cached rows of `split` with the policy, which starts as the reference: the
     per-token differences to the cache (mean, max). Every rank scores the same rows (same collectives)."""
-    mb = make_micro_batch(split.rows(range(min(n_rows, len(split)))), collate, pdist.device())
+    mb = make_micro_batch(split, range(min(n_rows, len(split))), collate, pdist.device())
     policy.eval()
     with torch.no_grad():
         pol = policy_logps(policy, mb.batch)

@@ -69,10 +69,9 @@ class Trainer:
         from transformers import AutoConfig
 
         from midpo.core.priors import build_prior, check_needs
-        from midpo.runtime.cache import read_cache_manifest
+        from midpo.runtime.cache import open_split, read_cache_manifest
         from midpo.runtime.layout import claim_run_on_all_ranks, record_settings
         from midpo.runtime.models import model_fingerprint, tokenizer_fingerprint
-        from midpo.runtime.pairs import open_split
         from midpo.runtime.prepared import read_manifest
         from midpo.train.sampler import PairSampler
 
@@ -296,7 +295,7 @@ class Trainer:
                 if pdist.is_main() and sampler.dropped_per_epoch:
                     log.info("epoch %d done: %d tail rows dropped (incomplete global batch)", epoch_before,
                              sampler.dropped_per_epoch)
-            micro_batches = (make_micro_batch(self.train_split.rows(idx), self.collate, pdist.device())
+            micro_batches = (make_micro_batch(self.train_split, idx, self.collate, pdist.device())
                              for idx in micro_rows)
             res = train_step(self.policy, self.obj, micro_batches, st.step + 1, callbacks=self.callbacks)
             if res.skipped:

@@ -365,8 +365,8 @@ def test_bco_delta_per_pair_and_detached():
     assert g is None  # the running mean is a constant of the step
 
 
-def test_module_imports_nothing_from_pipeline():
+def test_module_imports_nothing_from_midpo():
     tree = ast.parse(Path(links.__file__).read_text())
     imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert not [m for m in imported if m.split(".")[0] == "pipeline"], imported
+    assert not [m for m in imported if m.split(".")[0] == "midpo"], imported

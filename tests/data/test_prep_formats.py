@@ -9,8 +9,8 @@ import pytest
 from prep_helpers import all_rows, data_cfg, expected_ids, read_rejects, write_jsonl
 
 from midpo.data import sources
+from midpo.data.prepare import prepare
 from midpo.data.sources import InputError
-from midpo.stages.prep import prepare
 
 STD = [
     {"prompt": "sort: 3 1 2", "chosen": "1 2 3", "rejected": "1 3 2", "extra": [1, 2]},

@@ -14,8 +14,8 @@ import pytest
 from prep_helpers import all_rows, data_cfg, expected_ids, read_rejects, write_jsonl
 
 from midpo.data.formats import RowReject, to_pair
+from midpo.data.prepare import prepare
 from midpo.data.tokenization import Encoded, EncodeSettings, PairEncoder, Rejected
-from midpo.stages.prep import prepare
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ["sort", "reverse", "the", "apple", "naïve", "日本語", "😀", "x", "    ", "\n", "!!", "3.14", "zq", "def"]
@@ -126,7 +126,7 @@ def test_the_tokenizer_never_sees_a_text_longer_than_the_window(tmp_path, tok_di
 RSS_SCRIPT = """
 import json, resource, sys
 from transformers import AutoTokenizer
-from midpo.stages.prep import prepare
+from midpo.data.prepare import prepare
 from midpo.config import DataConfig
 cfg = DataConfig(eval_fraction=0.0, max_reject_fraction=1.0)
 AutoTokenizer.from_pretrained(sys.argv[2])  # imports and one tokenizer load before the baseline

@@ -11,7 +11,7 @@ from prep_helpers import all_rows, data_cfg, read_rejects, write_jsonl
 
 from midpo.config import ConfigError
 from midpo.data.formats import REJECT_REASONS
-from midpo.stages.prep import PrepError, prepare
+from midpo.data.prepare import PrepError, prepare
 
 GOOD = {"prompt": "sort: 3 1 2", "chosen": "1 2 3", "rejected": "1 3 2"}
 LONG_PROMPT = "sort: " + " ".join(str(i % 90) for i in range(200))
@@ -123,7 +123,7 @@ def test_duplicates_do_not_count_toward_the_failure_threshold(tmp_path, tok_dir,
     only; the duplicate fraction is reported in the manifest and the log line, and the failure message says
     duplicates were not counted."""
     f = write_jsonl(tmp_path / "dups.jsonl", [GOOD] * 10)
-    with caplog.at_level("INFO", logger="midpo.stages.prep"):
+    with caplog.at_level("INFO", logger="midpo.data.prepare"):
         m = prepare(data_cfg(max_reject_fraction=0.05), [str(f)], tok_dir, tmp_path / "out")
     assert m["rows"] == {"read": 10, "kept": 1, "rejected": 9}
     assert m["rejects"]["by_reason"] == {"duplicate": 9}

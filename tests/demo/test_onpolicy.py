@@ -90,7 +90,7 @@ def test_sample_stage_end_to_end(tiny_default, tmp_path) -> None:
     """A tiny random model answers badly: pairs need `sample_or_gold`. The output is complete, every
     prompt is counted, rejected answers really fail the checker, and a re-run reuses the output."""
     from midpo.config import DataConfig
-    from midpo.stages.prep import prepare
+    from midpo.data.prepare import prepare
 
     prompts = tiny_default["onpolicy_prompts"]
     cfg = OnPolicyConfig(enabled=True, samples=2, chosen="sample_or_gold", max_prompts=12, batch_size=8)

@@ -158,7 +158,7 @@ def test_topk_cache_and_kl_approximation_error(tmp_path):
 
 def _open_train(run_dir: Path):
     """The open path `midpo train` uses: data + verified cache."""
-    from midpo.runtime.pairs import open_split
+    from midpo.runtime.cache import open_split
 
     return open_split(run_dir / "data", run_dir / "ref", run_dir / "weights", "train", reference_fp="ref-fp-1",
                       tokenizer_fp="tok-test-1")
@@ -244,3 +244,30 @@ def test_cache_without_hashes_or_with_an_edited_row_count_is_refused(run_dir):
     path.write_text(json.dumps({**m, "splits": {**m["splits"], "train": {**m["splits"]["train"], "rows": 5}}}))
     with pytest.raises(CacheMismatchError, match=r"says 5 rows for train/ but its files hold 6 \(damaged or edited\)"):
         _open_train(run_dir)
+
+
+def test_padded_tensors_from_arrow_equal_the_python_list_path():
+    """runtime.cache.padded builds (B, L) / (B, L, k) tensors from Arrow buffers; they equal core.logprobs's
+    left-aligned tensors built from Python lists (ResponseLogps.from_lists), for a sliced column too (offsets
+    not starting at 0), empty rows and a nested top-k column."""
+    import pyarrow as pa
+
+    from midpo.core.logprobs import ResponseLogps
+    from midpo.runtime.cache import padded
+
+    rng = np.random.default_rng(0)
+    lists = [rng.standard_normal(n).astype(np.float32).tolist() for n in (3, 0, 7, 1, 5)]
+    col = pa.array(lists, type=pa.list_(pa.float32()))
+    for arr, want in ((col, lists), (col.slice(1, 3), lists[1:4]), (pa.chunked_array([col[:2], col[2:]]), lists)):
+        torch.testing.assert_close(padded(arr, torch.float32), ResponseLogps.from_lists(want, want).chosen,
+                                   rtol=0, atol=0)
+    k = 3
+    nested = [[rng.standard_normal(k).astype(np.float32).tolist() for _ in range(n)] for n in (2, 4, 1)]
+    got = padded(pa.array(nested, type=pa.list_(pa.list_(pa.float32()))), torch.float32)  # (B, L, k)
+    assert got.shape == (3, 4, k)
+    for i, rows in enumerate(nested):
+        torch.testing.assert_close(got[i, :len(rows)], torch.tensor(rows), rtol=0, atol=0)
+        assert not got[i, len(rows):].any()
+    ids = padded(pa.array([[[1, 2], [3, 4]], [[5, 6]]], type=pa.list_(pa.list_(pa.int32()))), torch.long)
+    assert ids.dtype == torch.long and ids.tolist() == [[[1, 2], [3, 4]], [[5, 6], [0, 0]]]
+

@@ -11,10 +11,11 @@ import pytest
 from prep_helpers import all_rows, data_cfg, expected_ids, read_rejects, write_jsonl
 
 from midpo.config import DataConfig
+from midpo.data import prepare as prep
 from midpo.data import shards as arrow_shards
+from midpo.data.prepare import prepare
 from midpo.data.tokenization import is_eval
 from midpo.runtime.prepared import DataNotReady, load_split, read_manifest
-from midpo.stages.prep import prepare
 
 
 def _synth_rows(tiny_default):
@@ -135,7 +136,7 @@ def test_rerun_is_a_noop_and_changed_input_rebuilds(tmp_path, tok_dir, caplog):
     out = tmp_path / "out"
     m1 = prepare(data_cfg(), [str(f)], tok_dir, out)
     stamp = (out / "manifest.json").stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="midpo.stages.prep"):
+    with caplog.at_level("INFO", logger="midpo.data.prepare"):
         m2 = prepare(data_cfg(), [str(f)], tok_dir, out)
     assert m2 == m1 and (out / "manifest.json").stat().st_mtime_ns == stamp
     assert "up to date" in caplog.text
@@ -203,8 +204,6 @@ def test_truncation_policies(tmp_path, tok_dir, sp):
 
 
 def test_parallel_workers_give_identical_output(tmp_path, tiny_default, prepared, monkeypatch):
-    from midpo.stages import prep
-
     out, m, cfg = prepared
     monkeypatch.setattr(prep, "CHUNK_ROWS", 37)  # many chunks in flight, odd sizes
     monkeypatch.setattr(prep, "CHUNK_BYTES", 3000)  # ... some cut by their bytes first
@@ -260,7 +259,7 @@ def test_damaged_or_edited_output_is_refused_then_rebuilt(tmp_path, tok_dir, cap
         load_split(out, "train")
     assert str(e.value).startswith(want) and str(e.value).endswith("; re-run `midpo prep --force`"), str(e.value)
     stamp = manifest.stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="midpo.stages.prep"):
+    with caplog.at_level("INFO", logger="midpo.data.prepare"):
         m2 = prepare(cfg, [str(f)], tok_dir, out)
     assert "up to date" not in caplog.text and f"{want}" in caplog.text and "rebuilding" in caplog.text
     assert manifest.stat().st_mtime_ns != stamp and m2["splits"] == m1["splits"]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from ref_helpers import make_model, make_run, naive_response_logps, run_stage  # noqa: E402
 
-from midpo.stages.weights import average_ranks, rank_weights, tis_scores
+from midpo.core.token_weights import average_ranks, rank_weights, tis_scores
 
 
 def test_rank_weights_closed_form():

@@ -190,7 +190,7 @@ def test_sparsepo_online_trains_its_mask_network_and_resumes_it(online_run):
 
 def test_online_reference_serves_what_no_cache_can(online_run):
     from midpo.core.priors import check_needs
-    from midpo.runtime.pairs import PairSplit
+    from midpo.runtime.cache import PairSplit
     from midpo.train.trainer import available_inputs
 
     split = PairSplit("train", data=None, cache=None)
