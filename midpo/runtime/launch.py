@@ -138,6 +138,18 @@ def relaunch_argv(args, *, splits: bool = False) -> list[str]:
     return argv + list(getattr(args, "overrides", []))
 
 
+def run_or_spawn(args, module: str, run_here, *, splits: bool = False) -> int:
+    """`run` of a multi-process stage: with `--nproc N > 1` (and this process not already a rank) torchrun with N
+    processes on this machine runs `module` with the same arguments; else `run_here(cfg)` runs the stage here."""
+    from midpo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "nproc", 1) > 1 and not under_launcher():
+        return launch_torchrun(module, relaunch_argv(args, splits=splits), args.nproc)
+    run_here(cfg)
+    return 0
+
+
 def run_stage(stage: str, run) -> int:
     """Run a stage: its exit code, or 1 after printing a user error as one line (no traceback). Under torchrun
     every rank that fails prints its line, prefixed with its rank: an error seen on one rank only is not lost."""

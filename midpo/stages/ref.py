@@ -46,12 +46,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from midpo.config import Config, load_config, to_dict
+from midpo.config import Config, to_dict
 from midpo.runtime import dist as pdist
 from midpo.runtime.cache import REF_SCHEMA, TOPK_SCHEMA, row_tokens_hash
 from midpo.runtime.chunks import StageError, StageSpec, run_stage
 from midpo.runtime.files import save_config
-from midpo.runtime.launch import launch_torchrun, relaunch_argv, stage_cli, under_launcher
+from midpo.runtime.launch import run_or_spawn, stage_cli
 from midpo.runtime.layout import claim_run_on_all_ranks
 from midpo.runtime.models import pad_id_of
 from midpo.runtime.prepared import SPLITS, available_splits, data_fingerprints, load_split, read_manifest
@@ -218,11 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if args.nproc > 1 and not under_launcher():
-        return launch_torchrun("midpo.stages.ref", relaunch_argv(args, splits=True), args.nproc)
-    main(cfg, args.split, force=args.force)
-    return 0
+    return run_or_spawn(args, "midpo.stages.ref", lambda cfg: main(cfg, args.split, force=args.force), splits=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import warnings
 
 import torch.distributed as dist
 
-from midpo.config import Config, load_config
+from midpo.config import Config
 from midpo.runtime import dist as pdist
 from midpo.train.trainer import Trainer, TrainError  # noqa: F401  (TrainError: the stage's user errors)
 
@@ -58,13 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, callbacks=()) -> int:
-    from midpo.runtime.launch import launch_torchrun, relaunch_argv, under_launcher
+    from midpo.runtime.launch import run_or_spawn
 
-    cfg = load_config(args.config, args.overrides)
-    if args.nproc > 1 and not under_launcher():
-        return launch_torchrun("midpo.stages.train", relaunch_argv(args), args.nproc)
-    main(cfg, force=args.force, callbacks=callbacks)  # a MidpoError: one `midpo train: error:` line (run_stage)
-    return 0
+    # a MidpoError: one `midpo train: error:` line (runtime.launch.run_stage)
+    return run_or_spawn(args, "midpo.stages.train", lambda cfg: main(cfg, force=args.force, callbacks=callbacks))
 
 
 if __name__ == "__main__":

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from midpo.config import Config, load_config
+from midpo.config import Config
 from midpo.core.token_weights import rank_weights, tis_scores
 from midpo.runtime import dist as pdist
 from midpo.runtime.cache import WEIGHTS_SCHEMA, row_tokens_hash
 from midpo.runtime.chunks import StageError, StageSpec, run_stage
 from midpo.runtime.files import save_config
-from midpo.runtime.launch import launch_torchrun, relaunch_argv, stage_cli, under_launcher
+from midpo.runtime.launch import run_or_spawn, stage_cli
 from midpo.runtime.layout import claim_run_on_all_ranks
 from midpo.runtime.models import pad_id_of
 from midpo.runtime.prepared import available_splits, data_fingerprints
@@ -115,11 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if args.nproc > 1 and not under_launcher():
-        return launch_torchrun("midpo.stages.weights", relaunch_argv(args, splits=True), args.nproc)
-    main(cfg, args.split, force=args.force)
-    return 0
+    return run_or_spawn(args, "midpo.stages.weights", lambda cfg: main(cfg, args.split, force=args.force), splits=True)
 
 
 if __name__ == "__main__":

@@ -237,8 +237,9 @@ def test_force_flag_reaches_ref_and_weights(tmp_path, monkeypatch):
     calls = []
     for mod in (reference, token_weights):
         monkeypatch.setattr(mod, "main", lambda cfg, splits, force=False, m=mod.__name__: calls.append((m, force)))
-    for mod in (reference, token_weights):
-        monkeypatch.setattr(mod, "launch_torchrun", lambda module, argv, nproc: calls.append((module, argv)) or 0)
+    from midpo.runtime import launch
+
+    monkeypatch.setattr(launch, "launch_torchrun", lambda module, argv, nproc: calls.append((module, argv)) or 0)
     for stage in ("ref", "weights"):
         assert cli.main([stage, "--config", str(recipe)]) == 0
         assert cli.main([stage, "--config", str(recipe), "--force"]) == 0

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
-from train_helpers import REPO, clean_env, read_jsonl
+from train_helpers import ok, read_jsonl, run_midpo
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +25,7 @@ SMALL = ["sft.steps=0", "onpolicy.enabled=false", "synth.n_pairs=48", "synth.n_e
 
 
 def midpo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "midpo.cli", *args], env=clean_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
+    return run_midpo(*args, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
-from train_helpers import REPO, clean_env
+from train_helpers import ok, run_midpo
 
 pytestmark = pytest.mark.slow
 
@@ -21,13 +20,7 @@ SMALL = ["synth.n_pairs=96", "synth.n_eval_prompts=4", "synth.hidden_size=16", "
 
 
 def midpo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "midpo.cli", *args], env=clean_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
+    return run_midpo(*args, timeout=300)
 
 
 @pytest.fixture(scope="module")

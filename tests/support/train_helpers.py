@@ -255,6 +255,12 @@ def write_code_running_pickle(path: Path, marker: Path) -> Path:
     return path
 
 
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """`proc`, which must have succeeded (else its exit code and the tails of its output)."""
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
 def run_midpo(*args: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
     """`midpo ARGS...` (the console entry point) in a subprocess; the caller checks the outcome."""
     return subprocess.run([sys.executable, "-m", "midpo.cli", *args], env=clean_env(**env), cwd=REPO,
