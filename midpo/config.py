@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import re
 import textwrap
 import types
@@ -136,14 +137,29 @@ class SftConfig:
 
 @dataclass
 class LossConfig:
-    """The generalized MI-DPO loss and the prior that specializes it (see docs/algorithms.md)."""
+    """The generalized MI-DPO loss: the prior that specializes it and the link, the function of the
+    prior-adjusted margin (see docs/algorithms.md)."""
 
     prior: str = knob("dpo", "a name from midpo.core.priors.PRIORS")
     beta: float | None = knob(
         None, "a = beta_X of the recovered algorithm; None = the prior's official default (0.1; simpo 2.0)")
-    label_smoothing: float = knob(0.0, "cDPO, in [0, 0.5)")
-    sft_weight: float = knob(0.0, "weight of a token-mean NLL term on the chosen response")
+    label_smoothing: float = knob(
+        0.0, "the label-noise rate eps, in [0, 0.5): cDPO's for the sigmoid link, and eps of the robust and exo_pair "
+        "links (the same rate in their papers); refused when no link of the loss has an eps")
+    sft_weight: float = knob(0.0, "weight of a token-mean NLL term on the chosen response (logged as loss/sft)")
     options: dict[str, Any] = knob(help="prior-specific (gamma_beta_ratio, c, r, alpha, ...)", factory=dict)
+    link: str = knob(
+        "sigmoid", "the function of the prior-adjusted margin, a name from midpo.core.links.LINK_NAMES: sigmoid (DPO) "
+        "| ipo | hinge | robust | exo_pair | nca_pair | bco_pair | sppo_hard | apo_zero | apo_down (checked when "
+        "training starts; docs/algorithms.md, 'Links')")
+    link_options: dict[str, Any] = knob(
+        help="the link's hyperparameters, named as in its paper: hinge delta [1]; robust eps (required: the label-flip "
+        "rate); exo_pair eps [1e-3]; bco_pair delta (unset: the running mean of the rewards, kept by the trainer)",
+        factory=dict)
+    terms: list[dict[str, Any]] = knob(
+        help="a weighted sum of links instead of loss.link (TRL's multi-loss): [{link: sigmoid, weight: 1}, {link: "
+        "bco_pair, weight: 1, options: {}}] (weight default 1, options as loss.link_options); each term is logged as "
+        "loss/<link>; loss.sft_weight adds the NLL term as before", factory=list)
 
     def __post_init__(self) -> None:
         if self.beta is not None and not self.beta > 0:
@@ -152,6 +168,22 @@ class LossConfig:
             raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.sft_weight < 0:
             raise ConfigError(f"loss.sft_weight must be >= 0, got {self.sft_weight}")
+        # link names and hyperparameters are checked against the registry (midpo.core.losses.link_terms: config sits
+        # below core) when training starts; the shape of the settings is checked here
+        if self.terms and (self.link != "sigmoid" or self.link_options):
+            raise ConfigError("loss.terms replaces loss.link and loss.link_options: set either loss.terms or "
+                              "loss.link (with loss.link_options), not both")
+        for i, t in enumerate(self.terms):
+            where = f"loss.terms[{i}]"
+            if set(t) - {"link", "weight", "options"} or not isinstance(t.get("link"), str):
+                raise ConfigError(f"{where} must be a mapping {{link: NAME, weight: W, options: {{...}}}} (weight "
+                                  f"default 1, options default {{}}), got {t!r}")
+            w = t.get("weight", 1.0)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
+                raise ConfigError(f"{where}.weight must be a finite number > 0, got {w!r}")
+            if not isinstance(t.get("options", {}) or {}, dict):
+                raise ConfigError(f"{where}.options must be a mapping of the link's hyperparameters, got "
+                                  f"{t['options']!r}")
 
 
 @dataclass

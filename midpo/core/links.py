@@ -179,6 +179,9 @@ class Link:
     hint: str = ""  # how to choose a REQUIRED hyperparameter
 
     def __call__(self, chosen_logratio: Tensor, rejected_logratio: Tensor, *, beta: float, **params: Any) -> Tensor:
+        return self.fn(chosen_logratio, rejected_logratio, beta=beta, **self._filled(params))
+
+    def _filled(self, params: Mapping[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(params) - set(self.options))
         if unknown:
             valid = ", ".join(sorted(self.options)) or "none"
@@ -187,7 +190,15 @@ class Link:
         missing = [k for k, v in opts.items() if v is REQUIRED]
         if missing:
             raise ValueError(f"link {self.name!r} needs {missing[0]} (no default): {self.hint}")
-        return self.fn(chosen_logratio, rejected_logratio, beta=beta, **opts)
+        return opts
+
+    def check(self, **params: Any) -> dict[str, Any]:
+        """The hyperparameters with their defaults filled in, after every check a call makes (unknown or missing
+        names, ranges: the link runs once on one float64 pair, beta = 1); raises the call's ValueError."""
+        opts = self._filled(params)
+        zero = torch.zeros(1, dtype=torch.float64)
+        self.fn(zero, zero, beta=1.0, **opts)
+        return opts
 
 
 def _link(fn: Callable[..., Tensor], source: str, hint: str = "") -> Link:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from midpo.core.logprobs import ResponseLogps, per_token_kl, per_token_kl_topk
-from midpo.core.losses import LossOutput, implicit_reward_loss, mi_dpo_loss
+from midpo.core.losses import LogRatios, LossOutput, Term, link_terms, log_ratios, loss_from_ratios
 from midpo.errors import ConfigError
 
 
@@ -38,6 +38,9 @@ class LossSettings(Protocol):
     label_smoothing: float
     sft_weight: float
     options: dict[str, Any]
+    link: str  # the links (midpo.core.losses.link_terms)
+    link_options: dict[str, Any]
+    terms: list[dict[str, Any]]
 
 
 @dataclass
@@ -49,6 +52,9 @@ class DefaultSettings:
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
+    link: str = "sigmoid"
+    link_options: dict[str, Any] = field(default_factory=dict)
+    terms: list[dict[str, Any]] = field(default_factory=list)
 
 
 AVAILABLE_KEYS = (
@@ -355,6 +361,25 @@ class SimPOPrior(Prior):
         return PriorOutput(*out, log_ratio=True, constant=(float(self.options["gamma_beta_ratio"]), 0.0))
 
 
+class LNDPOPrior(Prior):
+    """Length-normalized DPO: log zeta(y) = (1 - 1/|y|) logp_theta(y) + logp_ref(y)/|y| (gradient flows), so
+    logp - log zeta = lr(y)/|y|, the token MEAN of the log-ratio (EOS included), computed per token and returned
+    as ``log_ratio``. Under the ipo link this is TRL's IPO (TRL divides IPO's log-ratios by the completion
+    length); under sigmoid it is LN-DPO (the length-normalized DPO baseline of the SimPO paper)."""
+
+    name = "lndpo"
+    NEEDS = Needs(ref_seq_logps=True)
+
+    def forward(self, inputs: PriorInputs) -> PriorOutput:
+        p, out = inputs.policy, []
+        for side in ("chosen", "rejected"):
+            pol, mask, ref = getattr(p, side), getattr(p, f"{side}_mask"), _ref_side(inputs, side)
+            dt = torch.promote_types(torch.promote_types(pol.dtype, ref.dtype), torch.float32)
+            lr = _seq(pol.to(dt) - ref.to(dt), mask) if ref.dim() == 2 else _seq(pol.to(dt), mask) - ref.to(dt)
+            out.append(lr / mask.sum(-1).to(dt))  # (B,) mean log-ratio
+        return PriorOutput(*out, log_ratio=True)
+
+
 class RDPOPrior(Prior):
     """R-DPO: log zeta = logp_ref - (r/b) |y| (|y| in tokens, EOS included), so the margin gains
     + r (|y_w| - |y_l|)."""
@@ -527,6 +552,7 @@ PRIORS: dict[str, type[Prior]] = {
         DICEPrior,
         CEntropyPrior,
         SimPOPrior,
+        LNDPOPrior,
         RDPOPrior,
         TDPOPrior,
         TISDPOPrior,
@@ -573,18 +599,18 @@ def check_needs(prior: str | Prior | type[Prior], available: set[str] | frozense
         raise ConfigError("; ".join(problems) + f" (available: {', '.join(sorted(available)) or 'nothing'})")
 
 
-def compute_loss(prior: Prior, inputs: PriorInputs, loss_cfg: LossSettings) -> LossOutput:
-    """The trainer's one entry point: the prior's log zeta, then the generalized loss with a = prior.beta."""
+def prior_log_ratios(prior: Prior, inputs: PriorInputs) -> LogRatios:
+    """The first half of the loss: the prior's log zeta applied, per pair (what every link reads)."""
     check_needs(prior, inputs.available())
     z = prior(inputs)
-    loss = implicit_reward_loss if z.log_ratio else mi_dpo_loss
-    return loss(
-        inputs.policy,
-        z.chosen,
-        z.rejected,
-        beta=prior.beta,
-        label_smoothing=loss_cfg.label_smoothing,
-        sft_weight=loss_cfg.sft_weight,
-        extra_losses=z.extra_losses,
-        log_prior_const=z.constant,
-    )
+    return log_ratios(inputs.policy, z.chosen, z.rejected, log_ratio=z.log_ratio, constant=z.constant,
+                      extra_losses=z.extra_losses)
+
+
+def compute_loss(prior: Prior, inputs: PriorInputs, loss_cfg: LossSettings, *,
+                 terms: tuple[Term, ...] | None = None, delta: float | None = None) -> LossOutput:
+    """The trainer's one entry point: the prior's log zeta, then the links of ``loss_cfg`` (``terms``: already
+    resolved by midpo.core.losses.link_terms) with a = prior.beta. ``delta``: bco_pair's running reward mean."""
+    return loss_from_ratios(prior_log_ratios(prior, inputs), beta=prior.beta,
+                            terms=link_terms(loss_cfg) if terms is None else terms,
+                            sft_weight=loss_cfg.sft_weight, delta=delta)

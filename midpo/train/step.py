@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from midpo.core.logprobs import ResponseLogps
-from midpo.core.priors import Prior, PriorInputs, SidePair, compute_loss
+from midpo.core.losses import link_terms, loss_from_ratios, loss_metric_names
+from midpo.core.priors import Prior, PriorInputs, SidePair, prior_log_ratios
 from midpo.runtime import dist as pdist
 from midpo.runtime.engine import policy_logps
 
@@ -45,24 +46,82 @@ def make_micro_batch(split, indices, collate, device: torch.device, real: bool =
     return MicroBatch(collate(rows).to(device), c.ref, c.weights, c.topk, [r["id"] for r in rows], real)
 
 
+class RewardMean:
+    """bco_pair's reward shift delta (BCO, Jung et al. 2024; TRL's BCOTrainer `RunningMoments`): the mean of every
+    reward a * r (both sides, the values the link compares with delta) of every training micro-batch so far, all
+    ranks together. Each training micro-step folds its batch in BEFORE its loss (`observe`, collective: one
+    all-reduce of [sum, count]); evaluation reads it unchanged (`value`). 0 before the first batch. A batch whose
+    sum is not finite on some rank is left out (every rank sees the same all-reduced sum). Saved in
+    trainer_state.json as float64 sum and count, so a resume continues it exactly."""
+
+    def __init__(self) -> None:
+        self.total = 0.0  # sum of the rewards folded in
+        self.count = 0.0  # how many
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def observe(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
+        """Fold this rank's (B,) rewards of both sides in, with every rank's (COLLECTIVE); -> the new delta."""
+        local = torch.cat([chosen_rewards.detach(), rejected_rewards.detach()]).double()
+        total, count = pdist.all_reduce_sum([float(local.sum()), float(local.numel())])
+        if math.isfinite(total):
+            self.total += total
+            self.count += count
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.count = float(state["total"]), float(state["count"])
+
+
 @dataclass
 class Objective:
-    """What a step optimizes: the prior (core.priors) and the loss settings, and the models beside the policy."""
+    """What a step optimizes: the prior (core.priors), the loss settings and their links (core.losses.link_terms,
+    checked here), the models beside the policy, and the links' state (bco_pair's running reward mean)."""
 
     prior: Prior
     loss: object  # the `loss` config section (core.priors.LossSettings)
     reference: object | None = None  # runtime.engine.OnlineReference, or None: the cache in MicroBatch.ref
     prior_net: object | None = None  # train.prior_engine.PriorNetwork (loss.prior=learned)
+    terms: tuple = field(init=False)  # core.losses.Term per link
+    reward_mean: RewardMean | None = field(init=False)  # bco_pair without its own delta
+
+    def __post_init__(self) -> None:
+        self.terms = link_terms(self.loss)
+        self.reward_mean = RewardMean() if any(t.running_delta for t in self.terms) else None
 
     @property
     def need_logits(self) -> bool:
         """The prior reads the policy's logits with grad (TDPO, SparsePO)."""
         return self.prior.needs.policy_full_vocab
 
+    @property
+    def metric_names(self) -> list[str]:
+        """The loss's metrics (TRL's names, then loss/<link> of a combination, loss/sft, bco/delta)."""
+        return loss_metric_names(self.terms, sft_weight=self.loss.sft_weight)
 
-def forward_loss(policy, obj: Objective, mb: MicroBatch, *, update_prior: bool = False, flat_logits: bool = False):
+    def state_dict(self) -> dict:
+        """The links' state for trainer_state.json ({} without any)."""
+        return {} if self.reward_mean is None else {"bco_reward_mean": self.reward_mean.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.reward_mean is not None:
+            if "bco_reward_mean" not in state:
+                raise ValueError("the checkpoint holds no bco_pair reward mean (trainer_state.json 'links'), yet "
+                                 "this run's loss needs one")
+            self.reward_mean.load_state_dict(state["bco_reward_mean"])
+
+
+def forward_loss(policy, obj: Objective, mb: MicroBatch, *, update_prior: bool = False, flat_logits: bool = False,
+                 train: bool = False):
     """(policy log-probs, LossOutput, the prior network's loss or None) of one micro-batch. `flat_logits`: the
-    policy forward also returns its flat detached logits (the prior network's marginal objective reads them)."""
+    policy forward also returns its flat detached logits (the prior network's marginal objective reads them).
+    `train`: a training micro-step, which folds its rewards into bco_pair's running mean before its loss
+    (COLLECTIVE then); evaluation only reads it."""
     ref = mb.ref if obj.reference is None else obj.reference(mb.batch)  # same PairBatch, no grad
     pol = policy_logps(policy, mb.batch, return_logits=obj.need_logits, return_flat_logits=flat_logits)  # (B, L)
     prior_logps = prior_loss = None
@@ -70,7 +129,13 @@ def forward_loss(policy, obj: Objective, mb: MicroBatch, *, update_prior: bool =
         prior_logps, prior_loss = obj.prior_net.forward(mb.batch, pol, update=update_prior)
     inputs = PriorInputs(policy=pol, ref=ref, token_weights=mb.token_weights, ref_topk=mb.ref_topk,
                          prior_logps=prior_logps)
-    return pol, compute_loss(obj.prior, inputs, obj.loss), prior_loss
+    ratios = prior_log_ratios(obj.prior, inputs)
+    beta, delta = obj.prior.beta, None
+    if obj.reward_mean is not None:
+        r_w, r_l = ratios.link_inputs()
+        delta = obj.reward_mean.observe(beta * r_w, beta * r_l) if train else obj.reward_mean.value
+    out = loss_from_ratios(ratios, beta=beta, terms=obj.terms, sft_weight=obj.loss.sft_weight, delta=delta)
+    return pol, out, prior_loss
 
 
 BATCH_COUNTS = ("tokens", "pad", "slots", "pairs", "attn", "logit_tokens")
@@ -111,7 +176,8 @@ def train_step(policy, obj: Objective, micro_batches: Iterable[MicroBatch], step
     bad = prior_bad = False  # once a vote fails, that engine takes no more backward this step
     for k, mb in enumerate(micro_batches):
         res.ids.append(mb.ids)
-        pol, out, prior_loss = forward_loss(policy, obj, mb, update_prior=update_prior, flat_logits=flat_logits)
+        pol, out, prior_loss = forward_loss(policy, obj, mb, update_prior=update_prior, flat_logits=flat_logits,
+                                            train=True)
         loss = out.losses.mean()
         for cb in callbacks:
             loss = cb.on_micro_loss(step, k, loss)
@@ -168,7 +234,6 @@ def eval_plan(n_rows: int, micro: int, world: int, rank: int) -> list[tuple[list
 
 def evaluate(policy, obj: Objective, split, micro: int, collate) -> dict[str, float]:
     """The loss's metrics (TRL's names) over every row of `split`, reduced over ranks. COLLECTIVE."""
-    from midpo.core.losses import METRIC_NAMES
     from midpo.runtime.metrics import MetricSums
 
     sums = MetricSums()
@@ -181,7 +246,7 @@ def evaluate(policy, obj: Objective, split, micro: int, collate) -> dict[str, fl
                 for k, v in out.metrics().items():
                     sums.add(k, v[0], v[1])
     policy.train()
-    return sums.reduce(list(METRIC_NAMES))
+    return sums.reduce(obj.metric_names)
 
 
 def probe_reference(policy, split, n_rows: int, collate) -> dict:

@@ -51,7 +51,8 @@ class RunState:
 
 COUNTERS = ("step", "consumed_samples", "bad_steps_total", "bad_steps_in_a_row", "dropped_tail_rows")
 # what every log line holds (TensorBoard `train/<tag>`, logs/train_metrics.jsonl): TRL's loss metrics, the optimizer's,
-# the throughput's; with MI-DPO also train.prior_engine.PriorNetwork.METRIC_NAMES
+# the throughput's; with MI-DPO also train.prior_engine.PriorNetwork.METRIC_NAMES; with a combination of links,
+# an NLL term or bco_pair's running mean also loss/<link>, loss/sft, bco/delta (train.step.Objective.metric_names)
 THROUGHPUT_TAGS = ("tokens_per_s", "pairs_per_s", "padding_fraction", "mfu")
 TRAIN_TAGS = (*METRIC_NAMES, "lr", "grad_norm", *THROUGHPUT_TAGS)
 
@@ -68,6 +69,7 @@ class Trainer:
     def setup(self) -> Trainer:
         from transformers import AutoConfig
 
+        from midpo.core.losses import link_terms
         from midpo.core.priors import build_prior, check_needs
         from midpo.runtime.cache import open_split, read_cache_manifest
         from midpo.runtime.layout import claim_run_on_all_ranks, record_settings
@@ -95,6 +97,7 @@ class Trainer:
         self.hf_config = AutoConfig.from_pretrained(str(layout.policy), trust_remote_code=cfg.model.trust_remote_code)
         check_data(self.train_split, self.eval_split, self.hf_config, layout.policy)
         prior = build_prior(cfg.loss, model_config=self.hf_config)
+        link_terms(cfg.loss)  # the links and their hyperparameters, refused here rather than after the engines
         check_needs(prior, available_inputs(self.train_split, online)
                     | ({"prior_network"} if prior.needs.prior_network else set()))
 
@@ -218,6 +221,10 @@ class Trainer:
         self.state.eval_history = saved.get("eval_history", [])
         if self.obj.prior_net is not None:
             self.obj.prior_net.load_state_dict(saved["prior"])
+        try:
+            self.obj.load_state_dict(saved.get("links", {}))  # bco_pair's running reward mean
+        except ValueError as e:
+            raise TrainError(f"{ckpt}: {e}") from None
         self.resumed_step = self.state.step
         if pdist.is_main():
             for f in (self.metrics_file, self.rows_file):
@@ -279,7 +286,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=st.step, unit="step", dynamic_ncols=True, desc="train")
-        names = [*METRIC_NAMES, "grad_norm", "lr"]
+        names = [*self.obj.metric_names, "grad_norm", "lr"]
         if self.obj.prior_net is not None:
             names += list(self.obj.prior_net.METRIC_NAMES)
         sums, window = MetricSums(), dict.fromkeys((*BATCH_COUNTS, "time"), 0.0)
@@ -429,6 +436,8 @@ class Trainer:
                    total_steps=self.total_steps, inputs=self.inputs)
         if self.obj.prior_net is not None:
             out["prior"] = self.obj.prior_net.state_dict()
+        if self.obj.state_dict():
+            out["links"] = self.obj.state_dict()
         return out
 
     def _checkpoint(self) -> None:

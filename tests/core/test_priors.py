@@ -6,6 +6,7 @@ S_x(y) = sum_t x_t(y) over the response mask. Substituting each prior:
   dpo/dice  zeta = ref                           -> b*(lr_w - lr_l)
   centropy  zeta = (1-c) pi + ref                -> b*[(c S_pi(w) - S_ref(w)) - (c S_pi(l) - S_ref(l))]
   simpo     zeta = (1-1/|y|) S_pi + g/b [y=w]    -> b S_pi(w)/|w| - g - b S_pi(l)/|l|
+  lndpo     zeta = (1-1/|y|) S_pi + S_ref/|y|    -> b*(lr_w/|w| - lr_l/|l|)
   rdpo      zeta = ref - (r/b)|y|                -> b*(lr_w - lr_l) + r(|w| - |l|)
   tdpo1     zeta = ref - KL                      -> b*(lr_w - lr_l + KL_w - KL_l)
   tdpo2     zeta_w = ref - k sg(KL_w), zeta_l = ref - k KL_l -> b*(lr_w - lr_l + k(sg KL_w - KL_l))
@@ -121,6 +122,8 @@ def original_loss(alg: str, d, opts: dict, beta: float, prior=None):
     if alg == "simpo":
         gamma = opts["gamma_beta_ratio"] * beta
         return -logsig(beta / nw * S(d["pt_c"], mc) - beta / nl * S(d["pt_r"], mr) - gamma)
+    if alg == "lndpo":
+        return -logsig(beta * (lr_w / nw - lr_l / nl))
     if alg == "rdpo":
         return -logsig(beta * lr_w - beta * lr_l + opts["r"] * (nw - nl))
     kl_w = kl_ref_pol(d["rl_c"], d["pl_c"], mc)
@@ -155,6 +158,7 @@ CASES = {
     "dice": ("dice", {}, 0.1),
     "centropy": ("centropy", {"c": 0.8}, 0.1),
     "simpo": ("simpo", {"gamma_beta_ratio": 0.5}, 2.0),
+    "lndpo": ("lndpo", {}, 0.1),
     "rdpo": ("rdpo", {"r": 0.5}, 0.1),
     "tdpo1": ("tdpo", {"tdpo2": False}, 0.1),
     "tdpo2": ("tdpo", {"alpha": 0.5}, 0.1),
@@ -373,7 +377,8 @@ def test_check_needs_refuses_with_the_fix():
 
 
 def test_registry_and_options():
-    assert PRIOR_NAMES == ("dpo", "dice", "centropy", "simpo", "rdpo", "tdpo", "tisdpo", "sparsepo", "learned")
+    assert PRIOR_NAMES == ("dpo", "dice", "centropy", "simpo", "lndpo", "rdpo", "tdpo", "tisdpo", "sparsepo",
+                           "learned")
     assert build_prior(LossConfig(prior="simpo")).beta == 2.0  # official default when beta is unset
     assert build_prior(LossConfig(prior="tdpo")).options == {"alpha": 0.5, "tdpo2": True, "chunk_size": 1024}
     assert PRIORS["dice"].NEEDS.reference == "previous_round_policy"
