@@ -121,6 +121,7 @@ def mi_dpo_loss(
     log_prior_const: tuple[float, float] = (0.0, 0.0),
     terms: Sequence[Term] | None = None,
     delta: float | None = None,
+    log_ratio: bool = False,
 ) -> LossOutput:
     """Generalized MI-DPO loss per pair.
 
@@ -131,33 +132,21 @@ def mi_dpo_loss(
     extra_losses: per-pair (B,) terms added to the loss (e.g. SparsePO's L1), reported as loss/<name>.
     log_prior_const: (k_w, k_l), a constant part of log zeta per side kept out of the rewards (module docstring).
     terms, delta: the links (`loss_from_ratios`); None = the sigmoid link with eps = label_smoothing.
+    log_ratio: the two tensors hold logp_theta - log zeta already (`implicit_reward_loss`).
     """
-    ratios = log_ratios(policy, log_prior_chosen, log_prior_rejected, log_ratio=False, constant=log_prior_const,
+    ratios = log_ratios(policy, log_prior_chosen, log_prior_rejected, log_ratio=log_ratio, constant=log_prior_const,
                         extra_losses=extra_losses)
     return loss_from_ratios(ratios, beta=beta, terms=terms, label_smoothing=label_smoothing, sft_weight=sft_weight,
                             delta=delta)
 
 
 def implicit_reward_loss(
-    policy: ResponseLogps,
-    log_ratio_chosen: torch.Tensor,
-    log_ratio_rejected: torch.Tensor,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    sft_weight: float = 0.0,
-    extra_losses: Mapping[str, torch.Tensor] | None = None,
-    log_prior_const: tuple[float, float] = (0.0, 0.0),
-    terms: Sequence[Term] | None = None,
-    delta: float | None = None,
+    policy: ResponseLogps, log_ratio_chosen: torch.Tensor, log_ratio_rejected: torch.Tensor, **options
 ) -> LossOutput:
     """The same loss from logp_theta(y) - log zeta(y) given directly (per token or per sequence, as log zeta
     in `mi_dpo_loss`), without the constant part: a prior computes it where log zeta holds the policy's own
-    log-prob, so the loss never subtracts two large, nearly equal sums."""
-    ratios = log_ratios(policy, log_ratio_chosen, log_ratio_rejected, log_ratio=True, constant=log_prior_const,
-                        extra_losses=extra_losses)
-    return loss_from_ratios(ratios, beta=beta, terms=terms, label_smoothing=label_smoothing, sft_weight=sft_weight,
-                            delta=delta)
+    log-prob, so the loss never subtracts two large, nearly equal sums. options: `mi_dpo_loss`'s keywords."""
+    return mi_dpo_loss(policy, log_ratio_chosen, log_ratio_rejected, log_ratio=True, **options)
 
 
 # ---------------------------------------------------------------------------------------------
