@@ -171,24 +171,45 @@ class Trainer:
         from midpo.core.schedule import make_scheduler
         from midpo.runtime.ds_config import resolve_ds_config
         from midpo.runtime.engine import Engine, PolicyLogps, build_reference_engine
-        from midpo.runtime.models import compile_decoder, load_model, pad_id_of, resolve_attn, resolve_dtype
+        from midpo.runtime.models import (
+            compile_decoder,
+            load_model,
+            model_fingerprint,
+            pad_id_of,
+            resolve_attn,
+            resolve_dtype,
+        )
 
         cfg, tc, layout = self.cfg, self.cfg.train, self.layout
         self.dtype, self.attn = resolve_dtype(cfg.model.dtype), resolve_attn(cfg.model.attn_implementation)
         ds_config = resolve_ds_config(cfg, pdist.world_size(), self.hf_config.hidden_size)
         keep_alive = _zero3_loading(ds_config)  # noqa: F841  (must stay alive while from_pretrained runs)
         model = load_model(layout.policy, cfg.model, device=pdist.device(), train=True)
+        peft_model = None
+        if cfg.model.lora.enabled:  # adapters in place; only they (requires_grad) reach the optimizer
+            from midpo.runtime.lora import apply_lora
+
+            peft_model = apply_lora(model, cfg.model.lora)
         if tc.compile:  # resolve_ds_config refused ZeRO-3 already
             compile_decoder(model)
         self.flop_params = flop_params(model)  # MFU's numerator: the head runs on response positions only
         has_params = any(p.requires_grad for p in prior.parameters())
         self.policy = Engine.build(
-            PolicyLogps(model, prior if has_params else None, head_chunk_tokens=tc.head_chunk_tokens), ds_config,
+            PolicyLogps(model, prior if has_params else None, head_chunk_tokens=tc.head_chunk_tokens,
+                        peft_model=peft_model), ds_config,
             lr_scheduler=lambda opt: make_scheduler(opt, self.total_steps, tc.warmup_ratio, tc.schedule))
         self.pad_id = pad_id_of(model)
         reference = prior_net = None
+        base_is_reference = peft_model is not None and model_fingerprint(layout.policy) == self.ref_fp
         if tc.online_reference and not prior.needs.needs_reference:
             log.info("train.online_reference=true but prior %r uses no reference: none is loaded", prior.name)
+        elif tc.online_reference and base_is_reference:  # LoRA: the frozen base IS the reference, no second model
+            from midpo.runtime.engine import AdapterReference
+
+            reference = AdapterReference(self.policy.ds, return_logits=prior.needs.ref_full_vocab,
+                                         return_hidden=prior.needs.ref_hidden_states)
+            log.info("online reference: the policy's base with its LoRA adapters disabled (logits %s, hidden states "
+                     "%s)", reference.return_logits, reference.return_hidden)
         elif tc.online_reference:  # the frozen reference on its own ZeRO-3 inference engine (policy config - optimizer)
             reference = build_reference_engine(load_model(layout.reference, cfg.model, device=pdist.device()),
                                                ds_config, return_logits=prior.needs.ref_full_vocab,
@@ -240,6 +261,11 @@ class Trainer:
         tc = self.cfg.train
         if tc.online_reference:
             log.info("start-of-run probe skipped (online reference: no cache to check)")
+            return
+        lora = self.cfg.model.lora
+        if lora.enabled and lora.init_weights not in (True, "gaussian"):
+            log.info("start-of-run probe skipped (model.lora.init_weights=%s: the adapters change the start)",
+                     lora.init_weights)
             return
         if tc.probe_rows <= 0 or model_fingerprint(self.layout.policy) != self.ref_fp:
             log.info("start-of-run probe skipped (%s)", "train.probe_rows=0" if tc.probe_rows <= 0
@@ -453,7 +479,17 @@ class Trainer:
         from midpo.runtime.export import export_engine
 
         kw = {"dtype": self.dtype, "tokenizer_dir": self.layout.tokenizer, "step": self.state.step}
-        export_engine(self.policy, self.layout.export, source_dir=self.layout.policy, **kw)
+        if self.cfg.model.lora.enabled:  # the adapters (PEFT's folder) and, with export.merge_lora, export/merged
+            from midpo.runtime.export import gather_engine_state_dict
+            from midpo.runtime.lora import write_lora_export
+
+            sd = gather_engine_state_dict(self.policy, trainable_only=True)
+            if pdist.is_main():
+                write_lora_export(sd, self.cfg, base_dir=self.layout.policy, out=self.layout.export,
+                                  tokenizer_dir=self.layout.tokenizer, step=self.state.step)
+            pdist.barrier()
+        else:
+            export_engine(self.policy, self.layout.export, source_dir=self.layout.policy, **kw)
         if self.obj.prior_net is not None:  # after the policy: its folder is replaced as a whole
             export_engine(self.obj.prior_net.engine, self.layout.export / "prior", source_dir=None, **kw)
 
@@ -465,8 +501,10 @@ class Trainer:
             marker = json.loads((out / OUTPUT_MARKER).read_text())
         except (OSError, ValueError):
             return False
+        merged = self.cfg.model.lora.enabled and self.cfg.export.merge_lora
         return marker.get("step") == self.state.step and (
-            self.obj.prior_net is None or (out / "prior" / OUTPUT_MARKER).is_file())
+            self.obj.prior_net is None or (out / "prior" / OUTPUT_MARKER).is_file()) and (
+            not merged or (out / "merged" / OUTPUT_MARKER).is_file())
 
 
 # ---------------------------------------------------------------------------------------------
