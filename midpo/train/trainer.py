@@ -122,11 +122,13 @@ class Trainer:
 
         self.logs = layout.logs
         self.metrics_file, self.rows_file = self.logs / "train_metrics.jsonl", self.logs / "consumed_rows.jsonl"
+        # every step-keyed log a killed attempt may have written past its checkpoint (metrics.jsonl: report_to jsonl)
+        self.step_logs = (self.metrics_file, self.rows_file, self.logs / "metrics.jsonl")
         if ckpt is not None:
             self._load(ckpt)
         else:
             if pdist.is_main():  # a fresh start: lines a killed attempt logged before its first checkpoint go
-                for f in (self.metrics_file, self.rows_file):
+                for f in self.step_logs:
                     _rewrite_jsonl_upto(f, 0)
             self._probe()
         if pdist.is_main():
@@ -248,7 +250,7 @@ class Trainer:
             raise TrainError(f"{ckpt}: {e}") from None
         self.resumed_step = self.state.step
         if pdist.is_main():
-            for f in (self.metrics_file, self.rows_file):
+            for f in self.step_logs:
                 _rewrite_jsonl_upto(f, self.state.step)
         log.info("resumed from %s at step %d (%d samples consumed)", ckpt, self.state.step,
                  self.state.consumed_samples)
@@ -292,13 +294,18 @@ class Trainer:
     # the loop
 
     def fit(self) -> dict:
-        from midpo.runtime.metrics import MetricSums, TBLogger, measure_peak_flops
+        from midpo.config import flat_items
+        from midpo.runtime.metrics import MetricSums, measure_peak_flops
         from midpo.runtime.profiling import StepProfiler
+        from midpo.runtime.trackers import Trackers
 
         tc, st, sampler = self.cfg.train, self.state, self.sampler
         world = pdist.world_size()
         peak = tc.peak_flops or measure_peak_flops(self.dtype, pdist.device(), seconds=0.5)
-        self.tb = TBLogger(self.layout.tensorboard if pdist.is_main() else None)
+        # train.report_to: TensorBoard, jsonl, W&B, MLflow; rank 0 only, the same names in each
+        self.tb = Trackers.open(tc.report_to, run_dir=self.layout.run_dir, logs=self.logs,
+                                tensorboard=self.layout.tensorboard, params=flat_items(self.cfg)) \
+            if pdist.is_main() else Trackers([])
         if pdist.is_main():
             log.info("train: %d rows, %d steps (%d per epoch, global batch %d = micro %d x accum %d x world %d), "
                      "%d tail rows dropped per epoch; eval: %d rows; layout %s, attn %s, %s; peak %.3g FLOP/s per "
