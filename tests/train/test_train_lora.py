@@ -327,3 +327,17 @@ def test_lora_trains_with_online_tdpo_and_the_learned_prior(lora, overrides):
     assert (run / "export" / "adapter_config.json").is_file()
     if name == "learned":
         assert (run / "export" / "prior" / "config.json").is_file()  # the prior network: full, its own engine
+
+
+def test_lora_and_report_to_settings_are_checked():
+    from midpo.config import ConfigError, load_config
+
+    cfg = load_config(None, ["model.lora.r=8", "model.lora.init_weights=gaussian", "model.lora.target_modules=[q_proj]",
+                             "train.report_to=[jsonl, mlflow]"])
+    assert (cfg.model.lora.enabled, cfg.model.lora.init_weights, cfg.model.lora.target_modules) == \
+        (True, "gaussian", ["q_proj"])
+    for bad, words in ((["model.lora.init_weights=pissa"], "base-rewriting"),
+                       (["model.lora.r=3", "model.lora.init_weights=orthogonal"], "even rank"),
+                       (["model.lora.r=-1"], "model.lora.r"), (["train.report_to=[neptune]"], "neptune")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, bad)
