@@ -3,9 +3,11 @@
 The bench model and data of bench/train_bench.py (Llama h256 L4 8h/4kv, vocab 2048, 512 sorting pairs of
 ~120 tokens, micro-batch 8), one process, the same ds_config for both runs (default zero3_cpu_fp32). Each run is
 its own process (`midpo.stages.train.main` in a child), so its peak is its own:
-- peak memory: the child's peak resident set (ru_maxrss) and, on CUDA, torch.cuda.max_memory_allocated; a third
-  child that only imports midpo and loads the model gives the baseline, so "above baseline" is training's own
-  memory (weights' gradients, optimizer state, activations);
+- memory: the optimizer's state (Adam's moments, walked on the live optimizer),
+  the resident set after setup and its maximum during the steps (sampled at each micro-step's loss and step
+  end), the child's peak resident set (ru_maxrss) and, on CUDA, torch.cuda.max_memory_allocated. On CPU the
+  resident set is mostly libraries (a child that only imports and loads the model is printed as the baseline);
+  the bench model is small (~4M parameters), so its weights and optimizer state are tens of MB of it;
 - step time: per-step times from the run's logs/train_metrics.jsonl (pairs/s), after the first --warmup steps.
 
     PYTHONPATH=. python bench/lora_bench.py [--steps 12] [--rank 16] [--threads 2] [--ds-config zero3_cpu_fp32]
@@ -30,25 +32,68 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_bench import MICRO, build_base, env, fresh_run, step_rates  # noqa: E402
 
 
+def _rss_mb() -> float:
+    """This process's current resident set (/proc/self/statm), MB."""
+    import os
+
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _optimizer_mb(ds_engine) -> float:
+    """Bytes of the optimizer's state tensors (Adam's two moments per trained parameter), walked on the live
+    optimizer, not estimated. (ZeRO-3's fp32 master partition, one more copy of the trained parameters, sits
+    outside the torch optimizer between steps and is not counted.)"""
+    import torch
+
+    opt = ds_engine.optimizer
+    opt = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
+    total = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                if torch.is_tensor(t) and t.dim() > 0)
+    return total / 2 ** 20
+
+
 def child(recipe: str, baseline: bool) -> None:
-    """In the child process: train (or only load the model), then print the peaks as one JSON line."""
+    """In the child process: train (or only load the model), then print the memory numbers as one JSON line."""
     import torch
 
     from midpo.config import load_config
+    from midpo.runtime import dist as pdist
+    from midpo.train.callbacks import Callback
 
     cfg = load_config(recipe)
+    out: dict = {}
     if baseline:
         from midpo.runtime.models import load_model
 
         load_model(cfg.model.policy, cfg.model, train=True)
     else:
-        from midpo.stages.train import main
+        from midpo.train.trainer import Trainer
 
-        main(cfg)
-    peaks = {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        class RssProbe(Callback):  # the resident set during the steps (forward done, after each step)
+            def __init__(self):
+                self.max = 0.0
+
+            def on_micro_loss(self, step, micro, loss):
+                self.max = max(self.max, _rss_mb())
+                return loss
+
+            def on_step_end(self, step):
+                self.max = max(self.max, _rss_mb())
+
+        probe = RssProbe()
+        pdist.init_distributed()
+        trainer = Trainer(cfg, callbacks=[probe]).setup()
+        out["after_setup_rss_mb"] = _rss_mb()
+        trainer.fit()
+        out["optimizer_mb"] = _optimizer_mb(trainer.policy.ds)
+        out["trainable_m"] = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.policy.module.parameters()
+                                 if p.requires_grad) / 1e6
+        out["during_steps_max_rss_mb"] = probe.max
+        trainer.close()
+    out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
-        peaks["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    print("PEAKS " + json.dumps(peaks))
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    print("PEAKS " + json.dumps(out))
 
 
 def run(root: Path, model: Path, name: str, a, lora_rank: int, baseline: bool = False) -> dict:
@@ -105,16 +150,16 @@ def main() -> None:
           f"({100 * n_lora / n_all:.1f}%); {a.ds_config}, 1 process, {a.threads} threads, micro-batch {MICRO}, "
           f"{a.steps} steps (first {a.warmup} dropped)")
     print(f"baseline (import + load the model, no training): peak RSS {base['maxrss_mb']:.0f} MB")
-    print(f"{'run':14s} {'peak RSS MB':>11s} {'above base':>10s} {'cuda MB':>8s} {'step ms':>8s} {'median':>7s} "
-          f"{'pairs/s':>8s}")
+    print(f"{'run':14s} {'Adam MiB':>12s} {'RSS setup':>9s} {'RSS steps':>9s} {'peak RSS':>8s} {'cuda MB':>8s} "
+          f"{'step ms':>8s} {'median':>7s} {'pairs/s':>8s}")
     for k, v in res.items():
         cuda = f"{v['cuda_peak_mb']:.0f}" if "cuda_peak_mb" in v else "-"
-        print(f"{k:14s} {v['maxrss_mb']:11.0f} {v['maxrss_mb'] - base['maxrss_mb']:10.0f} {cuda:>8s} "
-              f"{v['step_ms']:8.1f} {v['median_step_ms']:7.1f} {v['pairs_per_s']:8.1f}")
+        print(f"{k:14s} {v['optimizer_mb']:12.1f} {v['after_setup_rss_mb']:9.0f} {v['during_steps_max_rss_mb']:9.0f} "
+              f"{v['maxrss_mb']:8.0f} {cuda:>8s} {v['step_ms']:8.1f} {v['median_step_ms']:7.1f} {v['pairs_per_s']:8.1f}")
     f, lo = res["full"], res[f"lora r={a.rank}"]
-    print(f"LoRA / full: peak RSS {lo['maxrss_mb'] / f['maxrss_mb']:.2f}x, above baseline "
-          f"{(lo['maxrss_mb'] - base['maxrss_mb']) / max(f['maxrss_mb'] - base['maxrss_mb'], 1e-9):.2f}x, "
-          f"step time {lo['step_ms'] / f['step_ms']:.2f}x"
+    print(f"LoRA / full: Adam state {lo['optimizer_mb'] / f['optimizer_mb']:.3f}x, RSS during steps "
+          f"{lo['during_steps_max_rss_mb'] / f['during_steps_max_rss_mb']:.2f}x, peak RSS "
+          f"{lo['maxrss_mb'] / f['maxrss_mb']:.2f}x, step time {lo['step_ms'] / f['step_ms']:.2f}x"
           + (f", CUDA peak {lo['cuda_peak_mb'] / f['cuda_peak_mb']:.2f}x" if "cuda_peak_mb" in f else ""))
     print(json.dumps({"baseline": base, **res}, indent=1))
 
