@@ -105,6 +105,48 @@ class DataConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters through PEFT (`peft.get_peft_model`): only the adapters (and `modules_to_save` copies) are
+    trained and sit in the optimizer; the base stays frozen. r=0: off (full fine-tuning). Checkpoints hold the
+    adapters and their optimizer state; export writes PEFT's adapter folder (`export.merge_lora`: also a merged
+    model). With an online reference, the reference is the base with the adapters disabled (no second model)."""
+
+    r: int = knob(0, "LoRA rank; 0 = no LoRA (every parameter trains)")
+    alpha: float = knob(16.0, "LoRA alpha: the update is (alpha / r) * B @ A")
+    dropout: float = knob(0.0, "dropout on the adapters' input, in [0, 1)")
+    target_modules: list[str] | str = knob(
+        "all-linear", "module names (suffixes) that get adapters, e.g. [q_proj, v_proj]; all-linear = every linear "
+        "layer but the output head")
+    modules_to_save: list[str] = knob(
+        help="modules trained in full beside the adapters (PEFT's modules_to_save; a trainable copy each), e.g. "
+        "[lm_head]", factory=list)
+    init_weights: bool | str = knob(
+        True, "PEFT's init_lora_weights: true (B = 0: the policy starts as the base) | gaussian (B = 0 too) | "
+        "false | orthogonal (both random: the start differs from the base, the start-of-run probe is skipped). "
+        "pissa, olora, loftq, corda, eva, lora_ga and mica are refused: they rewrite the base or need data / an "
+        "extra config, so the base with adapters disabled would no longer be the reference")
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise ConfigError(f"model.lora.r must be >= 0, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.init_weights not in LORA_INITS:
+            raise ConfigError(f"model.lora.init_weights must be one of true, false, gaussian, orthogonal; got "
+                              f"{self.init_weights!r} (PEFT's base-rewriting or data-driven inits are not supported: "
+                              "the frozen base must stay the reference)")
+        if self.r and self.init_weights == "orthogonal" and self.r % 2:
+            raise ConfigError(f"model.lora.init_weights=orthogonal needs an even rank, got r={self.r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+LORA_INITS = (True, False, "gaussian", "orthogonal")
+
+
+@dataclass
 class ModelConfig:
     """Which models the stages load, and how."""
 
@@ -117,6 +159,7 @@ class ModelConfig:
     trust_remote_code: bool = knob(False, "never on unless the recipe says so")
     gradient_checkpointing: bool = knob(
         False, "recompute activations in the backward pass instead of keeping them (memory for time)")
+    lora: LoraSettings = section(LoraSettings)
 
 
 @dataclass
@@ -247,6 +290,12 @@ class TrainConfig:
     head_chunk_tokens: int = knob(
         1024, "response positions per output-head call: bounds the fp32 logits alive at once (chunks x vocab); the "
         "head runs in the same number of chunks on every rank (ZeRO-3 gathers it per call)")
+    report_to: list[str] = knob(
+        help="metric sinks, any of tensorboard | jsonl (<run_dir>/logs/metrics.jsonl) | wandb | mlflow (pip install "
+        "midpo[wandb] / midpo[mlflow]); the same names everywhere (train/<metric>, eval/<metric>), rank 0 only, the "
+        "resolved config logged as run parameters. wandb honours WANDB_MODE (offline: no network), WANDB_PROJECT "
+        "(default midpo); mlflow logs to MLFLOW_TRACKING_URI, default the file store <run_dir>/mlruns",
+        factory=lambda: ["tensorboard"])
     profile_steps: list[int] = knob(
         help="a torch.profiler window over optimizer steps [A, B] (1-based, inclusive), e.g. [3, 5]: per-rank "
         "operator tables and Chrome traces in <run_dir>/logs/profile_rank<r>.{txt,json}; [] = off (the profiler "
@@ -263,6 +312,12 @@ class TrainConfig:
             raise ConfigError(f"train.head_chunk_tokens must be >= 1, got {self.head_chunk_tokens}")
         if self.profile_steps:
             check_step_window(self.profile_steps, "train.profile_steps")
+        bad = sorted(set(self.report_to) - set(REPORT_TO))
+        if bad:
+            raise ConfigError(f"train.report_to: unknown {bad}; choose from {', '.join(REPORT_TO)}")
+
+
+REPORT_TO = ("tensorboard", "jsonl", "wandb", "mlflow")
 
 
 @dataclass
@@ -328,6 +383,15 @@ class OnPolicyConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`midpo export` and the export at the end of training."""
+
+    merge_lora: bool = knob(
+        False, "with model.lora: also write <export>/merged, a full HF folder with the adapters merged in (W + "
+        "alpha/r * B @ A); the adapter folder (PEFT format) is <export> itself")
+
+
+@dataclass
 class Config:
     """A whole run: every stage reads this one resolved config and writes only inside run_dir."""
 
@@ -342,6 +406,7 @@ class Config:
     ref: RefConfig = section(RefConfig)
     train: TrainConfig = section(TrainConfig)
     prior_net: PriorNetConfig = section(PriorNetConfig)
+    export: ExportConfig = section(ExportConfig)
 
     @property
     def run_path(self) -> Path:
@@ -376,6 +441,8 @@ RESUME_MUTABLE: dict[str, str] = {
     "ref.rows_per_shard": "stage 2 resume granularity; training checks the cache by fingerprint",
     "ref.zero3": "how stage 2 holds the reference; training checks the cache by fingerprint",
     "sft.num_threads": "threads of the single-process stages",
+    "train.report_to": "where metrics are sent; the numbers are the same",
+    "export.merge_lora": "what the export writes, not what trains",
 }
 
 

@@ -123,6 +123,10 @@ def prepare_base(cfg: Config, nproc: int, timings: dict[str, float]) -> Path:
 def run_pipeline(cfg: Config, nproc: int = 2, eval_prompts: int = 500) -> dict:
     from midpo.demo.evaluate import evaluate_model, paired_difference
 
+    if cfg.model.lora.enabled and not cfg.export.merge_lora:  # before any work: the eval loads a full model
+        from midpo.config import ConfigError
+
+        raise ConfigError("midpo run with model.lora evaluates the merged model: set export.merge_lora=true")
     root = cfg.run_path
     synth_dir = root / "synth"
     timings: dict[str, float] = {}
@@ -142,7 +146,8 @@ def run_pipeline(cfg: Config, nproc: int = 2, eval_prompts: int = 500) -> dict:
             torch.set_num_threads(cfg.sft.num_threads)
         layout = RunLayout.resolve(cfg)
         before = evaluate_model(layout.reference, prompts, n=eval_prompts, sampled=True, seed=cfg.seed)
-        after = evaluate_model(layout.export, prompts, n=eval_prompts, sampled=True, seed=cfg.seed)
+        policy = layout.export / "merged" if cfg.model.lora.enabled else layout.export  # LoRA: export/ is the adapter
+        after = evaluate_model(policy, prompts, n=eval_prompts, sampled=True, seed=cfg.seed)
         timings["eval"] = time.time() - t
         print(f"--- eval: {timings['eval']:.0f}s", flush=True)
         summary["reference"], summary["policy"] = before, after

@@ -227,10 +227,12 @@ def save_checkpoint(ckpt_root: str | Path, step: int, engines: dict, trainer_sta
     pdist.barrier()
     for name, engine in engines.items():
         # save_latest=False: DeepSpeed would otherwise write its own `latest` before our state exists
+        # LoRA: the frozen base is not saved (it is the policy folder); the adapters and their optimizer state are
+        kw = {"save_latest": False, "exclude_frozen_parameters": is_lora(engine)}
         if name == "policy":
-            engine.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
+            engine.ds.save_checkpoint(str(root), tag=tag, **kw)
         else:
-            engine.ds.save_checkpoint(str(path), tag=name, save_latest=False)
+            engine.ds.save_checkpoint(str(path), tag=name, **kw)
             if rank == 0:
                 engine.module.config.save_pretrained(str(path / f"{name}_hf_config"))
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
@@ -244,6 +246,11 @@ def save_checkpoint(ckpt_root: str | Path, step: int, engines: dict, trainer_sta
     pdist.barrier()
     log.info("saved checkpoint %s", path)
     return path
+
+
+def is_lora(engine) -> bool:
+    """The engine's module holds LoRA adapters (runtime.lora): its checkpoints leave the frozen base out."""
+    return getattr(engine.module, "peft_model", None) is not None
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
@@ -297,10 +304,11 @@ def load_engine(engine, load_dir: str | Path, tag: str):
     DeepSpeed's own loader refuses a changed data-parallel world size."""
     src = Path(load_dir) / tag
     saved, now = zero_partitions(src), getattr(engine, "dp_world_size", None)
+    lora = is_lora(engine)  # the frozen base is not in the checkpoint
     with safe_torch_load():
         if not saved or now is None or saved == now:
             load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+                                                  load_lr_scheduler_states=True, load_module_strict=not lora)
             return load_path
         uni = universal_copy(src, saved, now)
         # DeepSpeed's `checkpoint.load_universal` setting: read only by load_checkpoint, so set just around it
@@ -308,7 +316,7 @@ def load_engine(engine, load_dir: str | Path, tag: str):
         before, ds_cfg.load_universal_checkpoint = ds_cfg.load_universal_checkpoint, True
         try:
             load_path, _ = engine.load_checkpoint(str(uni.parent), tag=uni.name, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+                                                  load_lr_scheduler_states=True, load_module_strict=not lora)
         finally:
             ds_cfg.load_universal_checkpoint = before
         log.info("loaded %s (%d ZeRO partitions) on %d ranks through its universal form %s", src, saved, now, uni)

@@ -121,10 +121,13 @@ class PolicyLogps(torch.nn.Module):
     around exactly the log-prob code the reference stage uses. Checkpoint keys gain a `model.` prefix."""
 
     def __init__(self, model: torch.nn.Module, prior: torch.nn.Module | None = None,
-                 head_chunk_tokens: int = HEAD_CHUNK_TOKENS):
+                 head_chunk_tokens: int = HEAD_CHUNK_TOKENS, peft_model=None):
         super().__init__()
         self.model = model
         self.head_chunk_tokens = int(head_chunk_tokens)
+        # LoRA (runtime.lora): PEFT's wrapper of `model`, kept outside the module tree (its parameters are
+        # `model`'s, registered once) for adapters_disabled
+        object.__setattr__(self, "peft_model", peft_model)
         # A prior with trainable parameters (SparsePO's mask network) rides in the SAME engine: one ZeRO-3
         # optimizer, one lr schedule, one checkpoint (keys `prior.*`). It is called by the loss, outside
         # forward(); ZeRO-3's per-submodule hooks gather its parameters there as for any submodule.
@@ -198,6 +201,30 @@ class OnlineReference:
 
         with torch.no_grad():
             out = self.engine(batch, return_logits=self.return_logits, return_hidden=self.return_hidden)
+        return ResponseLogps(*out)
+
+
+class AdapterReference:
+    """The online reference of a LoRA policy: the policy's own engine with its adapters disabled (the frozen base;
+    TRL's `null_ref_context`), no grad, no second model in memory. Called like `OnlineReference` (once per
+    micro-batch on every rank, before the policy's forward), with the same equalized head chunks."""
+
+    def __init__(self, policy_engine, *, return_logits: bool, return_hidden: bool):
+        self.engine = policy_engine
+        self.return_logits, self.return_hidden = bool(return_logits), bool(return_hidden)
+
+    def __call__(self, batch):
+        from midpo.core.logprobs import ResponseLogps
+        from midpo.runtime.lora import adapters_disabled
+
+        module = self.engine.module
+        was_training = module.training
+        module.eval()  # as the frozen reference runs: no dropout
+        try:
+            with torch.no_grad(), adapters_disabled(module.peft_model):
+                out = self.engine(batch, return_logits=self.return_logits, return_hidden=self.return_hidden)
+        finally:
+            module.train(was_training)
         return ResponseLogps(*out)
 
 

@@ -33,7 +33,7 @@ MAX_SHARD_BYTES = 4 * 1024 ** 3
 
 
 @contextlib.contextmanager
-def _no_zero3_init():
+def no_zero3_init():
     """While a trainer's HfDeepSpeedConfig is alive, transformers builds every new model through ZeRO-3
     initialization, which cannot run on the meta device; a key-set skeleton needs none of it."""
     try:
@@ -67,7 +67,7 @@ def expected_keys(hf_config, model=None) -> tuple[set[str], set[str]]:
     if model is None:
         from transformers import AutoModelForCausalLM
 
-        with torch.device("meta"), _no_zero3_init():
+        with torch.device("meta"), no_zero3_init():
             model = AutoModelForCausalLM.from_config(hf_config)
     keys = _state_keys(model)
     tied: set[str] = set()
@@ -81,8 +81,9 @@ def expected_keys(hf_config, model=None) -> tuple[set[str], set[str]]:
     return keys, tied
 
 
-def gather_engine_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """COLLECTIVE: every rank must call. Returns the full CPU state dict on rank 0, None elsewhere."""
+def gather_engine_state_dict(engine, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """COLLECTIVE: every rank must call. Returns the full CPU state dict on rank 0, None elsewhere.
+    `trainable_only`: only the parameters that train (LoRA: the adapters), no buffers."""
     import deepspeed
 
     module = getattr(engine.module, "model", engine.module)  # the HF model inside engine.PolicyLogps
@@ -90,10 +91,12 @@ def gather_engine_state_dict(engine) -> dict[str, torch.Tensor] | None:
     sd: dict[str, torch.Tensor] = {}
     # One parameter at a time keeps peak memory at one full tensor per rank.
     for name, p in module.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             if rank0:
                 sd[name] = p.data.detach().to("cpu", copy=True)
-    if rank0:
+    if rank0 and not trainable_only:
         for name, b in module.named_buffers():
             sd.setdefault(name, b.detach().to("cpu", copy=True))
     return sd if rank0 else None
@@ -148,18 +151,23 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config, out_dir: str
     hf_config.save_pretrained(str(tmp))
     _write_generation_config(hf_config, tmp, source_dir, tokenizer_dir)
     if tokenizer_dir is not None:
-        copied = 0
-        for pat in _TOKENIZER_FILES:
-            for f in Path(tokenizer_dir).glob(pat):
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
-                    copied += 1
-        if not copied:
-            raise MissingPathError(f"no tokenizer files found in {tokenizer_dir}")
+        copy_tokenizer_files(tokenizer_dir, tmp)
 
     publish_dir(tmp, out)
     log.info("exported %d tensors (%s) to %s", len(tensors), dtype, out)
     return out
+
+
+def copy_tokenizer_files(tokenizer_dir: str | Path, out: Path) -> None:
+    """The tokenizer's files (vocab/model, special tokens, chat template) into `out`; none found is an error."""
+    copied = 0
+    for pat in _TOKENIZER_FILES:
+        for f in Path(tokenizer_dir).glob(pat):
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+                copied += 1
+    if not copied:
+        raise MissingPathError(f"no tokenizer files found in {tokenizer_dir}")
 
 
 def _write_generation_config(hf_config, out: Path, source_dir, tokenizer_dir) -> None:

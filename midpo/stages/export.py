@@ -5,7 +5,8 @@
 
 The recipe says where to write (its run_dir's export/, or --out); the checkpoint's own config only says which
 model the weights belong to (its `model` section and tokenizer), so a run folder copied elsewhere exports into
-the copy, never into the original. With MI-DPO (`loss.prior=learned`) the prior network is written to
+the copy, never into the original. With `model.lora` the checkpoint holds the adapters: `<out>` is PEFT's adapter
+folder and, with `export.merge_lora=true`, `<out>/merged` the merged full model. With MI-DPO (`loss.prior=learned`) the prior network is written to
 `<out>/prior` after the policy. Every checkpoint file is read through the safe loader
 (midpo.runtime.checkpoint.safe_load); an existing output folder is replaced only when midpo wrote it.
 """
@@ -63,6 +64,13 @@ def export_checkpoint(ckpt: Path, cfg: Config, out: Path) -> list[Path]:
     step = int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
     # PolicyLogps may also hold a prior's parameters (`prior.*`, SparsePO's mask network): not the HF model
     sd = {k: v for k, v in checkpoint_state_dict(ckpt.parent, ckpt.name).items() if not k.startswith("prior.")}
+    if cfg.model.lora.enabled:  # the checkpoint holds the adapters only; the base is the policy folder
+        from midpo.runtime.lora import strip_policy_prefix, write_lora_export
+
+        written = write_lora_export(strip_policy_prefix(sd), cfg, base_dir=layout.policy, out=out, tokenizer_dir=layout.tokenizer, step=step)
+        if (ckpt / PRIOR_TAG).is_dir():
+            written.append(export_prior(ckpt, out / PRIOR_TAG, dtype=dtype, tokenizer_dir=layout.tokenizer, step=step))
+        return written
     hf_config = AutoConfig.from_pretrained(str(layout.policy), trust_remote_code=cfg.model.trust_remote_code)
     written = [write_hf_folder(sd, hf_config, out, dtype=dtype, tokenizer_dir=layout.tokenizer,
                                source_dir=layout.policy, step=step)]

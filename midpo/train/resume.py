@@ -92,7 +92,9 @@ def check_resume(ckpt: str | Path, cfg: Config, world: int, inputs: dict, total_
 # `midpo train --force`: start over
 
 
-TRAIN_LOGS = ("train_metrics.jsonl", "consumed_rows.jsonl", "profile_rank*.txt", "profile_rank*.json")
+# metrics.jsonl and the tracker run ids: report_to (a fresh start opens new W&B / MLflow runs; their data stays)
+TRAIN_LOGS = ("train_metrics.jsonl", "consumed_rows.jsonl", "profile_rank*.txt", "profile_rank*.json", "metrics.jsonl",
+              "wandb_run_id", "mlflow_run_id")
 
 
 def start_over(run_dir: str | Path) -> list[Path]:

@@ -122,11 +122,13 @@ class Trainer:
 
         self.logs = layout.logs
         self.metrics_file, self.rows_file = self.logs / "train_metrics.jsonl", self.logs / "consumed_rows.jsonl"
+        # every step-keyed log a killed attempt may have written past its checkpoint (metrics.jsonl: report_to jsonl)
+        self.step_logs = (self.metrics_file, self.rows_file, self.logs / "metrics.jsonl")
         if ckpt is not None:
             self._load(ckpt)
         else:
             if pdist.is_main():  # a fresh start: lines a killed attempt logged before its first checkpoint go
-                for f in (self.metrics_file, self.rows_file):
+                for f in self.step_logs:
                     _rewrite_jsonl_upto(f, 0)
             self._probe()
         if pdist.is_main():
@@ -171,24 +173,45 @@ class Trainer:
         from midpo.core.schedule import make_scheduler
         from midpo.runtime.ds_config import resolve_ds_config
         from midpo.runtime.engine import Engine, PolicyLogps, build_reference_engine
-        from midpo.runtime.models import compile_decoder, load_model, pad_id_of, resolve_attn, resolve_dtype
+        from midpo.runtime.models import (
+            compile_decoder,
+            load_model,
+            model_fingerprint,
+            pad_id_of,
+            resolve_attn,
+            resolve_dtype,
+        )
 
         cfg, tc, layout = self.cfg, self.cfg.train, self.layout
         self.dtype, self.attn = resolve_dtype(cfg.model.dtype), resolve_attn(cfg.model.attn_implementation)
         ds_config = resolve_ds_config(cfg, pdist.world_size(), self.hf_config.hidden_size)
         keep_alive = _zero3_loading(ds_config)  # noqa: F841  (must stay alive while from_pretrained runs)
         model = load_model(layout.policy, cfg.model, device=pdist.device(), train=True)
+        peft_model = None
+        if cfg.model.lora.enabled:  # adapters in place; only they (requires_grad) reach the optimizer
+            from midpo.runtime.lora import apply_lora
+
+            peft_model = apply_lora(model, cfg.model.lora)
         if tc.compile:  # resolve_ds_config refused ZeRO-3 already
             compile_decoder(model)
         self.flop_params = flop_params(model)  # MFU's numerator: the head runs on response positions only
         has_params = any(p.requires_grad for p in prior.parameters())
         self.policy = Engine.build(
-            PolicyLogps(model, prior if has_params else None, head_chunk_tokens=tc.head_chunk_tokens), ds_config,
+            PolicyLogps(model, prior if has_params else None, head_chunk_tokens=tc.head_chunk_tokens,
+                        peft_model=peft_model), ds_config,
             lr_scheduler=lambda opt: make_scheduler(opt, self.total_steps, tc.warmup_ratio, tc.schedule))
         self.pad_id = pad_id_of(model)
         reference = prior_net = None
+        base_is_reference = peft_model is not None and model_fingerprint(layout.policy) == self.ref_fp
         if tc.online_reference and not prior.needs.needs_reference:
             log.info("train.online_reference=true but prior %r uses no reference: none is loaded", prior.name)
+        elif tc.online_reference and base_is_reference:  # LoRA: the frozen base IS the reference, no second model
+            from midpo.runtime.engine import AdapterReference
+
+            reference = AdapterReference(self.policy.ds, return_logits=prior.needs.ref_full_vocab,
+                                         return_hidden=prior.needs.ref_hidden_states)
+            log.info("online reference: the policy's base with its LoRA adapters disabled (logits %s, hidden states "
+                     "%s)", reference.return_logits, reference.return_hidden)
         elif tc.online_reference:  # the frozen reference on its own ZeRO-3 inference engine (policy config - optimizer)
             reference = build_reference_engine(load_model(layout.reference, cfg.model, device=pdist.device()),
                                                ds_config, return_logits=prior.needs.ref_full_vocab,
@@ -227,7 +250,7 @@ class Trainer:
             raise TrainError(f"{ckpt}: {e}") from None
         self.resumed_step = self.state.step
         if pdist.is_main():
-            for f in (self.metrics_file, self.rows_file):
+            for f in self.step_logs:
                 _rewrite_jsonl_upto(f, self.state.step)
         log.info("resumed from %s at step %d (%d samples consumed)", ckpt, self.state.step,
                  self.state.consumed_samples)
@@ -240,6 +263,11 @@ class Trainer:
         tc = self.cfg.train
         if tc.online_reference:
             log.info("start-of-run probe skipped (online reference: no cache to check)")
+            return
+        lora = self.cfg.model.lora
+        if lora.enabled and lora.init_weights not in (True, "gaussian"):
+            log.info("start-of-run probe skipped (model.lora.init_weights=%s: the adapters change the start)",
+                     lora.init_weights)
             return
         if tc.probe_rows <= 0 or model_fingerprint(self.layout.policy) != self.ref_fp:
             log.info("start-of-run probe skipped (%s)", "train.probe_rows=0" if tc.probe_rows <= 0
@@ -266,13 +294,18 @@ class Trainer:
     # the loop
 
     def fit(self) -> dict:
-        from midpo.runtime.metrics import MetricSums, TBLogger, measure_peak_flops
+        from midpo.config import flat_items
+        from midpo.runtime.metrics import MetricSums, measure_peak_flops
         from midpo.runtime.profiling import StepProfiler
+        from midpo.runtime.trackers import Trackers
 
         tc, st, sampler = self.cfg.train, self.state, self.sampler
         world = pdist.world_size()
         peak = tc.peak_flops or measure_peak_flops(self.dtype, pdist.device(), seconds=0.5)
-        self.tb = TBLogger(self.layout.tensorboard if pdist.is_main() else None)
+        # train.report_to: TensorBoard, jsonl, W&B, MLflow; rank 0 only, the same names in each
+        self.tb = Trackers.open(tc.report_to, run_dir=self.layout.run_dir, logs=self.logs,
+                                tensorboard=self.layout.tensorboard, params=flat_items(self.cfg)) \
+            if pdist.is_main() else Trackers([])
         if pdist.is_main():
             log.info("train: %d rows, %d steps (%d per epoch, global batch %d = micro %d x accum %d x world %d), "
                      "%d tail rows dropped per epoch; eval: %d rows; layout %s, attn %s, %s; peak %.3g FLOP/s per "
@@ -453,7 +486,17 @@ class Trainer:
         from midpo.runtime.export import export_engine
 
         kw = {"dtype": self.dtype, "tokenizer_dir": self.layout.tokenizer, "step": self.state.step}
-        export_engine(self.policy, self.layout.export, source_dir=self.layout.policy, **kw)
+        if self.cfg.model.lora.enabled:  # the adapters (PEFT's folder) and, with export.merge_lora, export/merged
+            from midpo.runtime.export import gather_engine_state_dict
+            from midpo.runtime.lora import write_lora_export
+
+            sd = gather_engine_state_dict(self.policy, trainable_only=True)
+            if pdist.is_main():
+                write_lora_export(sd, self.cfg, base_dir=self.layout.policy, out=self.layout.export,
+                                  tokenizer_dir=self.layout.tokenizer, step=self.state.step)
+            pdist.barrier()
+        else:
+            export_engine(self.policy, self.layout.export, source_dir=self.layout.policy, **kw)
         if self.obj.prior_net is not None:  # after the policy: its folder is replaced as a whole
             export_engine(self.obj.prior_net.engine, self.layout.export / "prior", source_dir=None, **kw)
 
@@ -465,8 +508,10 @@ class Trainer:
             marker = json.loads((out / OUTPUT_MARKER).read_text())
         except (OSError, ValueError):
             return False
+        merged = self.cfg.model.lora.enabled and self.cfg.export.merge_lora
         return marker.get("step") == self.state.step and (
-            self.obj.prior_net is None or (out / "prior" / OUTPUT_MARKER).is_file())
+            self.obj.prior_net is None or (out / "prior" / OUTPUT_MARKER).is_file()) and (
+            not merged or (out / "merged" / OUTPUT_MARKER).is_file())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -304,12 +304,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def run_then_kill_after_step(cmd: list[str], env: dict, run_dir: Path, step: int, timeout: float = 240) -> None:
-    """Start training in its own session, wait until `step` steps are recorded, then SIGKILL the whole
-    process tree (the launcher and every rank): a real crash, not a clean exit."""
+def run_then_kill_after_step(cmd: list[str], env: dict, run_dir: Path, step: int, timeout: float = 240,
+                             logged: bool = False) -> None:
+    """Start training in its own session, wait until `step` steps are recorded (`logged`: also their metrics in
+    logs/train_metrics.jsonl, log_every 1), then SIGKILL the whole process tree (the launcher and every rank): a
+    real crash, not a clean exit."""
     import time
 
-    rows_file = run_dir / "logs" / "consumed_rows.jsonl"
+    rows_file = run_dir / "logs" / ("train_metrics.jsonl" if logged else "consumed_rows.jsonl")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
