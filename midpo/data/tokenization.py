@@ -38,7 +38,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from midpo.data.formats import Pair, RowReject, to_pair
+from midpo.data.formats import NO_META, Meta, Pair, ReadPlan, RowReject, to_pairs
 from midpo.data.sources import RowError, decode_json_row
 from midpo.errors import UnusableInputError
 from midpo.runtime.fingerprint import hash_json
@@ -78,6 +78,7 @@ class Encoded:
     rejected_ids: list[int]
     prompt_truncated: bool
     responses_truncated: int
+    meta: Meta = NO_META  # score_chosen, score_rejected, score_margin (formats.META_COLUMNS)
 
 
 @dataclass
@@ -149,29 +150,40 @@ class PairEncoder:
 
     # -- one chunk ---------------------------------------------------------------------------
 
-    def process(self, source_file: str, fmt: str, items: list[tuple[int, Any]]) -> list[Encoded | Rejected]:
-        """items: (row_no, payload) from sources.iter_rows. Results keep the input order."""
-        results: list[Any] = [None] * len(items)
+    def process(self, source_file: str, plan: ReadPlan | str, items: list[tuple[int, Any]]) -> list[Encoded | Rejected]:
+        """items: (row_no, payload) from sources.iter_rows. Results keep the input order: one per row, or one per
+        pair for a row that makes several (a rated list); a row rejected whole gives one Rejected."""
+        plan = ReadPlan(plan) if isinstance(plan, str) else plan
+        results: list[Any] = []
         pending: list[tuple[int, Pair, str, str, str]] = []  # (index, pair, prompt, full_c, full_r)
-        for i, (row_no, payload) in enumerate(items):
+        for row_no, payload in items:
             try:
                 if isinstance(payload, bytes):
                     payload = decode_json_row(payload)
                 if isinstance(payload, RowError):
                     raise RowReject(payload.reason, payload.detail)
-                pair = to_pair(payload, fmt, source_file, row_no, self.s.system_prompt)
-                p = self.render(pair.prompt_messages, True)
-                fc = self.render(pair.prompt_messages + pair.chosen_messages, False)
-                fr = self.render(pair.prompt_messages + pair.rejected_messages, False)
-                for full, side in ((fc, "chosen"), (fr, "rejected")):
-                    if not full.startswith(p):
-                        raise RowReject("template_boundary",
-                                        f"templated prompt text is not a prefix of the templated prompt+{side}")
-                pending.append((i, pair, p, fc, fr))
+                pairs = to_pairs(payload, plan, source_file, row_no, self.s.system_prompt)
             except RowReject as e:
-                results[i] = Rejected(row_no, e.reason, e.detail)
+                results.append(Rejected(row_no, e.reason, e.detail))
+                continue
             except Exception as e:  # a malformed row must never stop the stage
-                results[i] = Rejected(row_no, "unexpected_error", _short_exc(e))
+                results.append(Rejected(row_no, "unexpected_error", _short_exc(e)))
+                continue
+            for pair in pairs:
+                results.append(None)
+                try:
+                    p = self.render(pair.prompt_messages, True)
+                    fc = self.render(pair.prompt_messages + pair.chosen_messages, False)
+                    fr = self.render(pair.prompt_messages + pair.rejected_messages, False)
+                    for full, side in ((fc, "chosen"), (fr, "rejected")):
+                        if not full.startswith(p):
+                            raise RowReject("template_boundary",
+                                            f"templated prompt text is not a prefix of the templated prompt+{side}")
+                    pending.append((len(results) - 1, pair, p, fc, fr))
+                except RowReject as e:
+                    results[-1] = Rejected(row_no, e.reason, e.detail)
+                except Exception as e:
+                    results[-1] = Rejected(row_no, "unexpected_error", _short_exc(e))
         # rows that fit their window: batched calls into the Rust tokenizer; longer rows: one by one, windowed
         wp, wr = self.window_chars()
         fits = [len(p) <= wp and len(fc) <= len(p) + wr and len(fr) <= len(p) + wr for _, _, p, fc, fr in pending]
@@ -283,7 +295,7 @@ class PairEncoder:
                 raise RowReject("identical_after_truncation", f"chosen and rejected share their first {budget} tokens, "
                                 f"all that fits max_length {s.max_length} after a {len(prompt)}-token prompt")
             raise RowReject("identical_responses", "chosen and rejected have the same token ids")
-        return Encoded(pair.source_row, row_id(pair), prompt, out[0], out[1], prompt_truncated, n_cut)
+        return Encoded(pair.source_row, row_id(pair), prompt, out[0], out[1], prompt_truncated, n_cut, pair.meta)
 
 
 def _restart(text: str, j: int) -> bool:
@@ -334,6 +346,6 @@ def worker_init(tokenizer_dir: str, settings_json: str) -> None:
     _WORKER = PairEncoder(tokenizer_dir, EncodeSettings(**json.loads(settings_json)))
 
 
-def worker_process(source_file: str, fmt: str, items: list[tuple[int, Any]]) -> list[Encoded | Rejected]:
+def worker_process(source_file: str, fmt: ReadPlan | str, items: list[tuple[int, Any]]) -> list[Encoded | Rejected]:
     assert _WORKER is not None, "worker_init was not called"
     return _WORKER.process(source_file, fmt, items)
