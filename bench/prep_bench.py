@@ -25,20 +25,29 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries the parent's peak across fork+exec into
+    it, so a child of a parent that holds torch would report the parent's size whatever the child does."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
+
+
 def child(pairs: str, tok: str, out: str, num_proc: int) -> None:
     from midpo.config import DataConfig
     from midpo.data.prepare import prepare
 
     cfg = DataConfig(max_prompt_tokens=96, max_length=160, eval_fraction=0.05, num_proc=num_proc, shard_rows=50_000)
     t0 = time.perf_counter()
-    m = prepare(cfg, [pairs], tok, out)
+    m = prepare(cfg, [pairs], tok, out, force=True)  # a kept output from an earlier run is rebuilt, not skipped
     dt = time.perf_counter() - t0
     toks = sum(sum(s["tokens"].values()) for s in m["splits"].values())
-    # ru_maxrss is KiB on Linux; children (spawned workers) reported separately
-    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # spawned workers reported separately (the largest one; ru_maxrss is KiB on Linux)
     kids_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(json.dumps({"rows": m["rows"]["read"], "kept": m["rows"]["kept"], "seconds": dt, "tokens": toks,
-                      "peak_rss_mib": self_kib / 1024, "worker_peak_rss_mib": kids_kib / 1024}))
+                      "peak_rss_mib": peak_rss_mib(), "worker_peak_rss_mib": kids_kib / 1024}))
 
 
 def baseline(pairs: str, tok_dir: str, cache: str, num_proc: int) -> None:
@@ -62,8 +71,7 @@ def baseline(pairs: str, tok_dir: str, cache: str, num_proc: int) -> None:
     out = ds.map(tokenize, batched=True, batch_size=512, num_proc=num_proc if num_proc > 1 else None,
                  remove_columns=ds.column_names)
     dt = time.perf_counter() - t0
-    print(json.dumps({"rows": len(out), "seconds": dt,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"rows": len(out), "seconds": dt, "peak_rss_mib": peak_rss_mib()}))
 
 
 def main() -> None:

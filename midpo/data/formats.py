@@ -476,7 +476,7 @@ def _has(*names: str) -> Callable[[dict], bool]:
 
 
 def _rated_detect(r: dict) -> bool:
-    return "prompt" in r and isinstance(r.get("responses"), list) and "chosen" not in r
+    return "prompt" in r and isinstance(r.get("responses"), list)
 
 
 _PAIRWISE = ("prompt", "response_a", "response_b", "label")
@@ -545,10 +545,26 @@ def effective_columns(fmt: str, user: dict[str, str]) -> dict[str, str]:
     return {**FORMATS[fmt].columns, **user}
 
 
+# the fields each kind of format reads: a user mapping of a field a format does not read rules that format out
+_KIND_FIELDS = {"pair": {"prompt", "chosen", "rejected", "system", "score_chosen", "score_rejected"},
+                "labelled": {"prompt", "response_a", "response_b", "label", "score_a", "score_b", "system"},
+                "rated": {"prompt", "responses", "response_text", "score", "rank", "scores", "system"}}
+
+
+def _kind(name: str) -> str:
+    return "rated" if name in RATED else "labelled" if "label" in FORMATS[name].columns else "pair"
+
+
 def detect_formats(row: dict, user: dict[str, str] | None = None) -> list[str]:
-    """Every registered format whose detector accepts this row (viewed through its columns)."""
+    """Every registered format whose detector accepts this row (viewed through its columns) and that reads every
+    field the user mapped (mapping `responses` says the rows are rated lists, even beside a chosen column)."""
     user = user or {}
-    return [f.name for f in FORMATS.values() if f.detect(view_row(row, effective_columns(f.name, user)))]
+    names = [f.name for f in FORMATS.values() if set(user) <= _KIND_FIELDS[_kind(f.name)]
+             and f.detect(view_row(row, effective_columns(f.name, user)))]
+    # a format whose own columns the user remapped fits only through that mapping: it yields to one that fits as is
+    # (nectar with `responses` remapped is the generic rated format)
+    as_is = [n for n in names if not set(user) & set(FORMATS[n].columns)]
+    return as_is if as_is and len(as_is) < len(names) else names
 
 
 def detect_format(row: dict) -> str | None:

@@ -209,6 +209,17 @@ def test_rated_rejects_and_seeded_draws():
     assert draw(0) == draw(0) and draw(0) != draw(1) and len(set(draw(0))) > 1
 
 
+def test_mapping_a_rated_field_selects_the_rated_reading():
+    # princeton-nlp/gemma2-ultrafeedback-armorm: a binarized pair beside all the scored samples
+    row = {"prompt_id": "x", "prompt": "q", "chosen": [U("q"), A("a")], "rejected": [U("q"), A("c")],
+           "all_generated_responses": ["a", "b", "c"], "all_rm_scores": [0.9, 0.1, -0.5]}
+    assert formats.detect_formats(row) == ["conversational"]
+    cols = {"responses": "all_generated_responses", "scores": "all_rm_scores"}
+    assert formats.detect_formats(row, cols) == ["rated"]
+    pairs = read(row, "rated", columns=cols, pairing="all_pairs")
+    assert [texts(p)[1:] for p in pairs] == [("a", "b"), ("a", "c"), ("b", "c")]
+
+
 def test_column_mapping_and_system_column():
     row = {"question": "q", "answer_good": "g", "answer_bad": "b", "sys": "be brief", "prompt": "not this one"}
     cols = {"prompt": "question", "chosen": "answer_good", "rejected": "answer_bad", "system": "sys"}
