@@ -127,6 +127,30 @@ class PairEncoder:
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
+    def _render_pairs(self, pairs: list[Pair]) -> list[tuple[str, str, str] | BaseException]:
+        """(prompt, prompt+chosen, prompt+rejected) texts of each pair: one batched template call per kind (half the
+        per-call overhead of apply_chat_template); a batch that raises is redone pair by pair, so a pair the template
+        refuses costs only itself (its exception in its place)."""
+        if not pairs:
+            return []
+        try:
+            ps = self.tok.apply_chat_template([p.prompt_messages for p in pairs], tokenize=False,
+                                              add_generation_prompt=True)
+            fcs = self.tok.apply_chat_template([p.prompt_messages + p.chosen_messages for p in pairs], tokenize=False)
+            frs = self.tok.apply_chat_template([p.prompt_messages + p.rejected_messages for p in pairs],
+                                               tokenize=False)
+            return list(zip(ps, fcs, frs))
+        except Exception:
+            out: list[tuple[str, str, str] | BaseException] = []
+            for pair in pairs:
+                try:
+                    out.append((self.render(pair.prompt_messages, True),
+                                self.render(pair.prompt_messages + pair.chosen_messages, False),
+                                self.render(pair.prompt_messages + pair.rejected_messages, False)))
+                except Exception as e:
+                    out.append(e)
+            return out
+
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, in batches of at most ENCODE_BATCH_CHARS characters (one text may be longer)."""
         out: list[list[int]] = []
@@ -156,6 +180,7 @@ class PairEncoder:
         plan = ReadPlan(plan) if isinstance(plan, str) else plan
         results: list[Any] = []
         pending: list[tuple[int, Pair, str, str, str]] = []  # (index, pair, prompt, full_c, full_r)
+        to_render: list[tuple[int, Pair]] = []
         for row_no, payload in items:
             try:
                 if isinstance(payload, bytes):
@@ -171,19 +196,21 @@ class PairEncoder:
                 continue
             for pair in pairs:
                 results.append(None)
-                try:
-                    p = self.render(pair.prompt_messages, True)
-                    fc = self.render(pair.prompt_messages + pair.chosen_messages, False)
-                    fr = self.render(pair.prompt_messages + pair.rejected_messages, False)
-                    for full, side in ((fc, "chosen"), (fr, "rejected")):
-                        if not full.startswith(p):
-                            raise RowReject("template_boundary",
-                                            f"templated prompt text is not a prefix of the templated prompt+{side}")
-                    pending.append((len(results) - 1, pair, p, fc, fr))
-                except RowReject as e:
-                    results[-1] = Rejected(row_no, e.reason, e.detail)
-                except Exception as e:
-                    results[-1] = Rejected(row_no, "unexpected_error", _short_exc(e))
+                to_render.append((len(results) - 1, pair))
+        for (i, pair), texts in zip(to_render, self._render_pairs([pair for _, pair in to_render])):
+            try:
+                if isinstance(texts, BaseException):
+                    raise texts
+                p, fc, fr = texts
+                for full, side in ((fc, "chosen"), (fr, "rejected")):
+                    if not full.startswith(p):
+                        raise RowReject("template_boundary",
+                                        f"templated prompt text is not a prefix of the templated prompt+{side}")
+                pending.append((i, pair, p, fc, fr))
+            except RowReject as e:
+                results[i] = Rejected(pair.source_row, e.reason, e.detail)
+            except Exception as e:
+                results[i] = Rejected(pair.source_row, "unexpected_error", _short_exc(e))
         # rows that fit their window: batched calls into the Rust tokenizer; longer rows: one by one, windowed
         wp, wr = self.window_chars()
         fits = [len(p) <= wp and len(fc) <= len(p) + wr and len(fr) <= len(p) + wr for _, _, p, fc, fr in pending]
