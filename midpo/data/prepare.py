@@ -92,6 +92,7 @@ class Input:
     min_score_margin: float
     weight: float | None = None
     max_rows: int | None = None
+    where: str = "data"  # the config entry it comes from, for messages
 
 
 def plan_inputs(cfg: DataConfig, inputs: list[str]) -> list[Input]:
@@ -110,7 +111,7 @@ def plan_inputs(cfg: DataConfig, inputs: list[str]) -> list[Input]:
         fmts.check_columns(columns, f"{where}.columns")
         sources = resolve_inputs([e["path"]], get("split"), get("eval_split"))
         out.append(Input(e["path"], sources, fmt, columns, get("pairing"), float(get("min_score_margin")),
-                         e.get("weight"), e.get("max_rows")))
+                         e.get("weight"), e.get("max_rows"), where))
     seen: dict[Path, str] = {}
     for inp in out:
         for src in inp.sources:
@@ -126,7 +127,7 @@ def _detect(src: Source, rows: Iterator[tuple[int, Any]], inp: Input, seed: int)
     unknown rows are an InputError naming the flag that settles them."""
     plan = lambda name: fmts.ReadPlan(name, tuple(sorted(fmts.effective_columns(name, inp.columns).items())),  # noqa: E731
                                       inp.pairing, inp.min_score_margin, seed)
-    flag = "--format NAME (data.format" + (", or the data.mix entry's format)" if inp.weight or inp.max_rows else ")")
+    flag = "--format NAME (data.format)" if inp.where == "data" else f"format: NAME in {inp.where}"
     if inp.format != "auto":
         return plan(inp.format), False, rows
     peeked = []
@@ -140,7 +141,7 @@ def _detect(src: Source, rows: Iterator[tuple[int, Any]], inp: Input, seed: int)
             if len(names) > 1:
                 raise InputError(
                     f"{src.describe()}: row {row_no} fits several formats ({', '.join(names)}; fields: "
-                    f"{sorted(map(str, value))}); pass {flag} to say which, e.g. --format {names[0]}")
+                    f"{sorted(map(str, value))}); pass {flag} to say which (e.g. {names[0]})")
             if names:
                 return plan(names[0]), True, itertools.chain(peeked, rows)
         if len(peeked) >= DETECT_PEEK_ROWS:
