@@ -350,3 +350,16 @@ def test_cli_columns_flag(tmp_path, tok_dir, sp):
     m = json.loads((out / "manifest.json").read_text())
     assert m["sources"][0]["columns"] == {"prompt": "question", "chosen": "answer_good", "rejected": "answer_bad",
                                           "system": "sys"}
+
+
+def test_mix_takes_shares_and_caps():
+    from midpo.data.prepare import mix_takes
+
+    # weights 2:1:1 over 24, 12, 15 valid pairs: the largest mix with those shares is 48 pairs
+    assert mix_takes([24, 12, 15], [2, 1, 1], [None] * 3) == [24, 12, 12]
+    # a cap bounds its input and, with weights, the whole mix (shares kept): 6 of the second -> 12, 6, 6
+    assert mix_takes([24, 12, 15], [2, 1, 1], [None, 6, None]) == [12, 6, 6]
+    # no weights: every valid pair, up to each cap
+    assert mix_takes([24, 12, 15], [None] * 3, [10, None, 100]) == [10, 12, 15]
+    # shares that do not divide evenly round down to whole pairs
+    assert mix_takes([10, 10], [1, 2], [None, None]) == [5, 10]
