@@ -47,6 +47,7 @@ ID_HEX = 32  # 128 bits of sha256: the row id
 MARGIN_TOKENS = 64  # tokens between a window's cut and the tokens used (see the module docstring)
 MAX_WINDOW_SCALE = 16  # a window grows (x2) at most to this multiple of its first size
 MAX_CHARS_PER_TOKEN_GUESS = 16  # the first window's characters per token: the longest token, at most this
+FAST_RENDER_CHECK = 64  # pairs rendered both ways before the direct template renderer is trusted (_fast_render)
 ENCODE_BATCH_CHARS = 1 << 21  # characters per call into the tokenizer: bounds its memory whatever a chunk holds
 
 
@@ -121,6 +122,8 @@ class PairEncoder:
         self.s = settings
         longest = max((len(t) for t in self.tok.convert_ids_to_tokens(list(range(len(self.tok)))) if t), default=1)
         self.chars_per_token = max(1, min(longest, MAX_CHARS_PER_TOKEN_GUESS))
+        self._fast: Any = None  # the direct template renderer: None untried, False refused, else the function
+        self._fast_left = 0
 
     # -- text ------------------------------------------------------------------------------
 
@@ -133,6 +136,9 @@ class PairEncoder:
         refuses costs only itself (its exception in its place)."""
         if not pairs:
             return []
+        fast = self._fast_render(pairs)
+        if fast is not None:
+            return fast
         try:
             ps = self.tok.apply_chat_template([p.prompt_messages for p in pairs], tokenize=False,
                                               add_generation_prompt=True)
@@ -150,6 +156,41 @@ class PairEncoder:
                 except Exception as e:
                     out.append(e)
             return out
+
+    def _fast_render(self, pairs: list[Pair]) -> list[tuple[str, str, str]] | None:
+        """The texts from transformers' compiled template, called directly: apply_chat_template's per-conversation
+        bookkeeping (copies, message objects, reasoning aliases, tools) is most of the stage's time and does nothing to
+        the plain {role, content} strings midpo builds. Trusted only once the first FAST_RENDER_CHECK pairs render the
+        same both ways; otherwise (or on any error) None, and apply_chat_template renders everything."""
+        if self._fast is False:
+            return None
+        if self._fast is None:
+            try:
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+
+                tmpl = _compile_jinja_template(self.tok.chat_template)
+                kw = dict(self.tok.special_tokens_map)
+            except Exception:  # another transformers: its own path only
+                self._fast = False
+                return None
+            self._fast = lambda msgs, gen: tmpl.render(messages=msgs, tools=None, documents=None,  # noqa: E731
+                                                       add_generation_prompt=gen, **kw)
+            self._fast_left = FAST_RENDER_CHECK
+        r = self._fast
+        try:
+            out = [(r(p.prompt_messages, True), r(p.prompt_messages + p.chosen_messages, False),
+                    r(p.prompt_messages + p.rejected_messages, False)) for p in pairs]
+        except Exception:  # a pair the template refuses: this chunk through apply_chat_template, pair by pair
+            return None
+        if self._fast_left > 0:
+            check = pairs[: self._fast_left]
+            self._fast_left -= len(check)
+            self._fast = False  # the reference below must not take this path
+            ref = self._render_pairs(check)
+            if ref != out[: len(check)]:
+                return None  # stays False: apply_chat_template from now on
+            self._fast = r
+        return out
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, in batches of at most ENCODE_BATCH_CHARS characters (one text may be longer)."""
