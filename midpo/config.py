@@ -76,7 +76,8 @@ class DataConfig:
     """Stage 1 (`midpo prep`): raw preference files -> tokenized sharded Arrow + manifest."""
 
     inputs: list[str] = knob(help="paths or globs; empty = the synthetic default", factory=list)
-    format: str = knob("auto", "auto | standard | conversational | implicit | hh")
+    format: str = knob("auto", "auto | standard | conversational | implicit | hh | pku_saferlhf | shp | helpsteer2 | "
+                       "helpsteer3 | ultrafeedback | nectar | rated (docs/data.md)")
     tokenizer: str | None = knob(None, "tokenizer folder; default: the policy model's folder")
     max_prompt_tokens: int = knob(256, "prompts longer than this keep their END")
     max_length: int = knob(512, "prompt + longest response, in tokens")
@@ -90,6 +91,23 @@ class DataConfig:
     system_prompt: str | None = knob(None, "prepended as a system message when the input has none")
     prompt_overflow: str = knob(
         "truncate", "truncate (keep the END, BOS kept) | drop: prompts over max_prompt_tokens")
+    columns: dict[str, str] = knob(
+        help="field -> column mapping for schemas with other column names, e.g. {prompt: question, chosen: "
+        "answer_good, rejected: answer_bad, system: sys}; on the command line prompt=question,chosen=answer_good "
+        "(fields: docs/data.md)", factory=dict)
+    split: str | None = knob(None, "the split read from a DatasetDict folder or a folder of <split>-*.parquet/jsonl "
+                             "shards (e.g. train_prefs); required when it holds several")
+    eval_split: str | None = knob(None, "a split of the same folder used whole as the eval split (e.g. test_prefs), "
+                                  "instead of an eval_fraction of the rows")
+    pairing: str = knob("best_vs_worst", "rated/ranked lists -> pairs: best_vs_worst | best_vs_random (Zephyr) | "
+                        "all_pairs; ties never become pairs")
+    min_score_margin: float = knob(0.0, "rated/ranked lists: a pair's score (or rank) difference must be at least "
+                                   "this (and > 0)")
+    seed: int = knob(0, "seed of best_vs_random's draws and of data.mix's row selection")
+    mix: list[dict] = knob(
+        help="several inputs mixed (instead of data.inputs): a list of {path, weight | max_rows, format, columns, "
+        "split, eval_split, pairing, min_score_margin}; weights are shares of the kept pairs, max_rows caps a "
+        "source; unset keys take the data.* value", factory=list)
 
     def __post_init__(self) -> None:
         if self.prompt_overflow not in ("drop", "truncate"):
@@ -102,6 +120,42 @@ class DataConfig:
             raise ConfigError("data.max_prompt_tokens must be smaller than data.max_length")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ConfigError(f"data.max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
+        check_data_sources(self)
+
+
+PAIRINGS = ("best_vs_worst", "best_vs_random", "all_pairs")
+MIX_KEYS = {"path": str, "weight": (int, float), "max_rows": int, "format": str, "columns": dict, "split": str,
+            "eval_split": str, "pairing": str, "min_score_margin": (int, float)}
+
+
+def check_data_sources(d: DataConfig) -> None:
+    """data.pairing / min_score_margin / columns / mix: the checks that need no data layer (field names and format
+    names are checked by midpo.data.prepare)."""
+    for where, pairing, margin in [("data", d.pairing, d.min_score_margin),
+                                   *((f"data.mix[{i}]", e.get("pairing"), e.get("min_score_margin"))
+                                     for i, e in enumerate(d.mix) if isinstance(e, dict))]:
+        if pairing is not None and pairing not in PAIRINGS:
+            raise ConfigError(f"{where}.pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
+        if margin is not None and not (isinstance(margin, (int, float)) and margin >= 0):
+            raise ConfigError(f"{where}.min_score_margin must be a number >= 0, got {margin!r}")
+    if d.mix and d.inputs:
+        raise ConfigError("data.mix and data.inputs are both set; list every input in data.mix")
+    for i, e in enumerate(d.mix):
+        where = f"data.mix[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+            raise ConfigError(f"{where} must be a mapping with a path, got {e!r}")
+        for k, v in e.items():
+            if k not in MIX_KEYS:
+                raise ConfigError(f"{where}: unknown key {k!r}; keys: {', '.join(MIX_KEYS)}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, MIX_KEYS[k])):
+                raise ConfigError(f"{where}.{k}: wrong type {type(v).__name__}")
+        if e.get("weight") is not None and not e["weight"] > 0:
+            raise ConfigError(f"{where}.weight must be > 0, got {e['weight']}")
+        if e.get("max_rows") is not None and e["max_rows"] < 1:
+            raise ConfigError(f"{where}.max_rows must be >= 1, got {e['max_rows']}")
+    weighted = [e.get("weight") is not None for e in d.mix]
+    if any(weighted) and not all(weighted):
+        raise ConfigError("data.mix: give every entry a weight, or none (weights are shares of the mix)")
 
 
 @dataclass

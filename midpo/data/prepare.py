@@ -21,18 +21,23 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from midpo.config import DataConfig
 from midpo.data import formats as fmts
-from midpo.data.shards import COLUMNS, SplitWriter
+from midpo.data.shards import COLUMNS, EXTRA_COLUMNS, SplitWriter
 from midpo.data.sources import InputError, Source, decode_json_row, file_size, iter_rows, resolve_inputs
 from midpo.data.tokenization import Encoded, EncodeSettings, PairEncoder, Rejected, is_eval
 from midpo.errors import MidpoError
@@ -51,7 +56,8 @@ DETECT_PEEK_ROWS = 200  # rows read to auto-detect a file's format
 EXAMPLES_PER_REASON = 3
 # DataConfig fields that change the output (num_proc and max_reject_fraction do not)
 OUTPUT_SETTINGS = ("format", "max_prompt_tokens", "max_length", "prompt_overflow", "response_overflow",
-                   "eval_fraction", "shard_rows", "dedup", "system_prompt")
+                   "eval_fraction", "shard_rows", "dedup", "system_prompt", "columns", "split", "eval_split",
+                   "pairing", "min_score_margin", "seed", "mix")
 
 
 class PrepError(MidpoError, RuntimeError):
@@ -71,13 +77,59 @@ def source_fingerprint(src: Source) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading
+# inputs: data.inputs or data.mix -> groups of Sources, each read by a ReadPlan
 
 
-def _detect(src: Source, rows: Iterator[tuple[int, Any]], forced: str) -> tuple[str, bool, Iterator]:
-    """(format, was_detected, the same row stream including the rows peeked at)."""
-    if forced != "auto":
-        return forced, False, rows
+@dataclass
+class Input:
+    """One data.inputs path (or glob) or one data.mix entry: its sources and how they are read and mixed."""
+
+    name: str
+    sources: list[Source]
+    format: str
+    columns: dict[str, str]
+    pairing: str
+    min_score_margin: float
+    weight: float | None = None
+    max_rows: int | None = None
+    where: str = "data"  # the config entry it comes from, for messages
+
+
+def plan_inputs(cfg: DataConfig, inputs: list[str]) -> list[Input]:
+    """The inputs with their settings (a data.mix entry's keys over data.*); errors name the entry."""
+    entries = cfg.mix or [{"path": spec} for spec in inputs]
+    if not entries:
+        raise InputError("no inputs given")
+    out = []
+    for i, e in enumerate(entries):
+        where = f"data.mix[{i}]" if cfg.mix else "data"
+        get = lambda k, e=e: e.get(k) if e.get(k) is not None else getattr(cfg, k)  # noqa: E731
+        fmt = get("format")
+        if fmt != "auto":
+            fmts.get_format(fmt)  # unknown name -> error listing the registry
+        columns = {**cfg.columns, **(e.get("columns") or {})}
+        fmts.check_columns(columns, f"{where}.columns")
+        sources = resolve_inputs([e["path"]], get("split"), get("eval_split"))
+        out.append(Input(e["path"], sources, fmt, columns, get("pairing"), float(get("min_score_margin")),
+                         e.get("weight"), e.get("max_rows"), where))
+    seen: dict[Path, str] = {}
+    for inp in out:
+        for src in inp.sources:
+            key = src.path.resolve() / (src.split or "")
+            if key in seen:
+                raise InputError(f"input {src.describe()} is listed twice ({seen[key]!r} and {inp.name!r})")
+            seen[key] = inp.name
+    return out
+
+
+def _detect(src: Source, rows: Iterator[tuple[int, Any]], inp: Input, seed: int) -> tuple[fmts.ReadPlan, bool, Iterator]:
+    """(the ReadPlan, was the format detected, the same row stream including the rows peeked at). Ambiguous or
+    unknown rows are an InputError naming the flag that settles them."""
+    plan = lambda name: fmts.ReadPlan(name, tuple(sorted(fmts.effective_columns(name, inp.columns).items())),  # noqa: E731
+                                      inp.pairing, inp.min_score_margin, seed)
+    flag = "--format NAME (data.format)" if inp.where == "data" else f"format: NAME in {inp.where}"
+    if inp.format != "auto":
+        return plan(inp.format), False, rows
     peeked = []
     first_keys = None
     for row_no, payload in rows:
@@ -85,19 +137,22 @@ def _detect(src: Source, rows: Iterator[tuple[int, Any]], forced: str) -> tuple[
         value = decode_json_row(payload) if isinstance(payload, bytes) else payload
         if isinstance(value, dict):
             first_keys = first_keys or sorted(map(str, value))
-            name = fmts.detect_format(value)
-            if name:
-                return name, True, itertools.chain(peeked, rows)
+            names = fmts.detect_formats(value, inp.columns)
+            if len(names) > 1:
+                raise InputError(
+                    f"{src.describe()}: row {row_no} fits several formats ({', '.join(names)}; fields: "
+                    f"{sorted(map(str, value))}); pass {flag} to say which (e.g. {names[0]})")
+            if names:
+                return plan(names[0]), True, itertools.chain(peeked, rows)
         if len(peeked) >= DETECT_PEEK_ROWS:
             break
     if not peeked:
-        return "standard", True, iter(())  # an empty file: nothing to read, any format will do
+        return plan("standard"), True, iter(())  # an empty file: nothing to read, any format will do
     raise InputError(
-        f"{src.path}: cannot detect the preference format from its first {len(peeked)} row(s) "
+        f"{src.describe()}: cannot detect the preference format from its first {len(peeked)} row(s) "
         f"(first object's fields: {first_keys or 'none readable'}). Known formats: "
         + "; ".join(f"{f.name} = {f.description}" for f in fmts.FORMATS.values())
-        + ". Pass --format NAME (data.format) to force one."
-    )
+        + f". Pass {flag} to force one, and --columns field=column,... (data.columns) when the column names differ.")
 
 
 def _chunks(rows: Iterator[tuple[int, Any]], stats: dict) -> Iterator[list[tuple[int, Any]]]:
@@ -223,9 +278,10 @@ def _is_complete(out: Path, fingerprint: str) -> dict | None:
 
 def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, *,
             model_dirs: tuple[str | Path, ...] = (), force: bool = False) -> dict:
-    """Run stage 1; returns the manifest. Raises InputError (unreadable or empty input, undetectable format),
-    PrepError (too many rejects, max_length over the model's positions), OutputDirError (an output folder
+    """Run stage 1; returns the manifest. Raises InputError (unreadable or empty input, undetectable or ambiguous
+    format), PrepError (too many rejects, max_length over the model's positions), OutputDirError (an output folder
     midpo may not replace) or ValueError (bad tokenizer); a bad row never raises.
+    inputs: files, globs or folders (ignored when data.mix lists the inputs).
     model_dirs: folders of the models that will train on the data (the tokenizer folder is checked too).
     force: rebuild even when `out_dir` is complete and intact for the same fingerprint."""
     out = Path(out_dir)
@@ -234,14 +290,15 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
         fmts.get_format(cfg.format)  # unknown name -> error listing the registry
     if not Path(tokenizer_dir).is_dir():
         raise InputError(f"tokenizer folder {tokenizer_dir} does not exist")
-    sources = resolve_inputs(list(inputs))
-    input_files = tuple(f for s in sources for f in s.files)
+    groups = plan_inputs(cfg, list(inputs))
+    sources = [(gi, g, src) for gi, g in enumerate(groups) for src in g.sources]
+    input_files = tuple(f for _, _, s in sources for f in s.files)
     check_replaceable(out, inputs=input_files)  # before any work
     _check_positions(cfg.max_length, (tokenizer_dir, *model_dirs))
-    for src in sources:
+    for _, _, src in sources:
         _check_not_empty(src)
     tok_fp = {"files": tokenizer_files(tokenizer_dir), "fingerprint": tokenizer_fingerprint(tokenizer_dir)}
-    src_fps = [source_fingerprint(s) for s in sources]
+    src_fps = [source_fingerprint(s) for _, _, s in sources]
     fingerprint = hash_json({"format_version": FORMAT_VERSION, "tokenizer": tok_fp["fingerprint"],
                              "sources": src_fps, "settings": _settings(cfg)})
     done = None if force else _is_complete(out, fingerprint)
@@ -258,13 +315,14 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
     tmp = temp_dir_for(out, "prep")
     runner = None
     try:
-        writers = {s: SplitWriter(tmp / s, cfg.shard_rows) for s in ("train", "eval")}
+        (tmp / "stage").mkdir(parents=True)
         reject_counts: collections.Counter = collections.Counter()
         examples: dict[str, list] = collections.defaultdict(list)
         seen: set[int] = set()
         trunc = {"prompts_truncated": 0, "responses_truncated": 0}
         longest = 0  # prompt + longer response, in tokens: what a model's positions must cover
-        src_stats = []
+        src_stats: list[dict] = []
+        metas_seen: set[str] = set()
         runner = _Runner(encoder, tokenizer_dir, settings, cfg.num_proc)
         from tqdm.auto import tqdm
 
@@ -277,18 +335,29 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
                 rej_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 reject_counts[reason] += 1
                 stats["rows_rejected"] += 1
+                stats["rejected_by_reason"][reason] = stats["rejected_by_reason"].get(reason, 0) + 1
                 if len(examples[reason]) < EXAMPLES_PER_REASON:
                     examples[reason].append(rec)
 
-            for src, fp in zip(sources, src_fps):
-                stats = {"path": str(src.path), **fp, "rows_read": 0, "rows_kept": 0, "rows_rejected": 0,
-                         "blank_lines": 0}
-                name, detected, rows = _detect(src, iter_rows(src), cfg.format)
-                stats.update(format=name, format_detected=detected)
-                log.info("prep: reading %s (%s format%s)", src.path, name, ", detected" if detected else "")
-                jobs = ((str(src.path), name, chunk) for chunk in _chunks(rows, stats))
+            # pass 1: every source -> its valid pairs, staged (Arrow on disk, memory stays flat)
+            for k, ((gi, g, src), fp) in enumerate(zip(sources, src_fps)):
+                stats = {"path": str(src.path), **({"split": src.split} if src.split else {}),
+                         **({"eval_split": True} if src.eval else {}), "input": g.name, "input_index": gi, **fp,
+                         "fingerprint": hash_json(fp)[:16], "rows_read": 0, "rows_kept": 0, "rows_rejected": 0,
+                         "blank_lines": 0, "rejected_by_reason": {}}
+                plan, detected, rows = _detect(src, iter_rows(src), g, cfg.seed)
+                cols = dict(plan.columns)
+                stats.update(format=plan.format, format_detected=detected, columns=cols)
+                if plan.format in fmts.RATED:
+                    stats.update(pairing=plan.pairing, min_score_margin=plan.min_score_margin)
+                log.info("prep: reading %s as %s (%s; columns %s)", src.describe(), plan.format,
+                         "detected" if detected else "as set", ", ".join(f"{f}={c}" for f, c in cols.items()) or "-")
+                stage = _Stage(tmp / "stage" / f"{k}.arrow")
+                rows_before = stats["rows_read"]
+                results_n = 0
+                jobs = ((str(src.path), plan, chunk) for chunk in _chunks(rows, stats))
                 for (_, _, chunk), results in runner.map(jobs):
-                    cols: dict[str, dict[str, list]] = {s: {c: [] for c in COLUMNS} for s in writers}
+                    results_n += len(results)
                     for res in results:
                         if isinstance(res, Rejected):
                             reject(str(src.path), res.row, res.reason, res.detail, stats)
@@ -300,45 +369,80 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
                             continue
                         if cfg.dedup:
                             seen.add(key)
-                        split = "eval" if is_eval(res.id, cfg.eval_fraction) else "train"
-                        c = cols[split]
-                        c["id"].append(res.id)
-                        c["prompt_ids"].append(res.prompt_ids)
-                        c["chosen_ids"].append(res.chosen_ids)
-                        c["rejected_ids"].append(res.rejected_ids)
+                        stage.add(res)
                         trunc["prompts_truncated"] += res.prompt_truncated
                         trunc["responses_truncated"] += res.responses_truncated
                         longest = max(longest, len(res.prompt_ids) + max(len(res.chosen_ids), len(res.rejected_ids)))
                         stats["rows_kept"] += 1
-                    for s, c in cols.items():
-                        if c["id"]:
-                            writers[s].write(c)
+                    stage.flush()
                     bar.update(len(chunk))
+                stage.close()
+                metas_seen |= stage.metas
+                stats["extra_pairs"] = results_n - (stats["rows_read"] - rows_before)
+                stats["stage"] = stage
                 src_stats.append(stats)
         bar.close()
         runner.close()
         runner = None
+
+        # pass 2: the mix's selection, the eval split, the final shards
+        selections = _select(groups, src_stats, cfg)
+        extra = tuple(c for c in fmts.META_COLUMNS if c in metas_seen) + (("source",) if len(groups) > 1 else ())
+        writers = {s: SplitWriter(tmp / s, cfg.shard_rows, extra) for s in ("train", "eval")}
+        for k, stats in enumerate(src_stats):
+            stage = stats.pop("stage")
+            sel = selections[k]
+            n_out = {"train": 0, "eval": 0}
+            for start, batch in stage.batches():
+                n = batch.num_rows
+                keep = sel.keep[start:start + n] if sel.keep is not None else None
+                ids = batch.column("id").to_pylist()
+                to_eval = [sel.eval_all or (not sel.no_eval and (is_eval(x, cfg.eval_fraction) or x == sel.force_eval))
+                           for x in ids]
+                if len(groups) > 1:
+                    batch = batch.append_column("source", pa.array([stats["input"]] * n, pa.string()))
+                for split, want in (("eval", True), ("train", False)):
+                    mask = [t == want and (keep is None or bool(keep[j])) for j, t in enumerate(to_eval)]
+                    if any(mask):
+                        part = batch.filter(pa.array(mask))
+                        writers[split].write_batch(part)
+                        n_out[split] += part.num_rows
+            stage.remove()
+            stats["rows_dropped_by_mix"] = stats["rows_kept"] - n_out["train"] - n_out["eval"]
+            stats["rows_kept"] = n_out["train"] + n_out["eval"]
+            stats["rows_train"], stats["rows_eval"] = n_out["train"], n_out["eval"]
+            assert stats["rows_read"] + stats["extra_pairs"] == (stats["rows_kept"] + stats["rows_rejected"]
+                                                                 + stats["rows_dropped_by_mix"]), stats
         elapsed = time.perf_counter() - started
 
         read = sum(s["rows_read"] for s in src_stats)
         kept = sum(s["rows_kept"] for s in src_stats)
+        extra_pairs = sum(s["extra_pairs"] for s in src_stats)
+        dropped = sum(s["rows_dropped_by_mix"] for s in src_stats)
         rejected = sum(reject_counts.values())
-        assert read == kept + rejected, (read, kept, rejected)  # every row accounted for
+        assert read + extra_pairs == kept + rejected + dropped, (read, extra_pairs, kept, rejected, dropped)
+        units = read + extra_pairs  # every row, or every pair a rated row made, is kept, rejected or mixed out
         # Duplicates are not broken input (the first copy is kept): they are reported (duplicate_fraction)
         # but do not count toward data.max_reject_fraction, which bounds unusable rows only.
         duplicates = reject_counts.get("duplicate", 0)
         bad = rejected - duplicates
-        if read and bad / read > cfg.max_reject_fraction:
+        if units and bad / units > cfg.max_reject_fraction:
             kept_rejects = _keep_rejects(tmp / "rejects.jsonl", out, input_files)
             top = [(r, n) for r, n in reject_counts.most_common() if r != "duplicate"][:3]
             lines = [f"  {r}: {n} rows ({fmts.REJECT_REASONS[r]}); e.g. " + "; ".join(
                 f"{e['file']} row {e['row']}: {e['detail']}" for e in examples[r][:2]) for r, n in top]
             raise PrepError(
-                f"prep: {bad} of {read} rows ({bad / read:.1%}) are unusable, over data.max_reject_fraction="
+                f"prep: {bad} of {units} rows ({bad / units:.1%}) are unusable, over data.max_reject_fraction="
                 f"{cfg.max_reject_fraction:.1%} (duplicates are not counted: {duplicates} rows). Top reasons:\n"
                 + "\n".join(lines) + f"\nAll rejected rows: {kept_rejects}. No output was written to {out}.")
 
         splits = {s: w.close(hash_json([fingerprint, s])) for s, w in writers.items()}
+        shutil.rmtree(tmp / "stage")
+        rows_rec = {"read": read, "kept": kept, "rejected": rejected}
+        if extra_pairs:
+            rows_rec["extra_pairs"] = extra_pairs  # rated lists: pairs made beyond one per row
+        if dropped:
+            rows_rec["dropped_by_mix"] = dropped
         manifest = {
             "format_version": FORMAT_VERSION,
             "complete": True,
@@ -356,22 +460,24 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
                 **trunc,
             },
             "columns": {"id": "string", "prompt_ids": "list<int32>", "chosen_ids": "list<int32>",
-                        "rejected_ids": "list<int32>"},
+                        "rejected_ids": "list<int32>", **{c: EXTRA_COLUMNS[c] for c in extra}},
             "sources": src_stats,
-            "rows": {"read": read, "kept": kept, "rejected": rejected},
+            "rows": rows_rec,
             "longest_pair_tokens": longest,
             "splits": splits,
             "rejects": {
                 "file": "rejects.jsonl",
                 "by_reason": dict(sorted(reject_counts.items())),
                 # the threshold (data.max_reject_fraction) applies to unusable rows; duplicates are reported apart
-                "unusable_fraction": round(bad / read, 6) if read else 0.0,
-                "duplicate_fraction": round(duplicates / read, 6) if read else 0.0,
+                "unusable_fraction": round(bad / units, 6) if units else 0.0,
+                "duplicate_fraction": round(duplicates / units, 6) if units else 0.0,
                 "explanations": {r: fmts.REJECT_REASONS[r] for r in sorted(reject_counts)},
                 "examples": {r: examples[r] for r in sorted(examples)},
             },
             "elapsed_s": round(elapsed, 3),
         }
+        if cfg.mix:
+            manifest["mix"] = _mix_record(groups, src_stats, selections)
         atomic_write_json(tmp / "manifest.json", manifest)  # last: marks the folder complete
         publish_dir(tmp, out)
     except BaseException:
@@ -383,12 +489,168 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
              read, kept, splits["train"]["rows"], splits["eval"]["rows"], rejected,
              dict(reject_counts) or "", elapsed, out)
     log.info("prep: %.1f%% of rows unusable (limit data.max_reject_fraction=%.1f%%), %.1f%% duplicates (not counted "
-             "toward the limit); longest pair %d tokens (data.max_length %d)", 100 * bad / max(read, 1),
-             100 * cfg.max_reject_fraction, 100 * duplicates / max(read, 1), longest, cfg.max_length)
+             "toward the limit); longest pair %d tokens (data.max_length %d)", 100 * bad / max(units, 1),
+             100 * cfg.max_reject_fraction, 100 * duplicates / max(units, 1), longest, cfg.max_length)
     if splits["eval"]["rows"] == 0:
         log.warning("prep: the eval split is empty (data.eval_fraction=%s, %d rows kept): training will run without "
                     "evaluation", cfg.eval_fraction, kept)
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# staging and selection
+
+
+class _Stage:
+    """One source's valid pairs as an Arrow stream file (ids, scores), written chunk by chunk and read back once."""
+
+    SCHEMA = pa.schema([("id", pa.string()), *((c, pa.list_(pa.int32())) for c in COLUMNS[1:]),
+                        *((c, pa.float64()) for c in fmts.META_COLUMNS)])
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, self.SCHEMA)
+        self._cols: dict[str, list] = {c: [] for c in self.SCHEMA.names}
+        self.rows = 0
+        self.metas: set[str] = set()  # meta columns with at least one value
+        self.min_id: str | None = None
+
+    def add(self, res: Encoded) -> None:
+        c = self._cols
+        c["id"].append(res.id)
+        c["prompt_ids"].append(res.prompt_ids)
+        c["chosen_ids"].append(res.chosen_ids)
+        c["rejected_ids"].append(res.rejected_ids)
+        for name, v in zip(fmts.META_COLUMNS, res.meta):
+            c[name].append(v)
+            if v is not None:
+                self.metas.add(name)
+        if self.min_id is None or res.id[:16] < self.min_id[:16]:
+            self.min_id = res.id
+
+    def flush(self) -> None:
+        if self._cols["id"]:
+            self._writer.write_batch(pa.RecordBatch.from_pydict(self._cols, schema=self.SCHEMA))
+            self.rows += len(self._cols["id"])
+            self._cols = {c: [] for c in self.SCHEMA.names}
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+        self._sink.close()
+
+    def batches(self) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """(row offset, batch) in written order."""
+        start = 0
+        with pa.memory_map(str(self.path), "r") as src:
+            for batch in pa.ipc.open_stream(src):
+                yield start, batch
+                start += batch.num_rows
+
+    def ids(self) -> list[str]:
+        out: list[str] = []
+        for _, b in self.batches():
+            out.extend(b.column("id").to_pylist())
+        return out
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Selection:
+    keep: Any = None  # numpy bool per staged row (None: all)
+    eval_all: bool = False  # an eval_split source: all its rows are eval
+    no_eval: bool = False  # a source whose input has an eval_split: none of its rows are eval
+    force_eval: str | None = None  # a row sent to eval so a small input is represented (see _select)
+
+
+def mix_key(seed: int, rid: str) -> int:
+    """A row's place in its input's selection order: 64 bits of sha256("<seed>:<id>"), independent of the eval
+    split (which uses the id's own first 64 bits)."""
+    return int(hashlib.sha256(f"{seed}:{rid}".encode()).hexdigest()[:16], 16)
+
+
+def mix_takes(available: list[int], weights: list[float | None], caps: list[int | None]) -> list[int]:
+    """Pairs taken from each input: with weights, the largest mix whose shares are the weights' (rounded down to
+    whole rows) within each input's kept pairs and cap; without, each input's kept pairs up to its cap."""
+    lim = [a if c is None else min(a, c) for a, c in zip(available, caps)]
+    if all(w is None for w in weights):
+        return lim
+    total = sum(weights)  # type: ignore[arg-type]
+    shares = [w / total for w in weights]  # type: ignore[operator]
+    t = min(n / s for n, s in zip(lim, shares))
+    return [min(n, int(math.floor(t * s + 1e-9))) for n, s in zip(lim, shares)]
+
+
+def _select(groups: list[Input], src_stats: list[dict], cfg: DataConfig) -> list[_Selection]:
+    """Each source's selection: the mix (a deterministic subset of each input by mix_key, in the sizes of
+    mix_takes) and its eval split: an input's eval_split source whole, else the rows is_eval picks, plus, when
+    that leaves an input of two or more rows without any, its row of smallest id hash (small inputs are
+    represented)."""
+    import numpy as np
+
+    sel = [_Selection() for _ in src_stats]
+    by_group = [[k for k, s in enumerate(src_stats) if s["input_index"] == gi] for gi in range(len(groups))]
+    avail = [sum(src_stats[k]["rows_kept"] for k in ks if not src_stats[k].get("eval_split")) for ks in by_group]
+    takes = mix_takes(avail, [g.weight for g in groups], [g.max_rows for g in groups])
+    for ks, n, take in zip(by_group, avail, takes):
+        main = [k for k in ks if not src_stats[k].get("eval_split")]
+        has_eval_split = len(main) < len(ks)
+        for k in ks:
+            sel[k].eval_all = bool(src_stats[k].get("eval_split"))
+            sel[k].no_eval = has_eval_split and not sel[k].eval_all
+        ids_by_src = None
+        if take < n:
+            ids_by_src = {k: src_stats[k]["stage"].ids() for k in main}
+            keys = np.array([mix_key(cfg.seed, x) for k in main for x in ids_by_src[k]], dtype=np.uint64)
+            order = np.argsort(keys, kind="stable")
+            keep = np.zeros(len(keys), dtype=bool)
+            keep[order[:take]] = True
+            start = 0
+            for k in main:
+                sel[k].keep = keep[start:start + len(ids_by_src[k])]
+                start += len(ids_by_src[k])
+        if has_eval_split or cfg.eval_fraction <= 0 or take < 2:
+            continue
+        # the input's eval rows among those kept; none -> its kept row of smallest id hash
+        cands = []
+        for k in main:
+            if ids_by_src is None:
+                stage = src_stats[k]["stage"]
+                if stage.min_id is not None:
+                    cands.append((stage.min_id[:16], k, stage.min_id, _has_eval(stage, cfg.eval_fraction)))
+            else:
+                kept_ids = [x for x, ok in zip(ids_by_src[k], sel[k].keep) if ok]
+                if kept_ids:
+                    m = min(kept_ids, key=lambda x: x[:16])
+                    cands.append((m[:16], k, m, any(is_eval(x, cfg.eval_fraction) for x in kept_ids)))
+        if cands and not any(c[3] for c in cands):
+            _, k, rid, _ = min(cands)
+            sel[k].force_eval = rid
+    return sel
+
+
+def _has_eval(stage: _Stage, fraction: float) -> bool:
+    # the smallest id hash decides: is_eval is a threshold on it
+    return stage.min_id is not None and is_eval(stage.min_id, fraction)
+
+
+def _mix_record(groups: list[Input], src_stats: list[dict], selections: list[_Selection]) -> list[dict]:
+    out = []
+    for gi, g in enumerate(groups):
+        ss = [s for s in src_stats if s["input_index"] == gi]
+        out.append({"input": g.name, "weight": g.weight, "max_rows": g.max_rows,
+                    "rows_read": sum(s["rows_read"] for s in ss),
+                    "rows_rejected": sum(s["rows_rejected"] for s in ss),
+                    "rows_dropped_by_mix": sum(s["rows_dropped_by_mix"] for s in ss),
+                    "rows_kept": sum(s["rows_kept"] for s in ss),
+                    "rows_train": sum(s["rows_train"] for s in ss), "rows_eval": sum(s["rows_eval"] for s in ss)})
+    total = sum(r["rows_kept"] for r in out)
+    for r in out:
+        r["share"] = round(r["rows_kept"] / total, 6) if total else 0.0
+    return out
 
 
 def _tokenizer_info(encoder: PairEncoder) -> dict[str, Any]:

@@ -19,23 +19,27 @@ from midpo.errors import ConfigError
 from midpo.runtime.integrity import HASHES, hash_split
 
 COLUMNS = ("id", "prompt_ids", "chosen_ids", "rejected_ids")
+# optional columns after the ids (prep adds those its inputs give): the pair's scores and margin, its input
+EXTRA_COLUMNS = {"score_chosen": "float64", "score_rejected": "float64", "score_margin": "float64", "source": "string"}
 
 
-def features():
+def features(extra: tuple[str, ...] = ()):
     import datasets
 
     ids = datasets.List(datasets.Value("int32"))
-    return datasets.Features({"id": datasets.Value("string"), "prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids})
+    return datasets.Features({"id": datasets.Value("string"), "prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
+                              **{c: datasets.Value(EXTRA_COLUMNS[c]) for c in extra}})
 
 
 class SplitWriter:
-    def __init__(self, folder: Path, shard_rows: int):
+    def __init__(self, folder: Path, shard_rows: int, extra: tuple[str, ...] = ()):
         if shard_rows < 1:
             raise ConfigError(f"data.shard_rows must be >= 1, got {shard_rows}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True)
         self.shard_rows = shard_rows
-        self.features = features()
+        self.columns = COLUMNS + tuple(extra)
+        self.features = features(tuple(extra))
         self.schema = self.features.arrow_schema  # carries the `huggingface` metadata datasets reads
         self.parts: list[Path] = []
         self._writer: pa.RecordBatchStreamWriter | None = None
@@ -58,22 +62,30 @@ class SplitWriter:
             self._writer = self._sink = None
 
     def write(self, rows: dict[str, list]) -> None:
-        """rows: column -> list, all the same length."""
+        """rows: column -> list, all the same length (the extra columns may be absent: nulls)."""
         n = len(rows["id"])
+        self.write_batch(pa.RecordBatch.from_pydict(
+            {c: rows[c] if c in rows else [None] * n for c in self.columns}, schema=self.schema))
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        """Arrow rows with (at least) this split's columns, in shards of shard_rows."""
+        import pyarrow.compute as pc
+
+        batch = pa.RecordBatch.from_arrays([batch.column(c).cast(self.schema.field(c).type) for c in self.columns],
+                                           schema=self.schema)
+        n = batch.num_rows
         start = 0
         while start < n:
             if self._writer is None or self._in_shard >= self.shard_rows:
                 self._close_shard()
                 self._open()
             take = min(n - start, self.shard_rows - self._in_shard)
-            part = {c: rows[c][start:start + take] for c in COLUMNS}
-            batch = pa.RecordBatch.from_pydict(part, schema=self.schema)
-            self._writer.write_batch(batch)
+            self._writer.write_batch(batch.slice(start, take))
             self._in_shard += take
             start += take
         self.rows += n
         for side in self.tokens:
-            self.tokens[side] += sum(map(len, rows[f"{side}_ids"]))
+            self.tokens[side] += int(pc.sum(pc.list_value_length(batch.column(f"{side}_ids"))).as_py() or 0)
 
     def close(self, fingerprint: str) -> dict:
         """Finish the split; `fingerprint` (16 hex) becomes the dataset fingerprint datasets caches by."""

@@ -1,8 +1,11 @@
 """Input files -> a stream of raw rows, never the whole file in memory.
 
 Supported: `.jsonl` (one JSON object per line), `.json` (a JSON array, streamed element by element,
-or JSON lines), `.parquet` (record batches), `.arrow` (Arrow IPC file or stream format, memory
-mapped), and a `datasets.save_to_disk` folder (its `.arrow` files).
+or JSON lines), either of them gzip- or zstd-compressed (`.jsonl.gz`, `.json.zst`, ...; zstd through pyarrow's
+codec, no extra package), `.parquet` (record batches), `.arrow` (Arrow IPC file or stream format, memory
+mapped), a `datasets.save_to_disk` folder (its `.arrow` files), a DatasetDict folder (`split` names the split
+read; `eval_split` one read as the eval split), and a folder of data files (sharded parquet/JSON lines as on
+the Hub: `<split>-00000-of-00002.parquet` or `<split>/0000.parquet`, grouped into splits the same way).
 
 Rows are numbered from 1: the line number for JSON lines, the element/record number otherwise.
 A row is yielded as `(row_no, payload)`; payload is `bytes` (an undecoded JSON line, parsed later in
@@ -13,8 +16,10 @@ from __future__ import annotations
 
 import codecs
 import glob
+import gzip
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +28,8 @@ from typing import Any
 from midpo.errors import MidpoError
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+_SHARD = re.compile(r"^(?P<split>[A-Za-z0-9_.]+?)-\d{5}-of-\d{5}")  # Hub shard names: train-00000-of-00003...
 _BATCH_ROWS = 1024
 _JSON_CHUNK = 1 << 20
 _JSON_MAX_ELEMENT = 256 << 20  # one array element larger than this is treated as corrupt
@@ -42,16 +49,19 @@ class RowError:
 
 @dataclass(frozen=True)
 class Source:
-    path: Path  # the file, or the save_to_disk folder
-    kind: str  # jsonl | json | parquet | arrow | hf_dataset
+    path: Path  # the file, or the folder
+    kind: str  # jsonl | json | parquet | arrow | hf_dataset | folder (data files of the kinds above)
     files: tuple[Path, ...]  # the files that hold its bytes (hashed for the fingerprint)
+    split: str | None = None  # the split of a DatasetDict / sharded folder it was read from
+    eval: bool = False  # its rows are the eval split (data.eval_split), not drawn by data.eval_fraction
 
     def describe(self) -> str:
-        return str(self.path)
+        return str(self.path) + (f" [{self.split}]" if self.split else "")
 
 
-def resolve_inputs(inputs: list[str]) -> list[Source]:
-    """Expand paths and globs (sorted, duplicates removed) into Sources; errors name the input."""
+def resolve_inputs(inputs: list[str], split: str | None = None, eval_split: str | None = None) -> list[Source]:
+    """Expand paths and globs (sorted, duplicates removed) into Sources; errors name the input. `split` /
+    `eval_split` pick splits of DatasetDict and sharded folders (an eval split becomes a Source with eval=True)."""
     if not inputs:
         raise InputError("no inputs given")
     out: list[Source] = []
@@ -68,16 +78,83 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
             if rp in seen:
                 continue
             seen.add(rp)
-            out.append(_source(p))
+            out.extend(_sources(p, split, eval_split))
     return out
+
+
+def _data_kind(p: Path) -> str | None:
+    """jsonl | json | parquet | arrow for a data file's name (compressed JSON included), else None."""
+    name = p.name.lower()
+    for ext, _ in COMPRESSIONS.items():
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            if not name.endswith((".jsonl", ".json")):
+                return None
+            break
+    ext = os.path.splitext(name)[1]
+    return ext[1:] if ext in EXTENSIONS else None
+
+
+def compression_of(p: Path) -> str | None:
+    return next((c for ext, c in COMPRESSIONS.items() if p.name.lower().endswith(ext)), None)
+
+
+def _split_of(root: Path, f: Path) -> str | None:
+    m = _SHARD.match(f.name)
+    if m:
+        return m.group("split")
+    return f.parent.name if f.parent != root else None
+
+
+def _pick_splits(p: Path, splits: list[str], split: str | None, eval_split: str | None, what: str,
+                 require: bool = False) -> list[str]:
+    for name, flag in ((split, "data.split"), (eval_split, "data.eval_split")):
+        if name is not None and name not in splits:
+            raise InputError(f"input {p}: {flag}={name!r} is not one of its splits {splits}")
+    if split is None:
+        if require or len(splits) != 1 or eval_split is not None:
+            raise InputError(f"input {p} is a {what} with splits {splits}; pass one split folder, e.g. "
+                             f"{p / (splits[0] if splits else 'train')}, or name the split: --split NAME (data.split; "
+                             "--eval-split NAME reads another as the eval split)")
+        split = splits[0]
+    return [split] + ([eval_split] if eval_split else [])
+
+
+def _sources(p: Path, split: str | None, eval_split: str | None) -> list[Source]:
+    if p.is_dir() and (p / "dataset_dict.json").exists():
+        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+        names = _pick_splits(p, splits, split, eval_split, "DatasetDict", require=True)  # named even with one
+        return [_with(_source(p / n), split=n, eval=i == 1) for i, n in enumerate(names)]
+    if p.is_dir() and not (p / "state.json").exists():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _data_kind(f) and not f.name.startswith("."))
+        if not files:
+            raise InputError(f"input {p} is a folder but not a datasets.save_to_disk folder (no state.json) and "
+                             f"holds no data files ({', '.join(EXTENSIONS)}, optionally .gz/.zst)")
+        groups: dict[str | None, list[Path]] = {}
+        for f in files:
+            groups.setdefault(_split_of(p, f), []).append(f)
+        if list(groups) == [None]:
+            if split or eval_split:
+                raise InputError(f"input {p}: its files are not named by split; data.split/eval_split do not apply")
+            return [Source(p, "folder", tuple(files))]
+        names = _pick_splits(p, sorted(str(g) for g in groups), split, eval_split, "sharded folder")
+        return [Source(p, "folder", tuple(groups[n]), split=n, eval=i == 1) for i, n in enumerate(names)]
+    if split or eval_split:
+        src = _source(p)
+        if src.kind != "hf_dataset" or eval_split:
+            raise InputError(f"input {p} has no splits; data.split/eval_split apply to DatasetDict and sharded folders")
+        return [src]
+    return [_source(p)]
+
+
+def _with(src: Source, **kw) -> Source:
+    import dataclasses
+
+    return dataclasses.replace(src, **kw)
 
 
 def _source(p: Path) -> Source:
     if p.is_dir():
-        if (p / "dataset_dict.json").exists():
-            splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
-            raise InputError(f"input {p} is a DatasetDict with splits {splits}; pass one split folder, "
-                             f"e.g. {p / (splits[0] if splits else 'train')}")
         state = p / "state.json"
         if not state.exists():
             raise InputError(f"input {p} is a folder but not a datasets.save_to_disk folder (no state.json)")
@@ -90,28 +167,51 @@ def _source(p: Path) -> Source:
         if missing:
             raise InputError(f"input {p}: state.json lists missing files {missing}")
         return Source(p, "hf_dataset", files)
-    ext = p.suffix.lower()
-    if ext not in EXTENSIONS:
+    kind = _data_kind(p)
+    if kind is None:
+        ext = p.suffix.lower()
         raise InputError(f"input {p}: unsupported file type {ext or '(none)'}; supported: "
-                         f"{', '.join(EXTENSIONS)} or a datasets.save_to_disk folder")
-    return Source(p, ext[1:], (p,))
+                         f"{', '.join(EXTENSIONS)} (JSON also .gz/.zst), a datasets.save_to_disk or DatasetDict "
+                         "folder, or a folder of such files")
+    return Source(p, kind, (p,))
 
 
 def iter_rows(src: Source) -> Iterator[tuple[int, Any]]:
-    if src.kind == "jsonl":
-        yield from _iter_jsonl(src.path)
-    elif src.kind == "json":
-        yield from _iter_json(src.path)
-    elif src.kind == "parquet":
-        yield from _iter_parquet(src.path)
-    elif src.kind in ("arrow", "hf_dataset"):
-        n = 0
+    if src.kind in ("arrow", "hf_dataset", "folder") or len(src.files) > 1:
+        n = 0  # rows (lines, for JSON lines) numbered across the files of one source
         for f in src.files:
-            for _, row in _iter_arrow(f):
+            for _, row in _iter_file(f, _data_kind(f) or "arrow"):
                 n += 1
                 yield n, row
+        return
+    yield from _iter_file(src.path, src.kind)
+
+
+def _iter_file(path: Path, kind: str) -> Iterator[tuple[int, Any]]:
+    if kind == "jsonl":
+        yield from _iter_jsonl(path)
+    elif kind == "json":
+        yield from _iter_json(path)
+    elif kind == "parquet":
+        yield from _iter_parquet(path)
+    elif kind == "arrow":
+        yield from _iter_arrow(path)
     else:  # pragma: no cover - resolve_inputs only makes the kinds above
-        raise InputError(f"{src.path}: unknown source kind {src.kind}")
+        raise InputError(f"{path}: unknown file kind {kind}")
+
+
+def _open(path: Path):
+    """A binary reader of the file's (decompressed) bytes, iterable by line."""
+    comp = compression_of(path)
+    if comp == "gzip":
+        return gzip.open(path, "rb")
+    if comp == "zstd":
+        import io
+
+        import pyarrow as pa
+
+        return io.BufferedReader(pa.input_stream(str(path), compression="zstd"))
+    return open(path, "rb")
 
 
 _UTF8_BOM = codecs.BOM_UTF8
@@ -119,7 +219,7 @@ _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for line_no, line in enumerate(f, start=1):
             if line_no == 1:
                 line = _strip_bom(path, line)
@@ -150,7 +250,7 @@ def decode_json_row(payload: bytes) -> Any:
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:
+    with _open(path) as f:
         head = _strip_bom(path, f.read(4096)).lstrip()
     if not head.startswith(b"["):
         yield from _iter_jsonl(path)  # many `.json` files are JSON lines
@@ -166,7 +266,7 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
     utf8 = codecs.getincrementaldecoder("utf-8-sig")()
     buf, pos, n, eof = "", 0, 0, False
     started = False
-    with open(path, "rb") as f:
+    with _open(path) as f:
 
         def more() -> bool:
             nonlocal buf, pos, eof

@@ -38,7 +38,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from midpo.data.formats import Pair, RowReject, to_pair
+from midpo.data.formats import NO_META, Meta, Pair, ReadPlan, RowReject, to_pairs
 from midpo.data.sources import RowError, decode_json_row
 from midpo.errors import UnusableInputError
 from midpo.runtime.fingerprint import hash_json
@@ -47,6 +47,7 @@ ID_HEX = 32  # 128 bits of sha256: the row id
 MARGIN_TOKENS = 64  # tokens between a window's cut and the tokens used (see the module docstring)
 MAX_WINDOW_SCALE = 16  # a window grows (x2) at most to this multiple of its first size
 MAX_CHARS_PER_TOKEN_GUESS = 16  # the first window's characters per token: the longest token, at most this
+FAST_RENDER_CHECK = 64  # pairs rendered both ways before the direct template renderer is trusted (_fast_render)
 ENCODE_BATCH_CHARS = 1 << 21  # characters per call into the tokenizer: bounds its memory whatever a chunk holds
 
 
@@ -78,6 +79,7 @@ class Encoded:
     rejected_ids: list[int]
     prompt_truncated: bool
     responses_truncated: int
+    meta: Meta = NO_META  # score_chosen, score_rejected, score_margin (formats.META_COLUMNS)
 
 
 @dataclass
@@ -120,11 +122,75 @@ class PairEncoder:
         self.s = settings
         longest = max((len(t) for t in self.tok.convert_ids_to_tokens(list(range(len(self.tok)))) if t), default=1)
         self.chars_per_token = max(1, min(longest, MAX_CHARS_PER_TOKEN_GUESS))
+        self._fast: Any = None  # the direct template renderer: None untried, False refused, else the function
+        self._fast_left = 0
 
     # -- text ------------------------------------------------------------------------------
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _render_pairs(self, pairs: list[Pair]) -> list[tuple[str, str, str] | BaseException]:
+        """(prompt, prompt+chosen, prompt+rejected) texts of each pair: one batched template call per kind (half the
+        per-call overhead of apply_chat_template); a batch that raises is redone pair by pair, so a pair the template
+        refuses costs only itself (its exception in its place)."""
+        if not pairs:
+            return []
+        fast = self._fast_render(pairs)
+        if fast is not None:
+            return fast
+        try:
+            ps = self.tok.apply_chat_template([p.prompt_messages for p in pairs], tokenize=False,
+                                              add_generation_prompt=True)
+            fcs = self.tok.apply_chat_template([p.prompt_messages + p.chosen_messages for p in pairs], tokenize=False)
+            frs = self.tok.apply_chat_template([p.prompt_messages + p.rejected_messages for p in pairs],
+                                               tokenize=False)
+            return list(zip(ps, fcs, frs))
+        except Exception:
+            out: list[tuple[str, str, str] | BaseException] = []
+            for pair in pairs:
+                try:
+                    out.append((self.render(pair.prompt_messages, True),
+                                self.render(pair.prompt_messages + pair.chosen_messages, False),
+                                self.render(pair.prompt_messages + pair.rejected_messages, False)))
+                except Exception as e:
+                    out.append(e)
+            return out
+
+    def _fast_render(self, pairs: list[Pair]) -> list[tuple[str, str, str]] | None:
+        """The texts from transformers' compiled template, called directly: apply_chat_template's per-conversation
+        bookkeeping (copies, message objects, reasoning aliases, tools) is most of the stage's time and does nothing to
+        the plain {role, content} strings midpo builds. Trusted only once the first FAST_RENDER_CHECK pairs render the
+        same both ways; otherwise (or on any error) None, and apply_chat_template renders everything."""
+        if self._fast is False:
+            return None
+        if self._fast is None:
+            try:
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+
+                tmpl = _compile_jinja_template(self.tok.chat_template)
+                kw = dict(self.tok.special_tokens_map)
+            except Exception:  # another transformers: its own path only
+                self._fast = False
+                return None
+            self._fast = lambda msgs, gen: tmpl.render(messages=msgs, tools=None, documents=None,  # noqa: E731
+                                                       add_generation_prompt=gen, **kw)
+            self._fast_left = FAST_RENDER_CHECK
+        r = self._fast
+        try:
+            out = [(r(p.prompt_messages, True), r(p.prompt_messages + p.chosen_messages, False),
+                    r(p.prompt_messages + p.rejected_messages, False)) for p in pairs]
+        except Exception:  # a pair the template refuses: this chunk through apply_chat_template, pair by pair
+            return None
+        if self._fast_left > 0:
+            check = pairs[: self._fast_left]
+            self._fast_left -= len(check)
+            self._fast = False  # the reference below must not take this path
+            ref = self._render_pairs(check)
+            if ref != out[: len(check)]:
+                return None  # stays False: apply_chat_template from now on
+            self._fast = r
+        return out
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, in batches of at most ENCODE_BATCH_CHARS characters (one text may be longer)."""
@@ -149,29 +215,43 @@ class PairEncoder:
 
     # -- one chunk ---------------------------------------------------------------------------
 
-    def process(self, source_file: str, fmt: str, items: list[tuple[int, Any]]) -> list[Encoded | Rejected]:
-        """items: (row_no, payload) from sources.iter_rows. Results keep the input order."""
-        results: list[Any] = [None] * len(items)
+    def process(self, source_file: str, plan: ReadPlan | str, items: list[tuple[int, Any]]) -> list[Encoded | Rejected]:
+        """items: (row_no, payload) from sources.iter_rows. Results keep the input order: one per row, or one per
+        pair for a row that makes several (a rated list); a row rejected whole gives one Rejected."""
+        plan = ReadPlan(plan) if isinstance(plan, str) else plan
+        results: list[Any] = []
         pending: list[tuple[int, Pair, str, str, str]] = []  # (index, pair, prompt, full_c, full_r)
-        for i, (row_no, payload) in enumerate(items):
+        to_render: list[tuple[int, Pair]] = []
+        for row_no, payload in items:
             try:
                 if isinstance(payload, bytes):
                     payload = decode_json_row(payload)
                 if isinstance(payload, RowError):
                     raise RowReject(payload.reason, payload.detail)
-                pair = to_pair(payload, fmt, source_file, row_no, self.s.system_prompt)
-                p = self.render(pair.prompt_messages, True)
-                fc = self.render(pair.prompt_messages + pair.chosen_messages, False)
-                fr = self.render(pair.prompt_messages + pair.rejected_messages, False)
+                pairs = to_pairs(payload, plan, source_file, row_no, self.s.system_prompt)
+            except RowReject as e:
+                results.append(Rejected(row_no, e.reason, e.detail))
+                continue
+            except Exception as e:  # a malformed row must never stop the stage
+                results.append(Rejected(row_no, "unexpected_error", _short_exc(e)))
+                continue
+            for pair in pairs:
+                results.append(None)
+                to_render.append((len(results) - 1, pair))
+        for (i, pair), texts in zip(to_render, self._render_pairs([pair for _, pair in to_render])):
+            try:
+                if isinstance(texts, BaseException):
+                    raise texts
+                p, fc, fr = texts
                 for full, side in ((fc, "chosen"), (fr, "rejected")):
                     if not full.startswith(p):
                         raise RowReject("template_boundary",
                                         f"templated prompt text is not a prefix of the templated prompt+{side}")
                 pending.append((i, pair, p, fc, fr))
             except RowReject as e:
-                results[i] = Rejected(row_no, e.reason, e.detail)
-            except Exception as e:  # a malformed row must never stop the stage
-                results[i] = Rejected(row_no, "unexpected_error", _short_exc(e))
+                results[i] = Rejected(pair.source_row, e.reason, e.detail)
+            except Exception as e:
+                results[i] = Rejected(pair.source_row, "unexpected_error", _short_exc(e))
         # rows that fit their window: batched calls into the Rust tokenizer; longer rows: one by one, windowed
         wp, wr = self.window_chars()
         fits = [len(p) <= wp and len(fc) <= len(p) + wr and len(fr) <= len(p) + wr for _, _, p, fc, fr in pending]
@@ -283,7 +363,7 @@ class PairEncoder:
                 raise RowReject("identical_after_truncation", f"chosen and rejected share their first {budget} tokens, "
                                 f"all that fits max_length {s.max_length} after a {len(prompt)}-token prompt")
             raise RowReject("identical_responses", "chosen and rejected have the same token ids")
-        return Encoded(pair.source_row, row_id(pair), prompt, out[0], out[1], prompt_truncated, n_cut)
+        return Encoded(pair.source_row, row_id(pair), prompt, out[0], out[1], prompt_truncated, n_cut, pair.meta)
 
 
 def _restart(text: str, j: int) -> bool:
@@ -334,6 +414,6 @@ def worker_init(tokenizer_dir: str, settings_json: str) -> None:
     _WORKER = PairEncoder(tokenizer_dir, EncodeSettings(**json.loads(settings_json)))
 
 
-def worker_process(source_file: str, fmt: str, items: list[tuple[int, Any]]) -> list[Encoded | Rejected]:
+def worker_process(source_file: str, fmt: ReadPlan | str, items: list[tuple[int, Any]]) -> list[Encoded | Rejected]:
     assert _WORKER is not None, "worker_init was not called"
     return _WORKER.process(source_file, fmt, items)

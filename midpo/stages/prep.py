@@ -16,7 +16,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from midpo.config import DataConfig, field_help
+from midpo.config import PAIRINGS, DataConfig, field_help
 from midpo.data import formats as fmts
 from midpo.data.prepare import prepare
 
@@ -45,7 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["choices"] = ["auto", *fmts.FORMATS]
         elif f.name in ("prompt_overflow", "response_overflow"):
             kw["choices"] = ["drop", "truncate"]
-        if isinstance(default, bool):
+        elif f.name == "pairing":
+            kw["choices"] = list(PAIRINGS)
+        if f.name == "columns":
+            kw["help"] += "; as field=column,field=column"
+            parser.add_argument(flag, type=parse_columns, metavar="FIELD=COLUMN,...", **kw)
+        elif f.name == "mix":
+            kw["help"] += "; on the command line as YAML, e.g. '[{path: a.jsonl, weight: 2}, {path: b.parquet}]'"
+            parser.add_argument(flag, type=_yaml, metavar="YAML", **kw)
+        elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, int):
             parser.add_argument(flag, type=int, **kw)
@@ -55,6 +63,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=str, **kw)
     parser.epilog = ("Precedence: defaults < --config recipe < data.KEY=VALUE overrides < explicit options. "
                      "Reject reasons: " + ", ".join(fmts.REJECT_REASONS))
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`prompt=question,chosen=answer_good` -> {"prompt": "question", "chosen": "answer_good"}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        field, sep, column = part.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise argparse.ArgumentTypeError(f"{part!r} must look like field=column (e.g. prompt=question)")
+        out[field.strip()] = column.strip()
+    return out
+
+
+def _yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 def resolve(args: Any):
@@ -70,6 +95,10 @@ def resolve(args: Any):
     # into the run's own data folder: the run's paths (checked against, or recorded in, <run_dir>/config.yaml);
     # with --out: a standalone use, no run involved
     layout = RunLayout.resolve(cfg) if args.out else claim_run(cfg, needs=("tokenizer",))
+    if cfg.data.mix and getattr(args, "inputs", None):
+        from midpo.errors import ConfigError
+
+        raise ConfigError("data.mix lists the inputs; do not also pass INPUT paths")
     inputs = list(getattr(args, "inputs", None) or cfg.data.inputs or layout.default_inputs)
     out = args.out or str(layout.data)
     models = tuple(m for m in (cfg.model.policy, cfg.model.reference) if m)

@@ -80,6 +80,8 @@ def test_reject_reasons_are_all_tested_or_documented():
     # identical_after_truncation: below; truncation_unstable: test_prep_long_rows.py
     tested = {r for _, r in ROWS if r} | {"no_shared_prompt", "template_boundary", "identical_after_truncation",
                                           "truncation_unstable"}
+    # the published schemas' reasons: tests/data/test_prep_schemas.py
+    tested |= {"prompt_mismatch", "tie", "abstention", "too_few_responses", "score_margin_too_small"}
     untested = set(REJECT_REASONS) - tested
     assert untested == {"unexpected_error"}  # the catch-all; see test below
 
