@@ -113,7 +113,8 @@ class ModelConfig:
     reference: str | None = knob(None, "HF folder of pi_ref; default: the policy's initial weights")
     dtype: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
     attn_implementation: str = knob(
-        "auto", "auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager")
+        "auto", "auto (flash_attention_2 on CUDA when installed, else sdpa; only what the model family supports: "
+        "Gemma 2's attention soft-capping gets eager on CPU) | flash_attention_2 | sdpa | eager")
     trust_remote_code: bool = knob(False, "never on unless the recipe says so")
     gradient_checkpointing: bool = knob(
         False, "recompute activations in the backward pass instead of keeping them (memory for time)")

@@ -250,6 +250,19 @@ def _chunk_logps(head: torch.nn.Module, softcap: float | None, h: torch.Tensor, 
     return _logps_from_logits(softcap, head(h), t)  # (m,)
 
 
+def attention_windows(config) -> dict[str, int | None]:
+    """Layer type -> sliding window (None: full attention) of a transformers config: Mistral's one window for
+    every layer, Gemma 2's alternating sliding/full layers (`layer_types`), Qwen's windows when switched on
+    (`sliding_window` is None or 0 when off)."""
+    window = getattr(config, "sliding_window", None) or None
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return {"sliding_attention" if window else "full_attention": window}
+    return {t: (window if t == "sliding_attention" else None) for t in dict.fromkeys(types)}
+
+
 def _attn_implementation(model) -> str | None:
     return getattr(model.config, "_attn_implementation", None) or getattr(model.config, "attn_implementation", None)
 
@@ -291,7 +304,8 @@ def response_logps(
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    kw = batch.model_inputs(_attn_implementation(model), dtype=head.weight.dtype)
+    kw = batch.model_inputs(_attn_implementation(model), dtype=head.weight.dtype,
+                            windows=attention_windows(model.config))
     out = decoder(**kw, use_cache=False, output_hidden_states=return_hidden)
     hid = out.last_hidden_state  # (R, T, H)
     h = hid.reshape(-1, hid.shape[-1]).index_select(0, batch.logit_index)  # (N, H)

@@ -174,7 +174,7 @@ class Trainer:
         from midpo.runtime.models import compile_decoder, load_model, pad_id_of, resolve_attn, resolve_dtype
 
         cfg, tc, layout = self.cfg, self.cfg.train, self.layout
-        self.dtype, self.attn = resolve_dtype(cfg.model.dtype), resolve_attn(cfg.model.attn_implementation)
+        self.dtype, self.attn = resolve_dtype(cfg.model.dtype), resolve_attn(cfg.model.attn_implementation, self.hf_config)
         ds_config = resolve_ds_config(cfg, pdist.world_size(), self.hf_config.hidden_size)
         keep_alive = _zero3_loading(ds_config)  # noqa: F841  (must stay alive while from_pretrained runs)
         model = load_model(layout.policy, cfg.model, device=pdist.device(), train=True)
