@@ -248,6 +248,10 @@ class TrainConfig:
     head_chunk_tokens: int = knob(
         1024, "response positions per output-head call: bounds the fp32 logits alive at once (chunks x vocab); the "
         "head runs in the same number of chunks on every rank (ZeRO-3 gathers it per call)")
+    router_aux_loss_coef: float | None = knob(
+        None, "mixture-of-experts policies (Mixtral, Qwen2-MoE): weight of the routers' load-balancing loss added to "
+        "the policy's loss (logged as router/aux_loss); None = the model config's own router_aux_loss_coef; 0 = off. "
+        "Refused for a dense model")
     profile_steps: list[int] = knob(
         help="a torch.profiler window over optimizer steps [A, B] (1-based, inclusive), e.g. [3, 5]: per-rank "
         "operator tables and Chrome traces in <run_dir>/logs/profile_rank<r>.{txt,json}; [] = off (the profiler "
@@ -262,6 +266,8 @@ class TrainConfig:
             raise ConfigError("train.log_every must be >= 1")
         if self.head_chunk_tokens < 1:
             raise ConfigError(f"train.head_chunk_tokens must be >= 1, got {self.head_chunk_tokens}")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ConfigError(f"train.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if self.profile_steps:
             check_step_window(self.profile_steps, "train.profile_steps")
 

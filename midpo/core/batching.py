@@ -107,6 +107,17 @@ class PairBatch:
         rows = torch.arange(n_seq, device=self.input_ids.device)[:, None].expand_as(self.input_ids)
         return torch.where(self.attention_mask.bool(), rows, n_seq)  # (2B, T)
 
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """(R, T) bool: the slots of real tokens (False: padding), in every layout."""
+        if self.layout == "packed":
+            return self.segment_ids < self.seq_lens.numel()
+        if self.layout == "padded":
+            return self.attention_mask.bool()
+        B = self.num_pairs
+        row_lens = self.prompt_lens[:B] + self.response_lens[:B] + self.response_lens[B:]  # (B,)
+        return torch.arange(self.input_ids.shape[1], device=row_lens.device)[None, :] < row_lens[:, None]
+
     def _within(self, window: int | None) -> torch.Tensor | bool:
         """(R, T, T) bool: key k is less than `window` positions behind query q (HF's sliding window: a token sees
         itself and the window - 1 before it); True without a window. Positions, not slots: in the shared layout
