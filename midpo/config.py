@@ -335,6 +335,33 @@ class OnPolicyConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The exported Hugging Face folder (`midpo export`, and the end of `midpo train`)."""
+
+    max_shard_size: str = knob(
+        "4GB", "largest safetensors file of the export (e.g. 5GB, 500MB, or bytes); a bigger model is written as "
+        "model-0000k-of-0000n.safetensors with model.safetensors.index.json, as transformers saves it")
+
+    def __post_init__(self) -> None:
+        parse_size(self.max_shard_size, "export.max_shard_size")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str | int, key: str) -> int:
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units as transformers reads them)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _SIZE_UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"{key} must be a positive size such as 5GB, 500MB or a number of bytes; got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+@dataclass
 class Config:
     """A whole run: every stage reads this one resolved config and writes only inside run_dir."""
 
@@ -349,6 +376,7 @@ class Config:
     ref: RefConfig = section(RefConfig)
     train: TrainConfig = section(TrainConfig)
     prior_net: PriorNetConfig = section(PriorNetConfig)
+    export: ExportConfig = section(ExportConfig)
 
     @property
     def run_path(self) -> Path:
@@ -383,6 +411,7 @@ RESUME_MUTABLE: dict[str, str] = {
     "ref.rows_per_shard": "stage 2 resume granularity; training checks the cache by fingerprint",
     "ref.zero3": "how stage 2 holds the reference; training checks the cache by fingerprint",
     "sft.num_threads": "threads of the single-process stages",
+    "export.max_shard_size": "how the exported weights are split into files",
 }
 
 

@@ -477,9 +477,11 @@ class Trainer:
 
     def _export(self) -> None:
         """COLLECTIVE: <run_dir>/export (the policy), then <run_dir>/export/prior (the prior network)."""
+        from midpo.config import parse_size
         from midpo.runtime.export import export_engine
 
-        kw = {"dtype": self.dtype, "tokenizer_dir": self.layout.tokenizer, "step": self.state.step}
+        kw = {"dtype": self.dtype, "tokenizer_dir": self.layout.tokenizer, "step": self.state.step,
+              "max_shard_bytes": parse_size(self.cfg.export.max_shard_size, "export.max_shard_size")}
         export_engine(self.policy, self.layout.export, source_dir=self.layout.policy, **kw)
         if self.obj.prior_net is not None:  # after the policy: its folder is replaced as a whole
             export_engine(self.obj.prior_net.engine, self.layout.export / "prior", source_dir=None, **kw)

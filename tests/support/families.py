@@ -107,7 +107,7 @@ class Family:
     tied: bool = False
     vocab_pad: int = 0  # model vocab = tokenizer length rounded up to a multiple of 64, plus this
     config: dict = field(default_factory=dict)  # family-specific config fields
-    system: bool = True  # the template takes a system message
+    system: bool = True  # a system message keeps the prompt a prefix of the conversation
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -120,7 +120,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            {"eos": "<|im_end|>", "pad": "<|endoftext|>"}, QWEN3_TEMPLATE, ["<|im_end|>", "<|endoftext|>"],
            split=QWEN2_SPLIT, tied=True, vocab_pad=64, config={"head_dim": 8}),
     Family("mistral", "MistralConfig", "metaspace", ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
-           {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}, MISTRAL_TEMPLATE, ["</s>"], config={"sliding_window": 16}),
+           {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}, MISTRAL_TEMPLATE, ["</s>"], config={"sliding_window": 16},
+           system=False),  # its system prompt joins the LAST user turn: the prompt alone is no prefix (prep rejects)
     Family("gemma2", "Gemma2Config", "metaspace",
            ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
            {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>"}, GEMMA2_TEMPLATE, ["<eos>", "<end_of_turn>"],
@@ -218,8 +219,9 @@ def tiny_config(fam: Family, tok, *, layers: int = 2):
     return cls(**kw)
 
 
-def build_family(name: str, out: Path, seed: int = 0, *, layers: int = 2) -> Path:
-    """One HF folder at `out`: the family's tiny random model, its tokenizer and its generation config."""
+def build_family(name: str, out: Path, seed: int = 0, *, layers: int = 2, max_shard_size: str | None = None) -> Path:
+    """One HF folder at `out`: the family's tiny random model, its tokenizer and its generation config.
+    max_shard_size (e.g. "64KB"): weights saved as sharded safetensors with an index, as big checkpoints are."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     fam = FAMILIES[name]
@@ -228,7 +230,7 @@ def build_family(name: str, out: Path, seed: int = 0, *, layers: int = 2) -> Pat
     cfg = tiny_config(fam, tok, layers=layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     eos = [tok.convert_tokens_to_ids(t) for t in fam.gen_eos]
     GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=eos if len(eos) > 1 else eos[0],
                      pad_token_id=cfg.pad_token_id).save_pretrained(str(out))
