@@ -81,6 +81,23 @@ def expected_keys(hf_config, model=None) -> tuple[set[str], set[str]]:
     return keys, tied
 
 
+def checkpoint_format(state_dict: dict[str, torch.Tensor], hf_config, model=None) -> dict[str, torch.Tensor]:
+    """The tensors under the names (and shapes) transformers' own save_pretrained writes: a model class whose
+    loading converts weights (transformers 5 fuses MoE experts into 3-D tensors; a Qwen2-MoE / Mixtral checkpoint
+    holds one 2-D tensor per expert) gets them converted back, so other tools (vLLM, older transformers) read the
+    export as they read the original checkpoint. Other models: unchanged."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: module names are the checkpoint's
+        return state_dict
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"), _no_zero3_init():
+            model = AutoModelForCausalLM.from_config(hf_config)
+    return dict(revert_weight_conversion(model, state_dict))
+
+
 def gather_engine_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """COLLECTIVE: every rank must call. Returns the full CPU state dict on rank 0, None elsewhere."""
     import deepspeed
@@ -126,6 +143,7 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config, out_dir: str
     if step is not None:
         mark_output(tmp, "export", step=int(step))
 
+    sd = checkpoint_format(sd, hf_config, model)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sorted(sd.items())}
     shards, cur, cur_bytes = [], {}, 0
     for k, v in tensors.items():
