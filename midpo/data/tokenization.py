@@ -124,7 +124,12 @@ class PairEncoder:
     # -- text ------------------------------------------------------------------------------
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateError as e:  # the template's raise_exception(): the family cannot express this conversation
+            raise RowReject("template_error", f"the chat template refused the conversation: {e}") from None
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, in batches of at most ENCODE_BATCH_CHARS characters (one text may be longer)."""
