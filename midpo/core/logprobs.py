@@ -364,6 +364,9 @@ def response_logps(
     if return_logits:
         res.chosen_logits, res.rejected_logits = res_cl, res_rl
     if router_aux:
+        if not getattr(out, "router_logits", None):
+            raise ValueError(f"{type(model).__name__} returns no router logits for a load-balancing loss: set "
+                             "train.router_aux_loss_coef=0")
         res.router_aux = load_balancing_loss(out.router_logits, model.config.num_experts_per_tok,
                                              batch.token_mask.reshape(-1))
     if return_hidden:
