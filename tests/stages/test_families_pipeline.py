@@ -98,16 +98,14 @@ def test_every_family_ran_ref_and_train_in_the_launch(pipeline):
     assert pipeline["log"].count("start-of-run probe passed") >= len(NAMES)
 
 
-def _expected_response(tok, full_ids: list[int], n_prompt: int) -> list[int]:
-    """prep's documented rule (midpo/data/tokenization.py): the ids after the prompt, whitespace after the last EOS
-    cut, EOS appended when the template puts none."""
+def _expected_response(tok, ends: set[int], full_ids: list[int], n_prompt: int) -> list[int]:
+    """prep's documented rule (midpo/data/tokenization.py): the ids after the prompt, whitespace after the last end
+    id (the tokenizer's EOS or the generation config's) cut, the tokenizer's EOS appended when none ends it."""
     resp = full_ids[n_prompt:]
-    eos = tok.eos_token_id
-    if eos in resp and resp[-1] != eos:
-        last = len(resp) - 1 - resp[::-1].index(eos)
-        if not tok.decode(resp[last + 1:]).strip():
-            resp = resp[: last + 1]
-    return resp if resp[-1] == eos else resp + [eos]
+    last = max((j for j, t in enumerate(resp) if t in ends), default=None)
+    if last is not None and not tok.decode(resp[last + 1:]).strip():
+        resp = resp[: last + 1]
+    return resp if resp[-1] in ends else resp + [tok.eos_token_id]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -118,6 +116,7 @@ def test_template_boundary_holds_for_every_prepared_row(pipeline, name):
 
     root = pipeline["base"] / name
     tok = AutoTokenizer.from_pretrained(str(root / "model"))
+    ends = {tok.eos_token_id, *(tok.convert_tokens_to_ids(t) for t in FAMILIES[name].gen_eos)}
     want = {}
     for r in pipeline["rows"][name]:
         p = tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
@@ -127,7 +126,8 @@ def test_template_boundary_holds_for_every_prepared_row(pipeline, name):
             full = tok(tok.apply_chat_template(r["prompt"] + r[side], tokenize=False),
                        add_special_tokens=False)["input_ids"]
             assert full[: len(p)] == p, f"{name}: the prompt's ids are not a prefix of the conversation's"
-            sides.append(_expected_response(tok, full, len(p)))
+            sides.append(_expected_response(tok, ends, full, len(p)))
+            assert sides[-1][-1] == tok.convert_tokens_to_ids(FAMILIES[name].gen_eos[0])  # where generation stops
             assert r[side][0]["content"] in tok.decode(sides[-1])
         want[tuple(p)] = sides
     got = [row for split in ("train", "eval") for row in load_split(root / "run" / "data", split).to_list()]

@@ -124,7 +124,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            system=False),  # its system prompt joins the LAST user turn: the prompt alone is no prefix (prep rejects)
     Family("gemma2", "Gemma2Config", "metaspace",
            ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
-           {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>"}, GEMMA2_TEMPLATE, ["<eos>", "<end_of_turn>"],
+           {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>"}, GEMMA2_TEMPLATE, ["<end_of_turn>", "<eos>"],
            tied=True, system=False,
            config={"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 16, "final_logit_softcapping": 3.0,
                    "attn_logit_softcapping": 5.0}),
