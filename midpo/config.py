@@ -209,7 +209,8 @@ class ModelConfig:
     reference: str | None = knob(None, "HF folder of pi_ref; default: the policy's initial weights")
     dtype: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
     attn_implementation: str = knob(
-        "auto", "auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager")
+        "auto", "auto (flash_attention_2 on CUDA when installed, else sdpa; only what the model family supports: "
+        "Gemma 2's attention soft-capping gets eager on CPU) | flash_attention_2 | sdpa | eager")
     trust_remote_code: bool = knob(False, "never on unless the recipe says so")
     gradient_checkpointing: bool = knob(
         False, "recompute activations in the backward pass instead of keeping them (memory for time)")
@@ -350,6 +351,10 @@ class TrainConfig:
         "resolved config logged as run parameters. wandb honours WANDB_MODE (offline: no network), WANDB_PROJECT "
         "(default midpo); mlflow logs to MLFLOW_TRACKING_URI, default the file store <run_dir>/mlruns",
         factory=lambda: ["tensorboard"])
+    router_aux_loss_coef: float | None = knob(
+        None, "mixture-of-experts policies (Mixtral, Qwen2-MoE): weight of the routers' load-balancing loss added to "
+        "the policy's loss (logged as router/aux_loss); None = the model config's own router_aux_loss_coef; 0 = off. "
+        "Refused for a dense model")
     profile_steps: list[int] = knob(
         help="a torch.profiler window over optimizer steps [A, B] (1-based, inclusive), e.g. [3, 5]: per-rank "
         "operator tables and Chrome traces in <run_dir>/logs/profile_rank<r>.{txt,json}; [] = off (the profiler "
@@ -364,6 +369,8 @@ class TrainConfig:
             raise ConfigError("train.log_every must be >= 1")
         if self.head_chunk_tokens < 1:
             raise ConfigError(f"train.head_chunk_tokens must be >= 1, got {self.head_chunk_tokens}")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ConfigError(f"train.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if self.profile_steps:
             check_step_window(self.profile_steps, "train.profile_steps")
         bad = sorted(set(self.report_to) - set(REPORT_TO))
@@ -438,11 +445,32 @@ class OnPolicyConfig:
 
 @dataclass
 class ExportConfig:
-    """`midpo export` and the export at the end of training."""
+    """The exported Hugging Face folder (`midpo export`, and the end of `midpo train`)."""
 
     merge_lora: bool = knob(
         False, "with model.lora: also write <export>/merged, a full HF folder with the adapters merged in (W + "
         "alpha/r * B @ A); the adapter folder (PEFT format) is <export> itself")
+    max_shard_size: str = knob(
+        "4GB", "largest safetensors file of the export (e.g. 5GB, 500MB, or bytes); a bigger model is written as "
+        "model-0000k-of-0000n.safetensors with model.safetensors.index.json, as transformers saves it")
+
+    def __post_init__(self) -> None:
+        parse_size(self.max_shard_size, "export.max_shard_size")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str | int, key: str) -> int:
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units as transformers reads them)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _SIZE_UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"{key} must be a positive size such as 5GB, 500MB or a number of bytes; got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
 
 
 @dataclass
@@ -495,8 +523,7 @@ RESUME_MUTABLE: dict[str, str] = {
     "ref.rows_per_shard": "stage 2 resume granularity; training checks the cache by fingerprint",
     "ref.zero3": "how stage 2 holds the reference; training checks the cache by fingerprint",
     "sft.num_threads": "threads of the single-process stages",
-    "train.report_to": "where metrics are sent; the numbers are the same",
-    "export.merge_lora": "what the export writes, not what trains",
+    "export.max_shard_size": "how the exported weights are split into files",
 }
 
 

@@ -107,19 +107,41 @@ class PairBatch:
         rows = torch.arange(n_seq, device=self.input_ids.device)[:, None].expand_as(self.input_ids)
         return torch.where(self.attention_mask.bool(), rows, n_seq)  # (2B, T)
 
-    def block_causal_mask(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """(R, T) bool: the slots of real tokens (False: padding), in every layout."""
+        if self.layout == "packed":
+            return self.segment_ids < self.seq_lens.numel()
+        if self.layout == "padded":
+            return self.attention_mask.bool()
+        B = self.num_pairs
+        row_lens = self.prompt_lens[:B] + self.response_lens[:B] + self.response_lens[B:]  # (B,)
+        return torch.arange(self.input_ids.shape[1], device=row_lens.device)[None, :] < row_lens[:, None]
+
+    def _within(self, window: int | None) -> torch.Tensor | bool:
+        """(R, T, T) bool: key k is less than `window` positions behind query q (HF's sliding window: a token sees
+        itself and the window - 1 before it); True without a window. Positions, not slots: in the shared layout
+        the rejected response continues from the prompt's end."""
+        if not window:
+            return True
+        pos = self.position_ids
+        return (pos[:, :, None] - pos[:, None, :]) < int(window)
+
+    def block_causal_mask(self, dtype: torch.dtype = torch.bool, window: int | None = None) -> torch.Tensor:
         """(R, 1, T, T) block-diagonal causal mask of the packed rows. bool: True = may attend (sdpa);
-        a float dtype gives the additive form 0 / finfo.min (eager ignores bool 4-D masks)."""
+        a float dtype gives the additive form 0 / finfo.min (eager ignores bool 4-D masks). window: sliding
+        window attention (a token sees at most `window` tokens: itself and the ones before it)."""
         if self.layout != "packed":
             raise ValueError("block_causal_mask is only defined for the packed layout")
         seg = self.segment_ids  # (R, T)
         T = seg.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
-        return _mask_form((seg[:, :, None] == seg[:, None, :]) & causal, dtype)  # (R, 1, T, T)
+        return _mask_form((seg[:, :, None] == seg[:, None, :]) & causal & self._within(window), dtype)  # (R, 1, T, T)
 
-    def shared_prompt_mask(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    def shared_prompt_mask(self, dtype: torch.dtype = torch.bool, window: int | None = None) -> torch.Tensor:
         """(B, 1, T, T) mask of the shared layout: causal, and a token sees the prompt plus its own part
-        (prompt / chosen / rejected / padding): the rejected response never sees the chosen one."""
+        (prompt / chosen / rejected / padding): the rejected response never sees the chosen one. window: as in
+        `block_causal_mask`, counted in positions."""
         if self.layout != "shared":
             raise ValueError("shared_prompt_mask is only defined for the shared layout")
         B, T = self.input_ids.shape
@@ -130,14 +152,18 @@ class PairBatch:
         causal = torch.ones(T, T, dtype=torch.bool, device=part.device).tril()
         allowed = causal & ((part[:, :, None] == part[:, None, :])
                             | ((part[:, None, :] == 0) & (part[:, :, None] != 3)))  # (B, T, T)
-        return _mask_form(allowed, dtype)  # (B, 1, T, T)
+        return _mask_form(allowed & self._within(window), dtype)  # (B, 1, T, T)
 
-    def model_inputs(self, attn_implementation: str | None = "sdpa", dtype: torch.dtype = torch.float32) -> dict:
+    def model_inputs(self, attn_implementation: str | None = "sdpa", dtype: torch.dtype = torch.float32,
+                     windows: dict[str, int | None] | None = None) -> dict:
         """Keyword arguments for a transformers decoder forward with the right mask for this layout.
 
         packed + flash_attention_2*: position_ids only (transformers derives cu_seqlens from them);
         packed + sdpa/other: bool block mask; packed + eager: additive mask in the model dtype.
-        shared: its 4-D mask (bool for sdpa, additive for eager); flash-attn cannot express it."""
+        shared: its 4-D mask (bool for sdpa, additive for eager); flash-attn cannot express it.
+        windows: layer type -> sliding window (None: full attention), see `core.logprobs.attention_windows`.
+        transformers uses a given 4-D mask as it is, so the windows are built into it here; with several layer
+        types (Gemma 2's alternating layers) the mask is a dict of one mask per type, as the models take it."""
         kw = {"input_ids": self.input_ids, "position_ids": self.position_ids}
         if self.layout == "padded":
             kw["attention_mask"] = self.attention_mask
@@ -147,7 +173,10 @@ class PairBatch:
                                  "use attn_implementation sdpa, or the packed layout (train.share_prompt=false)")
         else:
             mask = self.shared_prompt_mask if self.layout == "shared" else self.block_causal_mask
-            kw["attention_mask"] = mask(dtype if attn_implementation == "eager" else torch.bool)
+            form = dtype if attn_implementation == "eager" else torch.bool
+            windows = windows or {"full_attention": None}
+            masks = {kind: mask(form, window=w) for kind, w in windows.items()}
+            kw["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
         return kw
 
     def to(self, device: torch.device | str) -> PairBatch:

@@ -19,6 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from midpo.core.batching import PairBatch
+from midpo.core.router import load_balancing_loss
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ResponseLogps:
     topk_values: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     tail_logmass: torch.Tensor | None = None
+    # response_logps(router_aux=True): () fp32, the MoE routers' load-balancing loss over this forward's real
+    # tokens (midpo.core.router), with grad
+    router_aux: torch.Tensor | None = None
 
     @property
     def chosen_sum(self) -> torch.Tensor:
@@ -250,6 +254,19 @@ def _chunk_logps(head: torch.nn.Module, softcap: float | None, h: torch.Tensor, 
     return _logps_from_logits(softcap, head(h), t)  # (m,)
 
 
+def attention_windows(config) -> dict[str, int | None]:
+    """Layer type -> sliding window (None: full attention) of a transformers config: Mistral's one window for
+    every layer, Gemma 2's alternating sliding/full layers (`layer_types`), Qwen's windows when switched on
+    (`sliding_window` is None or 0 when off)."""
+    window = getattr(config, "sliding_window", None) or None
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return {"sliding_attention" if window else "full_attention": window}
+    return {t: (window if t == "sliding_attention" else None) for t in dict.fromkeys(types)}
+
+
 def _attn_implementation(model) -> str | None:
     return getattr(model.config, "_attn_implementation", None) or getattr(model.config, "attn_implementation", None)
 
@@ -263,6 +280,7 @@ def response_logps(
     return_logits: bool = False,
     return_flat_logits: bool = False,
     return_topk: int = 0,
+    router_aux: bool = False,
 ) -> ResponseLogps:
     """Forward ``batch`` through a transformers causal LM and return per-token response log-probs.
 
@@ -284,6 +302,8 @@ def response_logps(
     return_topk=k (no grad; the reference cache's top-k slice): also ``topk_values``/``topk_ids``/
     ``tail_logmass`` (see ``topk_logprobs``), taken from each chunk's logits as they are made, so memory
     stays at one chunk x V instead of N x V.
+    router_aux (mixture-of-experts models: ``config.num_experts_per_tok``): also ``router_aux``, the routers'
+    load-balancing loss over every real token of the forward (prompts included, padding not).
     Pass the bare HF module (under DeepSpeed, ``engine.module``): ZeRO-3 gathers through module hooks.
     """
     if return_topk and (return_logits or return_flat_logits):
@@ -291,7 +311,10 @@ def response_logps(
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    kw = batch.model_inputs(_attn_implementation(model), dtype=head.weight.dtype)
+    kw = batch.model_inputs(_attn_implementation(model), dtype=head.weight.dtype,
+                            windows=attention_windows(model.config))
+    if router_aux:
+        kw["output_router_logits"] = True
     out = decoder(**kw, use_cache=False, output_hidden_states=return_hidden)
     hid = out.last_hidden_state  # (R, T, H)
     h = hid.reshape(-1, hid.shape[-1]).index_select(0, batch.logit_index)  # (N, H)
@@ -340,6 +363,12 @@ def response_logps(
         res.logits = logits.detach()
     if return_logits:
         res.chosen_logits, res.rejected_logits = res_cl, res_rl
+    if router_aux:
+        if not getattr(out, "router_logits", None):
+            raise ValueError(f"{type(model).__name__} returns no router logits for a load-balancing loss: set "
+                             "train.router_aux_loss_coef=0")
+        res.router_aux = load_balancing_loss(out.router_logits, model.config.num_experts_per_tok,
+                                             batch.token_mask.reshape(-1))
     if return_hidden:
         layers = torch.stack(out.hidden_states[1:], dim=2)  # (R, T, n_layers, H)
         per = layers.reshape(-1, *layers.shape[2:]).index_select(0, batch.logit_index)  # (N, n_layers, H)

@@ -35,7 +35,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from midpo.core.batching import PairBatch, collate_pairs
-from midpo.core.logprobs import ResponseLogps, _attn_implementation, fp32_logits
+from midpo.core.logprobs import ResponseLogps, _attn_implementation, attention_windows, fp32_logits
 
 OBJECTIVES = ("marginal", "joint")
 ANCHORS = ("kl_init", "nll")
@@ -286,7 +286,8 @@ class PriorLM(torch.nn.Module):
         model = self.model
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         softcap = getattr(model.config, "final_logit_softcapping", None)
-        kw = batch.model_inputs(_attn_implementation(model), dtype=head.weight.dtype)
+        kw = batch.model_inputs(_attn_implementation(model), dtype=head.weight.dtype,
+                                windows=attention_windows(model.config))
         hid = decoder(**kw, use_cache=False).last_hidden_state  # (R, T, H)
         h = hid.reshape(-1, hid.shape[-1]).index_select(0, batch.logit_index)  # (N, H)
         if return_logits:

@@ -57,6 +57,7 @@ REJECT_REASONS: dict[str, str] = {
     "identical_after_truncation": "chosen and rejected differ only past the cut of data.response_overflow=truncate",
     "truncation_unstable": "an over-long text whose kept tokens depend on where it is cut (see midpo/data/tokenization.py)",
     "template_boundary": "the templated prompt's tokens are not a prefix of prompt+response tokens",
+    "template_error": "the tokenizer's chat template refused the conversation (e.g. Gemma's: no system role)",
     "duplicate": "the same canonical pair (row id) appeared earlier",
     "unexpected_error": "processing the row raised an unexpected exception (a bug: please report)",
 }

@@ -39,7 +39,7 @@ from midpo.config import DataConfig
 from midpo.data import formats as fmts
 from midpo.data.shards import COLUMNS, EXTRA_COLUMNS, SplitWriter
 from midpo.data.sources import InputError, Source, decode_json_row, file_size, iter_rows, resolve_inputs
-from midpo.data.tokenization import Encoded, EncodeSettings, PairEncoder, Rejected, is_eval
+from midpo.data.tokenization import Encoded, EncodeSettings, PairEncoder, Rejected, extra_end_ids, is_eval
 from midpo.errors import MidpoError
 from midpo.runtime.files import atomic_write_json, check_replaceable, publish_dir, temp_dir_for
 from midpo.runtime.fingerprint import hash_file, hash_json
@@ -299,8 +299,12 @@ def prepare(cfg: DataConfig, inputs: list[str], tokenizer_dir: str | Path, out_d
         _check_not_empty(src)
     tok_fp = {"files": tokenizer_files(tokenizer_dir), "fingerprint": tokenizer_fingerprint(tokenizer_dir)}
     src_fps = [source_fingerprint(s) for _, _, s in sources]
-    fingerprint = hash_json({"format_version": FORMAT_VERSION, "tokenizer": tok_fp["fingerprint"],
-                             "sources": src_fps, "settings": _settings(cfg)})
+    fp_parts = {"format_version": FORMAT_VERSION, "tokenizer": tok_fp["fingerprint"], "sources": src_fps,
+                "settings": _settings(cfg)}
+    ends = extra_end_ids(tokenizer_dir)  # generation_config.json's turn ends: they cut responses too
+    if ends:  # only then, so a tokenizer folder and its model's folder keep one fingerprint
+        fp_parts["turn_end_ids"] = ends
+    fingerprint = hash_json(fp_parts)
     done = None if force else _is_complete(out, fingerprint)
     if done is not None:
         log.info("prep: %s is up to date (fingerprint %s; files match their hashes); nothing to do", out,

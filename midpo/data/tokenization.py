@@ -7,8 +7,11 @@ if the templated prompt text is a prefix of the full text AND the prompt's ids a
 ids of the full conversation; otherwise it is rejected as `template_boundary` (a merged token at the
 boundary would train the model on ids it never sees at generation time).
 
-Responses must end in EOS. A template that puts text after the last EOS (e.g. a newline) has that
-whitespace-only tail cut; a response with no EOS at all gets one appended.
+Responses must end in EOS: the tokenizer's, or a generation-stopping id of the folder's
+generation_config.json (the turn end of chat models whose tokenizer EOS is another token: Gemma's
+<end_of_turn>, Llama 3's <|eot_id|> beside <|end_of_text|>), so a response ends where generation
+stops. A template that puts text after the last EOS (e.g. a newline) has that whitespace-only tail
+cut; a response with no EOS at all gets the tokenizer's appended.
 
 Truncation: a prompt over `max_prompt_tokens` keeps its END (the generation prompt lives there) and
 its leading BOS (`prompt_overflow=truncate`), or is rejected (`drop`). A response that does not fit
@@ -36,6 +39,7 @@ from __future__ import annotations
 import json
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from midpo.data.formats import NO_META, Meta, Pair, ReadPlan, RowReject, to_pairs
@@ -119,6 +123,7 @@ class PairEncoder:
             raise UnusableInputError(f"tokenizer {tokenizer_dir} has no eos_token; responses must end in EOS")
         self.eos = self.tok.eos_token_id
         self.bos = self.tok.bos_token_id
+        self.ends = {self.eos, *extra_end_ids(tokenizer_dir, self.tok)}
         self.s = settings
         longest = max((len(t) for t in self.tok.convert_ids_to_tokens(list(range(len(self.tok)))) if t), default=1)
         self.chars_per_token = max(1, min(longest, MAX_CHARS_PER_TOKEN_GUESS))
@@ -128,7 +133,12 @@ class PairEncoder:
     # -- text ------------------------------------------------------------------------------
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateError as e:  # the template's raise_exception(): the family cannot express this conversation
+            raise RowReject("template_error", f"the chat template refused the conversation: {e}") from None
 
     def _render_pairs(self, pairs: list[Pair]) -> list[tuple[str, str, str] | BaseException]:
         """(prompt, prompt+chosen, prompt+rejected) texts of each pair: one batched template call per kind (half the
@@ -319,13 +329,13 @@ class PairEncoder:
         resp = list(full_ids[n:])
         if cut:  # the head of a longer response: truncation cuts it well before its (unseen) end
             return resp
-        if self.eos in resp and resp[-1] != self.eos:
-            last = len(resp) - 1 - resp[::-1].index(self.eos)
+        if self.ends & set(resp) and resp[-1] not in self.ends:
+            last = max(j for j, t in enumerate(resp) if t in self.ends)
             if not self.tok.decode(resp[last + 1:]).strip():
                 resp = resp[: last + 1]  # template whitespace after the final EOS
-        if not resp or (resp == [self.eos]):
+        if not resp or (len(resp) == 1 and resp[0] in self.ends):
             raise RowReject("empty_response", f"{side} has no tokens after the prompt")
-        if resp[-1] != self.eos:
+        if resp[-1] not in self.ends:
             resp.append(self.eos)
         return resp
 
@@ -364,6 +374,26 @@ class PairEncoder:
                                 f"all that fits max_length {s.max_length} after a {len(prompt)}-token prompt")
             raise RowReject("identical_responses", "chosen and rejected have the same token ids")
         return Encoded(pair.source_row, row_id(pair), prompt, out[0], out[1], prompt_truncated, n_cut, pair.meta)
+
+
+def extra_end_ids(tokenizer_dir: str | Path, tok=None) -> list[int]:
+    """The eos_token_id(s) of `tokenizer_dir`/generation_config.json other than the tokenizer's EOS, sorted: where
+    generation stops besides EOS (a chat model's turn end); [] without a generation config. `tok`: the tokenizer
+    of that folder when already loaded."""
+    path = Path(tokenizer_dir) / "generation_config.json"
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    ids = {int(x) for x in (ids if isinstance(ids, list) else [ids])
+           if isinstance(x, int) and not isinstance(x, bool)}
+    if not ids:
+        return []
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return sorted(ids - {tok.eos_token_id})
 
 
 def _restart(text: str, j: int) -> bool:

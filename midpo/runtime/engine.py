@@ -121,10 +121,11 @@ class PolicyLogps(torch.nn.Module):
     around exactly the log-prob code the reference stage uses. Checkpoint keys gain a `model.` prefix."""
 
     def __init__(self, model: torch.nn.Module, prior: torch.nn.Module | None = None,
-                 head_chunk_tokens: int = HEAD_CHUNK_TOKENS, peft_model=None):
+                 head_chunk_tokens: int = HEAD_CHUNK_TOKENS, peft_model=None, router_aux: bool = False):
         super().__init__()
         self.model = model
         self.head_chunk_tokens = int(head_chunk_tokens)
+        self.router_aux = bool(router_aux)  # a MoE policy's forward also returns its routers' load-balancing loss
         # LoRA (runtime.lora): PEFT's wrapper of `model`, kept outside the module tree (its parameters are
         # `model`'s, registered once) for adapters_disabled
         object.__setattr__(self, "peft_model", peft_model)
@@ -147,7 +148,8 @@ class PolicyLogps(torch.nn.Module):
         n_local = int(batch.target_index.numel())
         chunk = equal_chunk_size(n_local, pdist.all_max(n_local), self.head_chunk_tokens)
         out = response_logps(self.model, batch, return_logits=return_logits, return_hidden=return_hidden,
-                             return_flat_logits=return_flat_logits, chunk_size=chunk)
+                             return_flat_logits=return_flat_logits, chunk_size=chunk,
+                             router_aux=self.router_aux and self.training)
         return tuple(getattr(out, f.name) for f in dataclasses.fields(out))
 
 

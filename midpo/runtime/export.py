@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "chat_template*", "vocab*", "merges.txt",
                     "added_tokens.json")
-MAX_SHARD_BYTES = 4 * 1024 ** 3
+MAX_SHARD_BYTES = 4 * 10 ** 9  # export.max_shard_size's default
 
 
 @contextlib.contextmanager
@@ -81,6 +81,23 @@ def expected_keys(hf_config, model=None) -> tuple[set[str], set[str]]:
     return keys, tied
 
 
+def checkpoint_format(state_dict: dict[str, torch.Tensor], hf_config, model=None) -> dict[str, torch.Tensor]:
+    """The tensors under the names (and shapes) transformers' own save_pretrained writes: a model class whose
+    loading converts weights (transformers 5 fuses MoE experts into 3-D tensors; a Qwen2-MoE / Mixtral checkpoint
+    holds one 2-D tensor per expert) gets them converted back, so other tools (vLLM, older transformers) read the
+    export as they read the original checkpoint. Other models: unchanged."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: module names are the checkpoint's
+        return state_dict
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"), no_zero3_init():
+            model = AutoModelForCausalLM.from_config(hf_config)
+    return dict(revert_weight_conversion(model, state_dict))
+
+
 def gather_engine_state_dict(engine, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
     """COLLECTIVE: every rank must call. Returns the full CPU state dict on rank 0, None elsewhere.
     `trainable_only`: only the parameters that train (LoRA: the adapters), no buffers."""
@@ -96,17 +113,21 @@ def gather_engine_state_dict(engine, trainable_only: bool = False) -> dict[str, 
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             if rank0:
                 sd[name] = p.data.detach().to("cpu", copy=True)
-    if rank0 and not trainable_only:
-        for name, b in module.named_buffers():
-            sd.setdefault(name, b.detach().to("cpu", copy=True))
+    if rank0 and not trainable_only:  # persistent buffers only: a non-persistent one (rotary tables, Gemma's embed_scale) is no weight
+        for mod_name, mod in module.named_modules():
+            for b_name, b in mod.named_buffers(recurse=False):
+                if b is not None and b_name not in mod._non_persistent_buffers_set:
+                    sd.setdefault(f"{mod_name}.{b_name}" if mod_name else b_name, b.detach().to("cpu", copy=True))
     return sd if rank0 else None
 
 
 def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config, out_dir: str | Path, *, dtype: torch.dtype,
                     tokenizer_dir: str | Path | None, source_dir: str | Path | None, model=None,
-                    step: int | None = None) -> Path:
+                    step: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `state_dict` as a HF folder (one process). Checks the key set first. `step`: the training step the
-    weights are from, kept in the folder's output marker (a relaunch of a finished run reads it)."""
+    weights are from, kept in the folder's output marker (a relaunch of a finished run reads it). Weights over
+    `max_shard_bytes` go into model-0000k-of-0000n.safetensors files with model.safetensors.index.json (a tensor
+    larger than a shard gets a shard of its own, as transformers does)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -125,11 +146,12 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config, out_dir: str
     if step is not None:
         mark_output(tmp, "export", step=int(step))
 
+    sd = checkpoint_format(sd, hf_config, model)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sorted(sd.items())}
     shards, cur, cur_bytes = [], {}, 0
     for k, v in tensors.items():
         nbytes = v.numel() * v.element_size()
-        if cur and cur_bytes + nbytes > MAX_SHARD_BYTES:
+        if cur and cur_bytes + nbytes > max_shard_bytes:
             shards.append(cur)
             cur, cur_bytes = {}, 0
         cur[k] = v
@@ -191,14 +213,14 @@ def _write_generation_config(hf_config, out: Path, source_dir, tokenizer_dir) ->
 
 
 def export_engine(engine, out_dir: str | Path, *, dtype: torch.dtype, tokenizer_dir: str | Path | None,
-                  source_dir: str | Path | None, step: int | None = None) -> Path:
+                  source_dir: str | Path | None, step: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """COLLECTIVE: gather an engine's live (ZeRO-3) weights; rank 0 writes them as a HF folder at `out_dir`. The
     engine's module is `PolicyLogps` or `PriorLM` (the HF model is its `.model`)."""
     sd = gather_engine_state_dict(engine)
     if pdist.is_main():
         model = getattr(engine.module, "model", engine.module)
         write_hf_folder(sd, copy.deepcopy(model.config), out_dir, dtype=dtype, tokenizer_dir=tokenizer_dir,
-                        source_dir=source_dir, model=model, step=step)
+                        source_dir=source_dir, model=model, step=step, max_shard_bytes=max_shard_bytes)
     pdist.barrier()
     return Path(out_dir)
 

@@ -38,14 +38,46 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_attn(name: str) -> str:
-    """`auto` = flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
-    if name == "auto":
-        return "flash_attention_2" if flash_attn_available() else "sdpa"
-    if name not in ("flash_attention_2", "sdpa", "eager"):
+def _model_class(model_config):
+    """The causal-LM class of an HF config (None when transformers has none for it: remote code)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+    except KeyError:
+        return None
+
+
+def attention_support(model_config) -> tuple[str, ...]:
+    """The attention implementations a model family computes correctly, best first. Attention soft-capping
+    (Gemma 2) runs only in eager and flash-attn (HF refuses sdpa for it); a family without sdpa support gets eager."""
+    cls = _model_class(model_config)
+    flash = cls is None or bool(getattr(cls, "_supports_flash_attn", False))
+    sdpa = (cls is None or bool(getattr(cls, "_supports_sdpa", False))) and not getattr(
+        model_config, "attn_logit_softcapping", None)
+    return tuple(n for n, ok in (("flash_attention_2", flash), ("sdpa", sdpa), ("eager", True)) if ok)
+
+
+def resolve_attn(name: str, model_config=None) -> str:
+    """`auto` = flash_attention_2 on CUDA when flash-attn is installed, else sdpa; either only when the model
+    family (`model_config`: an HF config or a model folder) supports it, else the next (eager last). A named
+    implementation the family cannot run is refused."""
+    if name not in ("auto", "flash_attention_2", "sdpa", "eager"):
         raise ConfigError(f"model.attn_implementation must be auto, flash_attention_2, sdpa or eager; got {name!r}")
+    if isinstance(model_config, (str, Path)):
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(str(model_config))
+    supported = attention_support(model_config) if model_config is not None else ("flash_attention_2", "sdpa", "eager")
+    if name == "auto":
+        usable = [n for n in supported if n != "flash_attention_2" or flash_attn_available()]
+        return usable[0]
     if name == "flash_attention_2" and not flash_attn_available():
         raise ConfigError("model.attn_implementation=flash_attention_2 needs CUDA and `pip install midpo[gpu]`")
+    if name not in supported:
+        raise ConfigError(f"model.attn_implementation={name} cannot run {type(model_config).__name__.removesuffix('Config')}"
+                          f" models correctly (attention soft-capping or no support in transformers); use "
+                          f"{' or '.join(supported)}, or auto")
     return name
 
 
@@ -70,11 +102,12 @@ def check_safe_weights(path: str | Path, trust_remote_code: bool) -> None:
 
 def load_model(path: str | Path, cfg: ModelConfig, *, device: torch.device | str = "cpu", train: bool = False):
     """An HF causal LM in the configured dtype and attention implementation."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     check_safe_weights(path, cfg.trust_remote_code)
     dtype = resolve_dtype(cfg.dtype)
-    attn = resolve_attn(cfg.attn_implementation)
+    attn = resolve_attn(cfg.attn_implementation,
+                        AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code))
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,

@@ -19,10 +19,10 @@ import json
 import sys
 from pathlib import Path
 
-from midpo.config import Config, load_config
+from midpo.config import Config, load_config, parse_size
 from midpo.errors import MissingPathError
 from midpo.runtime.checkpoint import latest_checkpoint
-from midpo.runtime.export import checkpoint_state_dict, write_hf_folder
+from midpo.runtime.export import MAX_SHARD_BYTES, checkpoint_state_dict, write_hf_folder
 from midpo.runtime.files import check_replaceable
 from midpo.runtime.layout import claim_run
 from midpo.runtime.models import resolve_dtype
@@ -72,21 +72,24 @@ def export_checkpoint(ckpt: Path, cfg: Config, out: Path) -> list[Path]:
             written.append(export_prior(ckpt, out / PRIOR_TAG, dtype=dtype, tokenizer_dir=layout.tokenizer, step=step))
         return written
     hf_config = AutoConfig.from_pretrained(str(layout.policy), trust_remote_code=cfg.model.trust_remote_code)
+    shard = parse_size(cfg.export.max_shard_size, "export.max_shard_size")
     written = [write_hf_folder(sd, hf_config, out, dtype=dtype, tokenizer_dir=layout.tokenizer,
-                               source_dir=layout.policy, step=step)]
+                               source_dir=layout.policy, step=step, max_shard_bytes=shard)]
     if (ckpt / PRIOR_TAG).is_dir():  # after the policy: write_hf_folder replaces the policy folder as a whole
-        written.append(export_prior(ckpt, out / PRIOR_TAG, dtype=dtype, tokenizer_dir=layout.tokenizer, step=step))
+        written.append(export_prior(ckpt, out / PRIOR_TAG, dtype=dtype, tokenizer_dir=layout.tokenizer, step=step,
+                                    max_shard_bytes=shard))
     return written
 
 
-def export_prior(ckpt: Path, out: Path, *, dtype, tokenizer_dir, step: int | None = None) -> Path:
+def export_prior(ckpt: Path, out: Path, *, dtype, tokenizer_dir, step: int | None = None,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """The MI-DPO prior network of checkpoint `ckpt` (`<ckpt>/prior`, its config in `<ckpt>/prior_hf_config`) as a
     HF folder at `out`."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(ckpt / f"{PRIOR_TAG}_hf_config"))
     return write_hf_folder(checkpoint_state_dict(ckpt, PRIOR_TAG), config, out, dtype=dtype,
-                           tokenizer_dir=tokenizer_dir, source_dir=None, step=step)
+                           tokenizer_dir=tokenizer_dir, source_dir=None, step=step, max_shard_bytes=max_shard_bytes)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -148,7 +148,7 @@ def reference_plan(cfg: Config, data_dir: Path, model_path: Path) -> dict:
         "tokenizer_fingerprint": tok_fp,
         "reference_fingerprint": model_fingerprint(model_path),
         "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
-        "attn_implementation": resolve_attn(cfg.model.attn_implementation),
+        "attn_implementation": resolve_attn(cfg.model.attn_implementation, model_path),
         "topk": cfg.ref.topk,
         "rows_per_shard": cfg.ref.rows_per_shard,
     }

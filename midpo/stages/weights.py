@@ -85,7 +85,7 @@ def main(cfg: Config, splits: list[str] | None = None, force: bool = False) -> d
             "forward_fingerprint": model_fingerprint(r.weights_forward),
             "reverse_fingerprint": model_fingerprint(r.weights_reverse),
             "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
-            "attn_implementation": resolve_attn(cfg.model.attn_implementation),
+            "attn_implementation": resolve_attn(cfg.model.attn_implementation, r.weights_forward),
             "transform": "rank", "weights_min": r.weights_min, "weights_max": r.weights_max, "eos_weight": 0.0,
             "rows_per_shard": r.rows_per_shard,
         }

@@ -87,6 +87,7 @@ class Objective:
     loss: object  # the `loss` config section (core.priors.LossSettings)
     reference: object | None = None  # runtime.engine.OnlineReference, or None: the cache in MicroBatch.ref
     prior_net: object | None = None  # train.prior_engine.PriorNetwork (loss.prior=learned)
+    router_aux_coef: float = 0.0  # weight of a MoE policy's load-balancing loss (train.router_aux_loss_coef)
     terms: tuple = field(init=False)  # core.losses.Term per link
     reward_mean: RewardMean | None = field(init=False)  # bco_pair without its own delta
 
@@ -114,6 +115,20 @@ class Objective:
                 raise ValueError("the checkpoint holds no bco_pair reward mean (trainer_state.json 'links'), yet "
                                  "this run's loss needs one")
             self.reward_mean.load_state_dict(state["bco_reward_mean"])
+
+
+ROUTER_METRIC = "router/aux_loss"
+
+
+def policy_loss(obj: Objective, pol: ResponseLogps, out) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """The scalar the policy's backward takes and its metrics: the mean generalized loss, plus
+    `obj.router_aux_coef` x the routers' load-balancing loss of a MoE policy's forward (its value logged as
+    router/aux_loss, before the coefficient)."""
+    loss, metrics = out.losses.mean(), out.metrics()
+    if obj.router_aux_coef and pol.router_aux is not None:
+        loss = loss + obj.router_aux_coef * pol.router_aux
+        metrics[ROUTER_METRIC] = [float(pol.router_aux.detach()), 1.0]
+    return loss, metrics
 
 
 def forward_loss(policy, obj: Objective, mb: MicroBatch, *, update_prior: bool = False, flat_logits: bool = False,
@@ -178,7 +193,7 @@ def train_step(policy, obj: Objective, micro_batches: Iterable[MicroBatch], step
         res.ids.append(mb.ids)
         pol, out, prior_loss = forward_loss(policy, obj, mb, update_prior=update_prior, flat_logits=flat_logits,
                                             train=True)
-        loss = out.losses.mean()
+        loss, metrics = policy_loss(obj, pol, out)
         for cb in callbacks:
             loss = cb.on_micro_loss(step, k, loss)
         ok, prior_ok = pdist.all_ranks_true_each([
@@ -194,7 +209,7 @@ def train_step(policy, obj: Objective, micro_batches: Iterable[MicroBatch], step
             bad = True
             continue
         policy.backward(loss)
-        losses.append(out.metrics())
+        losses.append(metrics)
         res.count(mb.batch)
     if bad:
         policy.skip()

@@ -30,7 +30,15 @@ from midpo.core.losses import METRIC_NAMES
 from midpo.errors import MidpoError
 from midpo.runtime import dist as pdist
 from midpo.runtime.files import OUTPUT_MARKER, atomic_write_text
-from midpo.train.step import BATCH_COUNTS, Objective, evaluate, make_micro_batch, probe_reference, train_step
+from midpo.train.step import (
+    BATCH_COUNTS,
+    ROUTER_METRIC,
+    Objective,
+    evaluate,
+    make_micro_batch,
+    probe_reference,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,21 @@ COUNTERS = ("step", "consumed_samples", "bad_steps_total", "bad_steps_in_a_row",
 # an NLL term or bco_pair's running mean also loss/<link>, loss/sft, bco/delta (train.step.Objective.metric_names)
 THROUGHPUT_TAGS = ("tokens_per_s", "pairs_per_s", "padding_fraction", "mfu")
 TRAIN_TAGS = (*METRIC_NAMES, "lr", "grad_norm", *THROUGHPUT_TAGS)
+
+
+
+def router_aux_coef(configured: float | None, hf_config) -> float:
+    """The weight of the routers' load-balancing loss: train.router_aux_loss_coef, or (None) the model config's
+    own (Mixtral 0.02, Qwen2-MoE 0.001); 0 for a dense model, where a configured weight is refused."""
+    moe = getattr(hf_config, "num_experts_per_tok", None) is not None
+    if not moe:
+        if configured:
+            raise TrainError(f"train.router_aux_loss_coef={configured}, but {type(hf_config).__name__} has no "
+                             "mixture-of-experts router: remove the key")
+        return 0.0
+    coef = float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0) if configured is None else float(configured)
+    log.info("MoE policy: router load-balancing loss x %g added to the policy's loss", coef)
+    return coef
 
 
 class Trainer:
@@ -183,7 +206,7 @@ class Trainer:
         )
 
         cfg, tc, layout = self.cfg, self.cfg.train, self.layout
-        self.dtype, self.attn = resolve_dtype(cfg.model.dtype), resolve_attn(cfg.model.attn_implementation)
+        self.dtype, self.attn = resolve_dtype(cfg.model.dtype), resolve_attn(cfg.model.attn_implementation, self.hf_config)
         ds_config = resolve_ds_config(cfg, pdist.world_size(), self.hf_config.hidden_size)
         keep_alive = _zero3_loading(ds_config)  # noqa: F841  (must stay alive while from_pretrained runs)
         model = load_model(layout.policy, cfg.model, device=pdist.device(), train=True)
@@ -196,9 +219,10 @@ class Trainer:
             compile_decoder(model)
         self.flop_params = flop_params(model)  # MFU's numerator: the head runs on response positions only
         has_params = any(p.requires_grad for p in prior.parameters())
+        router_coef = router_aux_coef(tc.router_aux_loss_coef, self.hf_config)
         self.policy = Engine.build(
             PolicyLogps(model, prior if has_params else None, head_chunk_tokens=tc.head_chunk_tokens,
-                        peft_model=peft_model), ds_config,
+                        peft_model=peft_model, router_aux=router_coef > 0), ds_config,
             lr_scheduler=lambda opt: make_scheduler(opt, self.total_steps, tc.warmup_ratio, tc.schedule))
         self.pad_id = pad_id_of(model)
         reference = prior_net = None
@@ -225,7 +249,7 @@ class Trainer:
             init = layout.reference if cfg.prior_net.init == "reference" else Path(cfg.prior_net.init)
             prior_net = build_prior_network(cfg, init_path=init, policy_config=self.hf_config,
                                             world_size=pdist.world_size(), pad_id=self.pad_id, beta=prior.beta)
-        self.obj = Objective(prior, cfg.loss, reference=reference, prior_net=prior_net)
+        self.obj = Objective(prior, cfg.loss, reference=reference, prior_net=prior_net, router_aux_coef=router_coef)
 
     def engines(self) -> dict:
         """What a checkpoint holds (runtime.checkpoint.save_checkpoint's names)."""
@@ -320,6 +344,8 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=st.step, unit="step", dynamic_ncols=True, desc="train")
         names = [*self.obj.metric_names, "grad_norm", "lr"]
+        if self.obj.router_aux_coef:
+            names.append(ROUTER_METRIC)  # training steps only (evaluation scores without it)
         if self.obj.prior_net is not None:
             names += list(self.obj.prior_net.METRIC_NAMES)
         sums, window = MetricSums(), dict.fromkeys((*BATCH_COUNTS, "time"), 0.0)
@@ -483,9 +509,11 @@ class Trainer:
 
     def _export(self) -> None:
         """COLLECTIVE: <run_dir>/export (the policy), then <run_dir>/export/prior (the prior network)."""
+        from midpo.config import parse_size
         from midpo.runtime.export import export_engine
 
-        kw = {"dtype": self.dtype, "tokenizer_dir": self.layout.tokenizer, "step": self.state.step}
+        kw = {"dtype": self.dtype, "tokenizer_dir": self.layout.tokenizer, "step": self.state.step,
+              "max_shard_bytes": parse_size(self.cfg.export.max_shard_size, "export.max_shard_size")}
         if self.cfg.model.lora.enabled:  # the adapters (PEFT's folder) and, with export.merge_lora, export/merged
             from midpo.runtime.export import gather_engine_state_dict
             from midpo.runtime.lora import write_lora_export

@@ -77,9 +77,10 @@ def test_implicit_and_hh_without_shared_prompt(tmp_path, tok_dir):
 
 
 def test_reject_reasons_are_all_tested_or_documented():
-    # identical_after_truncation: below; truncation_unstable: test_prep_long_rows.py
+    # identical_after_truncation: below; truncation_unstable: test_prep_long_rows.py; template_error:
+    # test_family_templates.py
     tested = {r for _, r in ROWS if r} | {"no_shared_prompt", "template_boundary", "identical_after_truncation",
-                                          "truncation_unstable"}
+                                          "truncation_unstable", "template_error"}
     # the published schemas' reasons: tests/data/test_prep_schemas.py
     tested |= {"prompt_mismatch", "tie", "abstention", "too_few_responses", "score_margin_too_small"}
     untested = set(REJECT_REASONS) - tested
