@@ -9,7 +9,7 @@ Memory model (P parameters, N data-parallel ranks, w bytes per compute element: 
 - stage 0, fp32: weights 4P, gradients 4P, Adam 8P. bf16 adds an fp32 master copy (4P) and fp32 gradients
   (DeepSpeed's bf16 optimizer accumulates in fp32), the latter only while the optimizer steps.
 - stage 2: weights wP; gradients w P / N (partitioned after each reduce; the reduce bucket is separate);
-  master + Adam 12 P / N (8 P / N in fp32).
+  master + Adam 12 P / N (DeepSpeed clones an fp32 partition even from fp32 weights).
 - stage 3: weights w P / N plus the gathered ones: all of them up to stage3_max_live_parameters (DeepSpeed keeps
   a gathered layer until that many are live), never less than two layers' (the one computing and the prefetch);
   gradients w P / N; master + Adam as stage 2; fp32 gradient partitions 4 P / N during the step (bf16).
@@ -202,7 +202,7 @@ def _states(n_params: int, stage: int, world: int, w: int, offload: bool, max_li
     while the optimizer steps. `offload` = the shipped zero3_offload: optimizer and parameter partitions on the
     host (the device keeps only gathered weights and buckets)."""
     P = float(n_params)
-    master = 0.0 if w == 4 else 4.0
+    master = 4.0  # ZeRO 1-3 keep an fp32 copy of their partition even when the weights are fp32
     out: dict[str, float] = {}
     if stage == 0:
         out["weights"] = w * P

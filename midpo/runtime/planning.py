@@ -105,3 +105,17 @@ def plan_inputs(cfg: Config, model_config: Any = None) -> dict[str, Any]:
     shape, shape_src = model_shape(cfg, layout.policy, model_config)
     lengths, len_src = data_lengths(layout.data, cfg, seed=cfg.train.seed)
     return {"shape": shape, "shape_source": shape_src, "lengths": lengths, "lengths_source": len_src}
+
+
+def predicted_peak(cfg: Config, ds: dict, hf_config: dict, data_dir: Path, *, world: int, attn: str, dtype: str,
+                   cuda: bool) -> tuple[float, dict[str, float]]:
+    """The plan's peak allocated bytes per device for a running trainer (its resolved DeepSpeed config, model
+    config and prepared data) and the terms, for the log line beside the measured peak."""
+    from midpo.core import plan as P
+
+    shape = ModelShape.from_hf(hf_config)
+    lengths, _ = data_lengths(data_dir, cfg, seed=cfg.train.seed)
+    s = settings_from(cfg, ds, world=world, attn=attn, dtype=dtype, cuda=cuda, hidden=shape.hidden)
+    m = P.memory(shape, s, P.widest(P.micro_batches(lengths, s.micro, s.layout, s.row_tokens)
+                                   or [P.micro_batch(lengths[: s.micro], s.layout, s.row_tokens)]))
+    return m.peak, m.terms

@@ -109,7 +109,11 @@ class Trainer:
         self.inputs = {"data": read_manifest(layout.data).get("fingerprint"), "reference": self.ref_fp}
         ckpt = self._resume_point()
 
+        from midpo.runtime.metrics import resident_bytes
+
+        self.memory_baseline = resident_bytes()  # CPU: the measured peak counts from here (engines and training)
         self._build_engines(prior)
+        self._predict_memory()
         attn = self.attn
         data_layout = "shared" if tc.share_prompt else "packed" if tc.packing else "padded"
         if data_layout == "shared" and "flash" in attn:
@@ -175,7 +179,7 @@ class Trainer:
 
         cfg, tc, layout = self.cfg, self.cfg.train, self.layout
         self.dtype, self.attn = resolve_dtype(cfg.model.dtype), resolve_attn(cfg.model.attn_implementation)
-        ds_config = resolve_ds_config(cfg, pdist.world_size(), self.hf_config.hidden_size)
+        self.ds_config = ds_config = resolve_ds_config(cfg, pdist.world_size(), self.hf_config.hidden_size)
         keep_alive = _zero3_loading(ds_config)  # noqa: F841  (must stay alive while from_pretrained runs)
         model = load_model(layout.policy, cfg.model, device=pdist.device(), train=True)
         if tc.compile:  # resolve_ds_config refused ZeRO-3 already
@@ -203,6 +207,29 @@ class Trainer:
             prior_net = build_prior_network(cfg, init_path=init, policy_config=self.hf_config,
                                             world_size=pdist.world_size(), pad_id=self.pad_id, beta=prior.beta)
         self.obj = Objective(prior, cfg.loss, reference=reference, prior_net=prior_net)
+
+    def _predict_memory(self) -> None:
+        """midpo plan's peak memory per device for this run, logged beside the measured one at the first steps."""
+        from midpo.runtime.planning import predicted_peak
+
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+        self.predicted_peak, terms = predicted_peak(
+            self.cfg, self.ds_config, self.hf_config.to_dict(), self.layout.data, world=pdist.world_size(),
+            attn=self.attn, dtype=dtype, cuda=pdist.device().type == "cuda")
+        if pdist.is_main():
+            log.info("plan: predicted peak %.1f MiB per device (%s)", self.predicted_peak / 2 ** 20,
+                     ", ".join(f"{k} {v / 2 ** 20:.0f}" for k, v in terms.items() if v))
+
+    def _log_memory(self, step: int) -> None:
+        """COLLECTIVE: the largest measured peak over ranks beside the plan's prediction (steps 1-3)."""
+        from midpo.runtime.metrics import peak_memory_bytes
+
+        measured = pdist.all_max(peak_memory_bytes(pdist.device(), self.memory_baseline))
+        if pdist.is_main():
+            what = "max_memory_allocated" if pdist.device().type == "cuda" else "resident high-water mark - baseline"
+            log.info("step %d: peak memory %.1f MiB measured (%s, max over ranks), %.1f MiB predicted by midpo plan "
+                     "(%+.0f%%)", step, measured / 2 ** 20, what, self.predicted_peak / 2 ** 20,
+                     100 * (self.predicted_peak / measured - 1) if measured else 0.0)
 
     def engines(self) -> dict:
         """What a checkpoint holds (runtime.checkpoint.save_checkpoint's names)."""
@@ -321,6 +348,8 @@ class Trainer:
                 window[k] += v
             st.step += 1
             st.consumed_samples += sampler.global_batch
+            if st.step - max(self.resumed_step, 0) <= 3:
+                self._log_memory(st.step)
             t1 = time.perf_counter()
             window["time"] += t1 - t0
 
