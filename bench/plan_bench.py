@@ -64,9 +64,8 @@ def rss_bytes() -> int:
 
 
 def worker(a) -> None:
-    import torch
-
     import deepspeed  # noqa: F401  (imported before the baseline: its import is not training memory)
+    import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from midpo.config import load_config
