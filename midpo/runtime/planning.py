@@ -39,15 +39,9 @@ def data_lengths(data_dir: Path, cfg: Config, seed: int = 0) -> tuple[list[tuple
     seeded random order (the sampler shuffles); without prepared data, every pair at the longest the recipe
     allows (data.max_prompt_tokens prompt, the rest of data.max_length per response): an upper bound."""
     if (data_dir / "manifest.json").is_file() and (data_dir / "train").is_dir():
-        import pyarrow.compute as pc
-
         from midpo.runtime.prepared import load_split
 
-        ds = load_split(data_dir, "train", verify=False)
-        table = ds.data.table if hasattr(ds.data, "table") else ds.data
-        cols = [pc.list_value_length(table.column(c)).to_pylist()
-                for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
-        lengths = list(zip(*cols))
+        lengths = split_lengths(load_split(data_dir, "train", verify=False))
         if lengths:
             random.Random(seed).shuffle(lengths)
             return lengths[:SAMPLE_PAIRS], f"{data_dir}/train ({len(lengths)} pairs, {min(len(lengths), SAMPLE_PAIRS)} sampled)"
@@ -55,6 +49,18 @@ def data_lengths(data_dir: Path, cfg: Config, seed: int = 0) -> tuple[list[tuple
     worst = (d.max_prompt_tokens, d.max_length - d.max_prompt_tokens, d.max_length - d.max_prompt_tokens)
     return [worst] * 256, (f"no prepared data at {data_dir}: every pair at data.max_length {d.max_length} "
                            f"(prompt {d.max_prompt_tokens}), an upper bound")
+
+
+def split_lengths(data) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts of every row of a prepared split (datasets.Dataset), from Arrow's
+    list offsets (no row is decoded)."""
+    import pyarrow.compute as pc
+
+    if getattr(data, "_indices", None) is not None:
+        data = data.flatten_indices()
+    table = data.data.table if hasattr(data.data, "table") else data.data
+    cols = [pc.list_value_length(table.column(c)).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    return list(zip(*cols))
 
 
 def ds_template(name: str, cuda: bool) -> dict:

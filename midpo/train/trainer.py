@@ -101,8 +101,17 @@ class Trainer:
         check_needs(prior, available_inputs(self.train_split, online)
                     | ({"prior_network"} if prior.needs.prior_network else set()))
 
+        budget = {}
+        if tc.micro_batch_tokens:
+            if prior.needs.prior_network:
+                raise TrainError("train.micro_batch_tokens with loss.prior=learned: the prior network's engine "
+                                 "accumulates a fixed count of micro-batches; set train.micro_batch_tokens=0")
+            from midpo.runtime.planning import split_lengths
+
+            budget = {"token_budget": tc.micro_batch_tokens, "lengths": split_lengths(self.train_split.data),
+                      "layout": "shared" if tc.share_prompt else "packed" if tc.packing else "padded"}
         self.sampler = PairSampler(len(self.train_split), micro_batch_size=tc.micro_batch_size,
-                                   grad_accum=tc.grad_accum, world_size=world, rank=rank, seed=tc.seed)
+                                   grad_accum=tc.grad_accum, world_size=world, rank=rank, seed=tc.seed, **budget)
         self.total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * self.sampler.steps_per_epoch
         if self.total_steps <= 0:
             raise TrainError("no optimizer steps to run: set train.max_steps or train.epochs")
@@ -331,7 +340,8 @@ class Trainer:
                              sampler.dropped_per_epoch)
             micro_batches = (make_micro_batch(self.train_split, idx, self.collate, pdist.device())
                              for idx in micro_rows)
-            res = train_step(self.policy, self.obj, micro_batches, st.step + 1, callbacks=self.callbacks)
+            res = train_step(self.policy, self.obj, micro_batches, st.step + 1, callbacks=self.callbacks,
+                             global_pairs=sampler.global_batch if tc.micro_batch_tokens else 0)
             if res.skipped:
                 st.bad_steps_total += 1
                 st.bad_steps_in_a_row += 1

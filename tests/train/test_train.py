@@ -272,6 +272,33 @@ def test_plan_prediction_logged_beside_measured_peak(base):
         assert len(re.findall(r"plan: predicted peak [\d.]+ MiB per device \(policy_weights", text)) == 1
 
 
+def test_token_budget_two_processes_in_lockstep_match_fixed_count(base):
+    """train.micro_batch_tokens on 2 processes, ZeRO-3, with a budget at which the ranks cut their pairs into
+    different numbers of micro-batches at some step: the run finishes (collectives in lockstep) and its losses equal
+    the fixed-count 2-process run's over the same global batches."""
+    from midpo.runtime.planning import split_lengths
+    from midpo.runtime.prepared import load_split
+    from midpo.train.sampler import PairSampler
+
+    lengths = split_lengths(load_split(base["run1"] / "data", "train", verify=False))
+
+    def uneven(budget: int) -> bool:
+        ss = [PairSampler(len(lengths), micro_batch_size=2, grad_accum=1, world_size=2, rank=r, token_budget=budget,
+                          lengths=lengths) for r in range(2)]
+        for _ in range(6):
+            rows = ss[0].global_step_rows()
+            if len({len(s._cut(s.rank_rows(rows, s.rank))) for s in ss}) > 1:
+                return True
+            for s in ss:
+                s.next_step()
+        return False
+
+    budget = next(b for b in range(8, 400, 4) if uneven(b))
+    recipe, run = _fresh_run(base, "budget", grad_accum=1, micro_batch_tokens=budget)
+    run_train(recipe, 2)
+    np.testing.assert_allclose(losses(run), losses(base["run2"]), atol=LOSS_ATOL_DIST, rtol=0)
+
+
 def test_resume_on_another_process_count(base):
     """A ZeRO-3 checkpoint of the 2-process run (step 3) resumed by 1 process: DeepSpeed's own loader refuses the
     changed data-parallel world size; midpo converts the checkpoint to DeepSpeed's universal form once (in the step
