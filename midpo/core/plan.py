@@ -38,6 +38,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from midpo.core.budget import fill_to_budget
 from midpo.core.flops import train_flops
 
 GIB = 2.0 ** 30
@@ -173,6 +174,7 @@ class Settings:
     prior_zero_stage: int = 3
     prior_conditioned: bool = False
     prior_chunk_tokens: int = 1024
+    token_budget: int = 0  # train.micro_batch_tokens: micro-batches cut to this many tokens (micro x accum pairs)
     full_logits: bool = False  # the policy's head runs once over all response positions, logits kept (TDPO,
     # SparsePO, MI-DPO's marginal objective: core.logprobs.response_logps return_logits/return_flat_logits)
     cuda: bool = True
@@ -313,32 +315,37 @@ def comm_bytes_per_step(n_params: int, s: Settings) -> float:
     return s.grad_accum * 3 * f * P * w  # all-gather forward + backward, reduce-scatter, per micro-step
 
 
-def step_time(shape: ModelShape, s: Settings, batch: Batch, hw: Hardware) -> dict[str, float]:
-    """Seconds per optimizer step (see the module docstring for the assumptions)."""
+def step_time(shape: ModelShape, s: Settings, batches: list[Batch], hw: Hardware) -> dict[str, float]:
+    """Seconds of one optimizer step over this rank's `batches` (its micro-batches; see the module docstring for
+    the assumptions)."""
     body, head = shape.flop_params()
-    f = train_flops(body, head, shape.layers, shape.hidden, batch.real_tokens, batch.response_tokens,
-                    batch.attention_context)
-    work = f * (4.0 / 3.0 if s.checkpointing else 1.0)  # recompute: the body's forward again
-    if s.prior_layers >= 0:
-        k = shape.layers if s.prior_layers == 0 else s.prior_layers
-        pb, ph = shape.flop_params(k)
-        work += train_flops(pb, ph, k, shape.hidden, batch.prior_tokens, batch.response_tokens, 0.0)
-    compute = s.grad_accum * work / (hw.peak_tflops * 1e12 * hw.efficiency)
-    comm = comm_bytes_per_step(shape.params(), s) / hw.bandwidth
+    f = work = 0.0
+    for b in batches:
+        fb = train_flops(body, head, shape.layers, shape.hidden, b.real_tokens, b.response_tokens,
+                         b.attention_context)
+        f += fb
+        work += fb * (4.0 / 3.0 if s.checkpointing else 1.0)  # recompute: the body's forward again
+        if s.prior_layers >= 0:
+            k = shape.layers if s.prior_layers == 0 else s.prior_layers
+            pb, ph = shape.flop_params(k)
+            work += train_flops(pb, ph, k, shape.hidden, b.prior_tokens, b.response_tokens, 0.0)
+    steps = len(batches)
+    compute = work / (hw.peak_tflops * 1e12 * hw.efficiency)
+    comm = comm_bytes_per_step(shape.params(), replace(s, grad_accum=steps)) / hw.bandwidth
     exposed = max(0.0, comm - compute) if s.overlap_comm else comm
     offload = 0.0
     if s.offload_optimizer:
         shard = shape.params() / s.world
         # host Adam over the shard; gradients down (w), updated weights up (w), per step; gathered weights come
         # up from the host once per forward and once per backward of every micro-step
-        offload = shard / HOST_ADAM_PARAMS_PER_S + (2 * shard + 2 * s.grad_accum * shape.params()) \
+        offload = shard / HOST_ADAM_PARAMS_PER_S + (2 * shard + 2 * steps * shape.params()) \
             * s.dtype_bytes / (PCIE_GBPS * 1e9)
-    overhead = s.grad_accum * (MICRO_STEP_OVERHEAD_S + LAYER_LAUNCH_S * shape.layers)
+    overhead = steps * (MICRO_STEP_OVERHEAD_S + LAYER_LAUNCH_S * shape.layers)
     total = compute + exposed + offload + overhead
-    pairs = batch.pairs * s.grad_accum * s.world
+    pairs = sum(b.pairs for b in batches) * s.world
     return {"step_s": total, "compute_s": compute, "comm_s": comm, "comm_exposed_s": exposed,
-            "offload_s": offload, "overhead_s": overhead, "model_flops_per_step": f * s.grad_accum * s.world,
-            "pairs_per_s": pairs / total if total else float("inf")}
+            "offload_s": offload, "overhead_s": overhead, "micro_steps": float(steps),
+            "model_flops_per_step": f * s.world, "pairs_per_s": pairs / total if total else float("inf")}
 
 
 @dataclass
@@ -350,48 +357,76 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        keys = ("zero_stage", "offload_optimizer", "micro", "grad_accum", "layout", "checkpointing", "world")
+        keys = ("zero_stage", "offload_optimizer", "micro", "grad_accum", "token_budget", "layout", "checkpointing",
+                "world")
         return {"settings": {k: getattr(self.settings, k) for k in keys}, "fits": self.fits,
                 **self.memory.to_json(), "time": {k: round(v, 4) for k, v in self.time.items()},
                 "notes": self.notes}
 
 
+def rank_steps(lengths: list[tuple[int, int, int]], s: Settings) -> list[list[Batch]]:
+    """One rank's optimizer steps over `lengths` (its micro x accum pairs per step, in order): fixed-count
+    micro-batches, or with `s.token_budget` the cut core.budget.fill_to_budget makes (the sampler's). Fewer pairs
+    than one step: they are repeated."""
+    per = s.micro * s.grad_accum
+    if len(lengths) < per:
+        lengths = (lengths * (-(-per // max(len(lengths), 1))))[:per]
+    out = []
+    for i in range(0, len(lengths) - per + 1, per):
+        chunk = lengths[i:i + per]
+        if s.token_budget:
+            groups = [[chunk[j] for j in g] for g in fill_to_budget(chunk, s.token_budget, s.layout)]
+        else:
+            groups = [chunk[k:k + s.micro] for k in range(0, per, s.micro)]
+        out.append([micro_batch(g, s.layout, s.row_tokens) for g in groups])
+    return out
+
+
 def evaluate(shape: ModelShape, s: Settings, lengths: list[tuple[int, int, int]], hw: Hardware) -> Plan:
-    """One setting: memory at its widest micro-batch, time at its mean micro-batch."""
-    batches = micro_batches(lengths, s.micro, s.layout, s.row_tokens)
-    if not batches:  # fewer pairs than one micro-batch: repeat them
-        reps = -(-s.micro // max(len(lengths), 1))
-        batches = micro_batches((lengths * reps)[: s.micro], s.micro, s.layout, s.row_tokens)
-    mem = memory(shape, s, widest(batches))
-    mean = Batch(s.micro, *(round(sum(getattr(b, k) for b in batches) / len(batches))
-                            for k in ("stored_tokens", "real_tokens", "response_tokens")),
-                 sum(b.attention_context for b in batches) / len(batches),
-                 round(sum(b.row_len for b in batches) / len(batches)), round(sum(b.rows for b in batches)
-                                                                              / len(batches)),
-                 round(sum(b.prior_tokens for b in batches) / len(batches)))
-    tm = step_time(shape, s, mean, hw)
+    """One setting: memory at its widest micro-batch, time averaged over its steps."""
+    steps = rank_steps(lengths, s)
+    mem = memory(shape, s, widest([b for st in steps for b in st]))
+    times = [step_time(shape, s, st, hw) for st in steps]
+    tm = {k: sum(t[k] for t in times) / len(times) for k in times[0]}
+    tm["pairs_per_s"] = s.micro * s.grad_accum * s.world / tm["step_s"]
     return Plan(s, mem, tm, mem.needed_gib <= hw.gpu_mem_gib)
+
+
+SEARCH_PAIRS = 1024  # pairs of the length sample the search lays out per setting (the as-written plan uses all)
+BUDGETS = tuple(256 * 2 ** k for k in range(12))  # token budgets tried: 256 .. 524288
 
 
 def search(shape: ModelShape, base: Settings, lengths: list[tuple[int, int, int]], hw: Hardware,
            global_batch: int, layouts: tuple[str, ...] | None = None) -> list[Plan]:
-    """Every setting (ZeRO stage, optimizer offload, checkpointing, micro-batch x accumulation, layout) whose
-    micro x accumulation x world equals `global_batch`, fitting ones first, fastest first."""
+    """Every setting (ZeRO stage, optimizer offload, checkpointing, layout; micro-batch x accumulation, or a token
+    budget: the largest of BUDGETS that fits) whose micro x accumulation x world equals `global_batch`, fitting
+    ones first, fastest first."""
     world = hw.world
     per_rank, rem = divmod(global_batch, world)
     if rem or per_rank < 1:
         raise ValueError(f"global batch {global_batch} is not a multiple of {world} devices")
+    sample = lengths[:SEARCH_PAIRS]
     micros = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
     plans = []
     for stage in (0, 2, 3):
-        for offload in ((False, True) if stage >= 2 else (False,)):
+        for offload in ((False, True) if stage == 3 else (False,)):  # the shipped zero3_offload
             for ckpt in (False, True):
                 for layout in layouts or (base.layout,):
+                    combo = replace(base, world=world, zero_stage=stage, offload_optimizer=offload,
+                                    checkpointing=ckpt, layout=layout, token_budget=0)
                     for m in micros:
-                        s = replace(base, world=world, zero_stage=stage, offload_optimizer=offload,
-                                    checkpointing=ckpt, micro=m, grad_accum=per_rank // m, layout=layout)
-                        plans.append(evaluate(shape, s, lengths, hw))
-    plans.sort(key=lambda p: (not p.fits, round(p.time["step_s"], 6), p.settings.grad_accum, p.memory.needed_gib))
+                        plans.append(evaluate(shape, replace(combo, micro=m, grad_accum=per_rank // m), sample, hw))
+                    fitting = None
+                    for b in BUDGETS:
+                        p = evaluate(shape, replace(combo, micro=per_rank, grad_accum=1, token_budget=b), sample, hw)
+                        if not p.fits:
+                            break
+                        fitting = p
+                        if p.time["micro_steps"] <= 1:
+                            break
+                    if fitting is not None:
+                        plans.append(fitting)
+    plans.sort(key=lambda p: (not p.fits, round(p.time["step_s"], 6), p.time["micro_steps"], p.memory.needed_gib))
     return plans
 
 

@@ -91,7 +91,8 @@ def settings_from(cfg: Config, ds: dict, *, world: int, attn: str, dtype: str, c
     full_logits = cfg.loss.prior in ("tdpo", "sparsepo") or (prior and cfg.prior_net.objective == "marginal")
     return Settings(
         world=world, zero_stage=stage, offload_optimizer=offload, dtype_bytes=DTYPE_BYTES[dtype],
-        micro=tc.micro_batch_size, grad_accum=tc.grad_accum, layout=layout, attn=attn,
+        micro=tc.micro_batch_size, grad_accum=tc.grad_accum, token_budget=tc.micro_batch_tokens, layout=layout,
+        attn=attn,
         checkpointing=cfg.model.gradient_checkpointing, head_chunk_tokens=tc.head_chunk_tokens,
         max_live_parameters=num("stage3_max_live_parameters", 1e9) if stage == 3 else 0.0,
         prefetch_bucket=num("stage3_prefetch_bucket_size", int(0.9 * bucket)) if stage == 3 else 0.0,
@@ -122,6 +123,5 @@ def predicted_peak(cfg: Config, ds: dict, hf_config: dict, data_dir: Path, *, wo
     shape = ModelShape.from_hf(hf_config)
     lengths, _ = data_lengths(data_dir, cfg, seed=cfg.train.seed)
     s = settings_from(cfg, ds, world=world, attn=attn, dtype=dtype, cuda=cuda, hidden=shape.hidden)
-    m = P.memory(shape, s, P.widest(P.micro_batches(lengths, s.micro, s.layout, s.row_tokens)
-                                   or [P.micro_batch(lengths[: s.micro], s.layout, s.row_tokens)]))
+    m = P.memory(shape, s, P.widest([b for step in P.rank_steps(lengths, s) for b in step]))
     return m.peak, m.terms

@@ -76,6 +76,8 @@ def overrides_for(best: P.Plan, base: P.Settings) -> list[str]:
     if s.zero_stage != base.zero_stage or s.offload_optimizer != base.offload_optimizer:
         name = {0: "zero0_bf16", 2: "zero2_bf16", 3: "zero3_bf16"}[s.zero_stage]
         out.append(f"train.ds_config={'zero3_offload' if s.offload_optimizer else name}")
+    if s.token_budget != base.token_budget:
+        out.append(f"train.micro_batch_tokens={s.token_budget}")
     if s.micro != base.micro:
         out.append(f"train.micro_batch_size={s.micro}")
     if s.grad_accum != base.grad_accum:
@@ -101,12 +103,13 @@ def render(plan: dict) -> str:
               f"{w['time']['pairs_per_s']:.1f} pairs/s"]
     lines += [f"    {k:<32} {v:8.2f} GiB" for k, v in w["terms_gib"].items()]
     lines += ["", "best settings for the same global batch (fitting first, fastest first):",
-              f"  {'stage':>5} {'offload':>7} {'ckpt':>5} {'layout':>7} {'micro':>5} {'accum':>5} {'needs GiB':>9} "
-              f"{'fits':>4} {'step s':>8} {'pairs/s':>8}"]
+              f"  {'stage':>5} {'offload':>7} {'ckpt':>5} {'layout':>7} {'micro':>5} {'accum':>5} {'tokens':>7} "
+              f"{'steps':>5} {'needs GiB':>9} {'fits':>4} {'step s':>8} {'pairs/s':>8}"]
     for b in plan["best"]:
         s = b["settings"]
         lines.append(f"  {s['zero_stage']:>5} {str(s['offload_optimizer']):>7} {str(s['checkpointing']):>5} "
-                     f"{s['layout']:>7} {s['micro']:>5} {s['grad_accum']:>5} {b['needed_gib']:>9.1f} "
+                     f"{s['layout']:>7} {s['micro']:>5} {s['grad_accum']:>5} {s['token_budget'] or '-':>7} "
+                     f"{b['time']['micro_steps']:>5.1f} {b['needed_gib']:>9.1f} "
                      f"{'yes' if b['fits'] else 'no':>4} {b['time']['step_s']:>8.3f} {b['time']['pairs_per_s']:>8.1f}")
     if plan["suggested_overrides"]:
         lines += ["", "to run the best: " + " ".join(plan["suggested_overrides"])]
@@ -115,8 +118,9 @@ def render(plan: dict) -> str:
 
 def _desc(p: dict) -> str:
     s = p["settings"]
+    budget = f", token budget {s['token_budget']}" if s["token_budget"] else ""
     return (f"ZeRO {s['zero_stage']}{' + offload' if s['offload_optimizer'] else ''}, {s['layout']}, micro "
-            f"{s['micro']} x accum {s['grad_accum']}{', checkpointing' if s['checkpointing'] else ''}")
+            f"{s['micro']} x accum {s['grad_accum']}{budget}{', checkpointing' if s['checkpointing'] else ''}")
 
 
 def run(args) -> int:

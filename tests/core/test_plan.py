@@ -103,3 +103,19 @@ def test_zero3_shards_states_and_search_reaches_global_batch():
     plans = plan.search(TINYLLAMA, Settings(), lengths, hw, global_batch=128)
     assert plans[0].fits
     assert all(p.settings.micro * p.settings.grad_accum * 8 == 128 for p in plans)
+
+
+def test_token_budget_bounds_the_widest_micro_batch_on_long_tails():
+    """Long-tailed lengths: fixed 16-pair micro-batches are as wide as their longest pair allows; a token budget
+    holds every multi-pair micro-batch under it, so the peak drops and the global batch is unchanged."""
+    lengths = [(20, 30, 40)] * 60 + [(200, 900, 700)] * 4
+    lengths = [lengths[(i * 37) % 64] for i in range(64)]  # spread the long ones
+    hw = Hardware(gpus_per_node=1)
+    fixed = plan.evaluate(TINYLLAMA, Settings(micro=16, grad_accum=1, layout="padded"), lengths, hw)
+    budget_s = Settings(micro=16, grad_accum=1, layout="padded", token_budget=2048)
+    budget = plan.evaluate(TINYLLAMA, budget_s, lengths, hw)
+    widest = plan.widest([b for step in plan.rank_steps(lengths, budget_s) for b in step])
+    assert widest.stored_tokens <= 2048 or widest.pairs == 1
+    assert budget.memory.peak < fixed.memory.peak
+    assert budget.time["micro_steps"] > 1 == fixed.time["micro_steps"]
+    assert budget.time["pairs_per_s"] * budget.time["step_s"] == pytest.approx(16)
