@@ -10,8 +10,10 @@ Memory model (P parameters, N data-parallel ranks, w bytes per compute element: 
   (DeepSpeed's bf16 optimizer accumulates in fp32), the latter only while the optimizer steps.
 - stage 2: weights wP; gradients w P / N (partitioned after each reduce; the reduce bucket is separate);
   master + Adam 12 P / N (DeepSpeed clones an fp32 partition even from fp32 weights).
-- stage 3: weights w P / N plus the gathered ones: all of them up to stage3_max_live_parameters (DeepSpeed keeps
-  a gathered layer until that many are live), never less than two layers' (the one computing and the prefetch);
+- stage 3: weights w P / N plus the gathered ones (`gathered_params`: what stage3_max_reuse_distance keeps for
+  the backward, capped by stage3_max_live_parameters, at least two layers); with DeepSpeed's defaults (1e9 both)
+  a model under ~1e9 parameters stays gathered whole, so ZeRO-3 saves no weight memory (the shipped configs fill
+  both from the bucket size, runtime.ds_config);
   gradients w P / N; master + Adam as stage 2; fp32 gradient partitions 4 P / N during the step (bf16).
 - offload_optimizer: master, Adam and fp32 gradients live on the host (not counted against the device).
 - activations: bytes per stored token (rows x padded length of the widest micro-batch) per layer, x layers;
@@ -166,6 +168,7 @@ class Settings:
     checkpointing: bool = False
     head_chunk_tokens: int = 1024
     max_live_parameters: float = 1e9
+    max_reuse_distance: float = 1e9  # stage3_max_reuse_distance (DeepSpeed's default, as max_live_parameters)
     prefetch_bucket: float = 0.0  # elements
     reduce_bucket: float = 2 ** 24  # elements
     allgather_bucket: float = 2 ** 24  # elements (stage 2)
@@ -198,8 +201,23 @@ def activation_bytes_per_token(shape: ModelShape, w: int, attn: str) -> float:
     return norms + attention + mlp
 
 
+def stage3_live_auto(hidden: int, bucket: float) -> int:
+    """What runtime.ds_config fills into an "auto" stage3_max_live_parameters and stage3_max_reuse_distance: two
+    Llama layers' worth (~12 hidden^2 each), at least the bucket size. DeepSpeed's 1e9 keeps every gathered weight of
+    a model under ~1e9 parameters alive through the step; this keeps the layer computing and the one prefetched."""
+    return int(max(bucket, 24 * hidden * hidden))
+
+
+def gathered_params(n_params: int, max_live: float, reuse: float, layer_params: int) -> float:
+    """Parameters ZeRO-3 holds gathered at the backward's start: a parameter is kept after its forward use when it
+    is used again within `reuse` (stage3_max_reuse_distance) elements of the trace, which the forward's last half of
+    that distance is (its backward follows in reverse order); never more than `max_live`
+    (stage3_max_live_parameters) nor the model, never less than two layers (the one computing and the prefetch)."""
+    return min(float(n_params), max(2.0 * layer_params, min(max_live, reuse / 2 + layer_params)))
+
+
 def _states(n_params: int, stage: int, world: int, w: int, offload: bool, max_live: float,
-            layer_params: int) -> dict[str, float]:
+            layer_params: int, reuse: float = 1e9) -> dict[str, float]:
     """Model states of one engine, per device (bytes): weights, gradients, optimizer; 'step_extra' exists only
     while the optimizer steps. `offload` = the shipped zero3_offload: optimizer and parameter partitions on the
     host (the device keeps only gathered weights and buckets)."""
@@ -216,7 +234,8 @@ def _states(n_params: int, stage: int, world: int, w: int, offload: bool, max_li
     shard = P / world
     out["weights"] = w * (shard if stage == 3 else P) * (0.0 if offload else 1.0)
     if stage == 3:
-        out["weights_gathered"] = w * min(P, max(max_live, 2 * layer_params)) if world > 1 or offload else 0.0
+        # gathered into buffers of their own even at world size 1 (the partition is not reused)
+        out["weights_gathered"] = w * gathered_params(n_params, max_live, reuse, layer_params)
     out["gradients"] = 0.0 if offload else w * shard
     out["optimizer"] = 0.0 if offload else (master + 8.0) * shard
     out["step_extra"] = 0.0 if offload or w == 4 else 4.0 * shard
@@ -241,7 +260,7 @@ def memory(shape: ModelShape, s: Settings, batch: Batch) -> MemoryPlan:
     w, L = s.dtype_bytes, shape.layers
     t: dict[str, float] = {}
     st = _states(shape.params(), s.zero_stage, s.world, w, s.offload_optimizer, s.max_live_parameters,
-                 shape.layer_params())
+                 shape.layer_params(), s.max_reuse_distance)
     step_extra = st.pop("step_extra")
     t.update({f"policy_{k}": v for k, v in st.items()})
     per_tok = activation_bytes_per_token(shape, w, s.attn)
@@ -268,7 +287,7 @@ def memory(shape: ModelShape, s: Settings, batch: Batch) -> MemoryPlan:
     if s.prior_layers >= 0:
         k = L if s.prior_layers == 0 else min(s.prior_layers, L)
         pst = _states(shape.params(k), s.prior_zero_stage, s.world, w, False, s.max_live_parameters,
-                      shape.layer_params())
+                      shape.layer_params(), s.max_reuse_distance)
         prior_step = pst.pop("step_extra")
         t["prior_states"] = sum(pst.values())
         tokens = batch.prior_tokens + (batch.real_tokens if s.prior_conditioned else 0)
