@@ -222,9 +222,16 @@ class Trainer:
         from midpo.runtime.planning import predicted_peak
 
         dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
-        self.predicted_peak, terms = predicted_peak(
-            self.cfg, self.ds_config, self.hf_config.to_dict(), self.layout.data, world=pdist.world_size(),
-            attn=self.attn, dtype=dtype, cuda=pdist.device().type == "cuda")
+        try:
+            self.predicted_peak, terms = predicted_peak(
+                self.cfg, self.ds_config, self.hf_config.to_dict(), self.layout.data, world=pdist.world_size(),
+                attn=self.attn, dtype=dtype, cuda=pdist.device().type == "cuda")
+        except KeyError as e:  # a config without Llama's field names: the plan models Llama-shaped decoders only
+            self.predicted_peak = 0.0
+            if pdist.is_main():
+                log.info("plan: no memory prediction for model type %r (no %s in its config)",
+                         getattr(self.hf_config, "model_type", "?"), e)
+            return
         if pdist.is_main():
             log.info("plan: predicted peak %.1f MiB per device (%s)", self.predicted_peak / 2 ** 20,
                      ", ".join(f"{k} {v / 2 ** 20:.0f}" for k, v in terms.items() if v))
@@ -234,7 +241,7 @@ class Trainer:
         from midpo.runtime.metrics import peak_memory_bytes
 
         measured = pdist.all_max(peak_memory_bytes(pdist.device(), self.memory_baseline))
-        if pdist.is_main():
+        if pdist.is_main() and self.predicted_peak:
             what = "max_memory_allocated" if pdist.device().type == "cuda" else "resident high-water mark - baseline"
             log.info("step %d: peak memory %.1f MiB measured (%s, max over ranks), %.1f MiB predicted by midpo plan "
                      "(%+.0f%%)", step, measured / 2 ** 20, what, self.predicted_peak / 2 ** 20,
