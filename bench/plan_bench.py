@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/plan_bench.py                 # every configuration of CONFIGS, one JSON line each
     PYTHONPATH=. python bench/plan_bench.py --only z3-2p-padded-m8
+    PYTHONPATH=. python bench/plan_bench.py --only 134m-z0-2p-padded-m2 134m-z3-2p-padded-m2 134m-z3live1e9-2p-padded-m2
 
 Method (docs/plan.md): each configuration runs in a fresh process (2 under torchrun for the 2-process ones) with
 MALLOC_MMAP_THRESHOLD_=65536, so glibc serves every tensor over 64 KiB from its own mmap and returns it on free:
@@ -28,9 +29,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPE = dict(vocab=8000, hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=4)
-# name: (processes, ds_config, layout, micro, prior network layers or -1)
+SHAPES = {"bench": dict(vocab=8000, hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=4),
+          # about the issue's 119M-parameter Llama (134M here): ZeRO-3's gathered weights against stage 0
+          "134m": dict(vocab=32000, hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=12)}
+SHAPE = dict(SHAPES["bench"])
+LIVE_1E9 = "zero3_cpu_fp32_live1e9"  # zero3_cpu_fp32 with DeepSpeed's 1e9 max live / reuse (the templates before)
+# name: (processes, ds_config, layout, micro, prior network layers or -1[, shape])
 CONFIGS = {
+    "134m-z0-2p-padded-m2": (2, "zero0_cpu_fp32", "padded", 2, -1, "134m"),
+    "134m-z3-2p-padded-m2": (2, "zero3_cpu_fp32", "padded", 2, -1, "134m"),
+    "134m-z3live1e9-2p-padded-m2": (2, LIVE_1E9, "padded", 2, -1, "134m"),
     "z0-1p-padded-m8": (1, "zero0_cpu_fp32", "padded", 8, -1),
     "z0-1p-shared-m8": (1, "zero0_cpu_fp32", "shared", 8, -1),
     "z2-1p-packed-m8": (1, "zero2_cpu_fp32", "packed", 8, -1),
@@ -42,6 +50,19 @@ CONFIGS = {
     "z3-2p-packed-m16": (2, "zero3_cpu_fp32", "packed", 16, -1),
     "z2-1p-padded-m8-prior": (1, "zero2_cpu_fp32", "padded", 8, 2),
 }
+
+
+def ds_path(name: str) -> str:
+    """A shipped config name, or LIVE_1E9 written to a temporary file."""
+    if name != LIVE_1E9:
+        return name
+    from midpo.config import DS_CONFIGS_DIR
+
+    raw = json.loads((DS_CONFIGS_DIR / "zero3_cpu_fp32.json").read_text())
+    raw["zero_optimization"].update(stage3_max_live_parameters=1e9, stage3_max_reuse_distance=1e9)
+    p = Path(tempfile.gettempdir()) / f"{LIVE_1E9}.json"
+    p.write_text(json.dumps(raw))
+    return str(p)
 
 
 def rows_for(micro: int, steps: int, seed: int = 0) -> list[dict]:
@@ -79,6 +100,7 @@ def worker(a) -> None:
     from midpo.train.step import MicroBatch, Objective, train_step
 
     torch.set_num_threads(1)
+    SHAPE.update(SHAPES[a.shape])
     pdist.init_distributed()
     rank, world = pdist.rank(), pdist.world_size()
     rows = rows_for(a.micro, a.steps, seed=rank)
@@ -98,7 +120,7 @@ def worker(a) -> None:
             AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa").save_pretrained(init_dir)
         pdist.barrier()
         prior_args = ["loss.prior=learned", f"prior_net.num_layers={a.prior_layers}", "prior_net.zero_stage=2"]
-    cfg = load_config(None, ["model.dtype=fp32", f"train.ds_config={a.ds_config}", f"train.micro_batch_size={a.micro}",
+    cfg = load_config(None, ["model.dtype=fp32", f"train.ds_config={ds_path(a.ds_config)}", f"train.micro_batch_size={a.micro}",
                              "train.grad_accum=1", "train.lr=1e-5", "loss.beta=0.1", *prior_args])
     base = rss_bytes()
     torch.manual_seed(0)
@@ -131,13 +153,14 @@ def predict(name: str, steps: int) -> dict:
     from midpo.core import plan as P
     from midpo.runtime.planning import ds_template, settings_from
 
-    procs, ds_name, layout, micro, prior = CONFIGS[name]
+    procs, ds_name, layout, micro, prior, *rest = CONFIGS[name]
+    SHAPE.update(SHAPES[rest[0] if rest else "bench"])
     shape = P.ModelShape(**SHAPE)
     extra = ["loss.prior=learned", f"prior_net.num_layers={prior}", "prior_net.zero_stage=2"] if prior >= 0 else []
     cfg = load_config(None, ["model.dtype=fp32", f"train.ds_config={ds_name}", f"train.micro_batch_size={micro}",
                              f"train.packing={str(layout == 'packed').lower()}",
                              f"train.share_prompt={str(layout == 'shared').lower()}", *extra])
-    s = settings_from(cfg, ds_template(ds_name, cuda=False), world=procs, attn="sdpa", dtype="fp32", cuda=False,
+    s = settings_from(cfg, ds_template(ds_path(ds_name), cuda=False), world=procs, attn="sdpa", dtype="fp32", cuda=False,
                       hidden=shape.hidden)
     worst = None
     for rank in range(procs):
@@ -157,16 +180,17 @@ def main() -> int:
     ap.add_argument("--layout", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--micro", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--prior-layers", type=int, default=-1, help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default="bench", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         worker(a)
         return 0
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
                PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
-    for name in a.only or list(CONFIGS):
-        procs, ds_name, layout, micro, prior = CONFIGS[name]
+    for name in a.only or [c for c in CONFIGS if not c.startswith("134m")]:
+        procs, ds_name, layout, micro, prior, *rest = CONFIGS[name]
         args = [__file__, "--worker", "--ds-config", ds_name, "--layout", layout, "--micro", str(micro),
-                "--prior-layers", str(prior), "--steps", str(a.steps)]
+                "--prior-layers", str(prior), "--steps", str(a.steps), "--shape", rest[0] if rest else "bench"]
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
                 str(29500 + os.getpid() % 1000)] if procs > 1 else [sys.executable]) + args
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
