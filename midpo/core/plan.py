@@ -36,8 +36,7 @@ and the PCIe copies (PCIE_GBPS) add in full.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from midpo.core.budget import fill_to_budget
@@ -447,11 +446,3 @@ def search(shape: ModelShape, base: Settings, lengths: list[tuple[int, int, int]
                         plans.append(fitting)
     plans.sort(key=lambda p: (not p.fits, round(p.time["step_s"], 6), p.time["micro_steps"], p.memory.needed_gib))
     return plans
-
-
-def settings_dict(s: Settings) -> dict:
-    return asdict(s)
-
-
-def round_gib(x: float) -> float:
-    return math.floor(x * 10 + 0.5) / 10
