@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/plan_bench.py                 # every configuration of CONFIGS, one JSON line each
     PYTHONPATH=. python bench/plan_bench.py --only z3-2p-padded-m8
-    PYTHONPATH=. python bench/plan_bench.py --only 134m-z0-2p-padded-m2 134m-z3-2p-padded-m2 134m-z3live1e9-2p-padded-m2
+    PYTHONPATH=. python bench/plan_bench.py --only 134m-z0-2p-padded-m2 134m-z3-2p-padded-m2 134m-z3livesmall-2p-padded-m2
 
 Method (docs/plan.md): each configuration runs in a fresh process (2 under torchrun for the 2-process ones) with
 MALLOC_MMAP_THRESHOLD_=65536, so glibc serves every tensor over 64 KiB from its own mmap and returns it on free:
@@ -33,12 +33,12 @@ SHAPES = {"bench": dict(vocab=8000, hidden=512, intermediate=1376, layers=4, hea
           # about the issue's 119M-parameter Llama (134M here): ZeRO-3's gathered weights against stage 0
           "134m": dict(vocab=32000, hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=12)}
 SHAPE = dict(SHAPES["bench"])
-LIVE_1E9 = "zero3_cpu_fp32_live1e9"  # zero3_cpu_fp32 with DeepSpeed's 1e9 max live / reuse (the templates before)
+LIVE_SMALL = "zero3_cpu_fp32_live_small"  # zero3_cpu_fp32 keeping ~2 layers gathered (max live / reuse 24 hidden^2)
 # name: (processes, ds_config, layout, micro, prior network layers or -1[, shape])
 CONFIGS = {
     "134m-z0-2p-padded-m2": (2, "zero0_cpu_fp32", "padded", 2, -1, "134m"),
     "134m-z3-2p-padded-m2": (2, "zero3_cpu_fp32", "padded", 2, -1, "134m"),
-    "134m-z3live1e9-2p-padded-m2": (2, LIVE_1E9, "padded", 2, -1, "134m"),
+    "134m-z3livesmall-2p-padded-m2": (2, LIVE_SMALL, "padded", 2, -1, "134m"),
     "z0-1p-padded-m8": (1, "zero0_cpu_fp32", "padded", 8, -1),
     "z0-1p-shared-m8": (1, "zero0_cpu_fp32", "shared", 8, -1),
     "z2-1p-packed-m8": (1, "zero2_cpu_fp32", "packed", 8, -1),
@@ -53,14 +53,15 @@ CONFIGS = {
 
 
 def ds_path(name: str) -> str:
-    """A shipped config name, or LIVE_1E9 written to a temporary file."""
-    if name != LIVE_1E9:
+    """A shipped config name, or LIVE_SMALL written to a temporary file (for the 134m shape)."""
+    if name != LIVE_SMALL:
         return name
     from midpo.config import DS_CONFIGS_DIR
 
     raw = json.loads((DS_CONFIGS_DIR / "zero3_cpu_fp32.json").read_text())
-    raw["zero_optimization"].update(stage3_max_live_parameters=1e9, stage3_max_reuse_distance=1e9)
-    p = Path(tempfile.gettempdir()) / f"{LIVE_1E9}.json"
+    live = 24 * SHAPES["134m"]["hidden"] ** 2
+    raw["zero_optimization"].update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live)
+    p = Path(tempfile.gettempdir()) / f"{LIVE_SMALL}.json"
     p.write_text(json.dumps(raw))
     return str(p)
 

@@ -12,8 +12,7 @@ Memory model (P parameters, N data-parallel ranks, w bytes per compute element: 
   master + Adam 12 P / N (DeepSpeed clones an fp32 partition even from fp32 weights).
 - stage 3: weights w P / N plus the gathered ones (`gathered_params`: what stage3_max_reuse_distance keeps for
   the backward, capped by stage3_max_live_parameters, at least two layers); with DeepSpeed's defaults (1e9 both)
-  a model under ~1e9 parameters stays gathered whole, so ZeRO-3 saves no weight memory (the shipped configs fill
-  both from the bucket size, runtime.ds_config);
+  a model under ~1e9 parameters would stay gathered whole (measured on CPU it did not: docs/plan.md);
   gradients w P / N; master + Adam as stage 2; fp32 gradient partitions 4 P / N during the step (bf16).
 - offload_optimizer: master, Adam and fp32 gradients live on the host (not counted against the device).
 - activations: bytes per stored token (rows x padded length of the widest micro-batch) per layer, x layers;
@@ -200,13 +199,6 @@ def activation_bytes_per_token(shape: ModelShape, w: int, attn: str) -> float:
     return norms + attention + mlp
 
 
-def stage3_live_auto(hidden: int, bucket: float) -> int:
-    """What runtime.ds_config fills into an "auto" stage3_max_live_parameters and stage3_max_reuse_distance: two
-    Llama layers' worth (~12 hidden^2 each), at least the bucket size. DeepSpeed's 1e9 keeps every gathered weight of
-    a model under ~1e9 parameters alive through the step; this keeps the layer computing and the one prefetched."""
-    return int(max(bucket, 24 * hidden * hidden))
-
-
 def gathered_params(n_params: int, max_live: float, reuse: float, layer_params: int) -> float:
     """Parameters ZeRO-3 holds gathered at the backward's start: a parameter is kept after its forward use when it
     is used again within `reuse` (stage3_max_reuse_distance) elements of the trace, which the forward's last half of
@@ -273,7 +265,7 @@ def memory(shape: ModelShape, s: Settings, batch: Batch) -> MemoryPlan:
     t["activations"] = act
     chunk = min(batch.response_tokens, s.head_chunk_tokens) if batch.response_tokens > s.head_chunk_tokens \
         else batch.response_tokens
-    t["head_logits"] = chunk * shape.vocab * (w + 4 + 4 + 4)
+    t["head_logits"] = chunk * shape.vocab * (w + (4 if w != 4 else 0) + 4 + 4)  # fp32 copy only from bf16
     if s.full_logits:
         t["head_logits"] += batch.response_tokens * shape.vocab * w
     if s.zero_stage == 3:

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from midpo.config import DS_CONFIGS_DIR, Config, ConfigError
-from midpo.core.plan import stage3_live_auto
 from midpo.runtime.models import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -85,10 +84,8 @@ def resolve_ds_config(cfg: Config, world_size: int, hidden_size: int, stage: int
     # reduce-scatters per step, and each costs a fixed launch/latency overhead.
     # These are tuning knobs, not recipe facts: an explicit value in the JSON wins.
     bucket = max(hidden_size * hidden_size, MIN_BUCKET)
-    live = stage3_live_auto(hidden_size, bucket)  # gathered weights released after use: ZeRO-3 then saves memory
     stage3 = (("stage3_prefetch_bucket_size", int(0.9 * bucket)), ("stage3_param_persistence_threshold",
-                                                                    10 * hidden_size),
-              ("stage3_max_live_parameters", live), ("stage3_max_reuse_distance", live))
+                                                                    10 * hidden_size))
     stage2 = (("allgather_bucket_size", bucket),)
     # the stage's own knobs; stage 0 has none (DeepSpeed's own all-reduce buckets)
     own = dict((("reduce_bucket_size", bucket), *{2: stage2, 3: stage3}[stage])) if stage in (2, 3) else {}

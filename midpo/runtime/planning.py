@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from midpo.config import DS_CONFIGS_DIR, Config, ConfigError
-from midpo.core.plan import ModelShape, Settings, stage3_live_auto
+from midpo.core.plan import ModelShape, Settings
 
 MIN_BUCKET = 2 ** 24  # runtime.ds_config's floor of the "auto" bucket sizes (kept equal by a test)
 SAMPLE_PAIRS = 8192  # pairs of the train split the planner lays into micro-batches (shuffled, seeded)
@@ -80,7 +80,6 @@ def settings_from(cfg: Config, ds: dict, *, world: int, attn: str, dtype: str, c
     tc, zo = cfg.train, ds.get("zero_optimization", {}) or {}
     stage = int(zo.get("stage", 0))
     bucket = max(hidden * hidden, MIN_BUCKET)
-    live = stage3_live_auto(hidden, bucket)
 
     def num(key: str, default: float) -> float:
         v = zo.get(key, "auto")
@@ -95,11 +94,8 @@ def settings_from(cfg: Config, ds: dict, *, world: int, attn: str, dtype: str, c
         micro=tc.micro_batch_size, grad_accum=tc.grad_accum, token_budget=tc.micro_batch_tokens, layout=layout,
         attn=attn,
         checkpointing=cfg.model.gradient_checkpointing, head_chunk_tokens=tc.head_chunk_tokens,
-        # absent: DeepSpeed's default 1e9; "auto": what runtime.ds_config fills
-        max_live_parameters=(1e9 if "stage3_max_live_parameters" not in zo else num("stage3_max_live_parameters", live))
-        if stage == 3 else 0.0,
-        max_reuse_distance=(1e9 if "stage3_max_reuse_distance" not in zo else num("stage3_max_reuse_distance", live))
-        if stage == 3 else 0.0,
+        max_live_parameters=num("stage3_max_live_parameters", 1e9) if stage == 3 else 0.0,  # DeepSpeed's default
+        max_reuse_distance=num("stage3_max_reuse_distance", 1e9) if stage == 3 else 0.0,
         prefetch_bucket=num("stage3_prefetch_bucket_size", int(0.9 * bucket)) if stage == 3 else 0.0,
         reduce_bucket=num("reduce_bucket_size", bucket) if stage in (2, 3) else 0.0,
         allgather_bucket=num("allgather_bucket_size", bucket) if stage == 2 else 0.0,
