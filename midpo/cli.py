@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("midpo.stages.train", "stage 3: DeepSpeed ZeRO-3 training from the reference cache (auto-resume, export)"),
     "export": ("midpo.stages.export", "a consolidated Hugging Face folder from a ZeRO-3 checkpoint (default: latest)"),
     "run": ("midpo.demo.run", "the whole pipeline on one machine (synth, prep, sft, ref, train, eval) + summary"),
+    "plan": ("midpo.stages.plan", "will a recipe fit, how fast, what to change: memory per device and step time, "
+             "as written and the best settings"),
     "config": ("midpo.stages.config_cmd", "show a recipe's resolved config with each key's help; list the shipped recipes"),
 }
 

@@ -312,6 +312,11 @@ class TrainConfig:
         "auto", "a file in ds_configs/ or a path; auto = zero3_bf16 on CUDA, zero3_cpu_fp32 on CPU")
     micro_batch_size: int = knob(8, "pairs per micro-batch per rank")
     grad_accum: int = knob(1, "micro-batches per optimizer step (global batch = micro x accum x processes)")
+    micro_batch_tokens: int = knob(
+        0, "> 0: micro-batches filled up to this many tokens (as the layout lays them out) instead of "
+        "micro_batch_size pairs; the global batch stays micro x accum x processes pairs, every rank runs the same "
+        "number of micro-steps, the loss is normalized over the global batch (gradient = the fixed-count one's); "
+        "0 = off. `midpo plan` proposes a value")
     max_steps: int = knob(-1, "optimizer steps; -1 = epochs * steps per epoch")
     epochs: int = knob(1, "passes over the training split (when max_steps is -1)")
     lr: float = knob(5e-7, "peak learning rate of the policy")
@@ -365,6 +370,8 @@ class TrainConfig:
             raise ConfigError(f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+        if self.micro_batch_tokens < 0:
+            raise ConfigError(f"train.micro_batch_tokens must be >= 0 (0 = off), got {self.micro_batch_tokens}")
         if self.log_every < 1:
             raise ConfigError("train.log_every must be >= 1")
         if self.head_chunk_tokens < 1:

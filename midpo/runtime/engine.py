@@ -39,6 +39,7 @@ class Engine:
         self.ds = ds_engine
         self.accum = int(ds_engine.gradient_accumulation_steps())
         self._backwards = 0  # backward calls in the current optimizer step
+        self._variable = False  # set_accumulation: the boundary is set by hand, the loss comes scaled
         # DeepSpeed's stage-0 fp32 path clips without keeping the norm: take it from the (all-reduced) gradients
         self._norm_from_grads = (ds_engine.zero_optimization_stage() == 0
                                  and not (ds_engine.bfloat16_enabled() or ds_engine.fp16_enabled()))
@@ -70,10 +71,22 @@ class Engine:
     def eval(self) -> None:
         self.ds.eval()
 
+    def set_accumulation(self, micro_steps: int) -> None:
+        """The next optimizer step accumulates `micro_steps` backward calls (token-budget micro-batches: the count
+        varies per step, the same on every rank). From then on the boundary is set by hand and backward() takes
+        its loss already scaled (DeepSpeed does not divide it by its configured accumulation)."""
+        if self._backwards:
+            raise RuntimeError("Engine.set_accumulation inside an optimizer step")
+        self.accum, self._variable = int(micro_steps), True
+
     def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate `loss`'s gradients (DeepSpeed scales by 1/accumulation). Not at the boundary: DeepSpeed's
-        step() only counts the micro-step."""
-        self.ds.backward(loss)
+        """Accumulate `loss`'s gradients (DeepSpeed scales by 1/accumulation, unless set_accumulation was used).
+        Not at the boundary: DeepSpeed's step() only counts the micro-step."""
+        if self._variable:
+            self.ds.set_gradient_accumulation_boundary(self._backwards + 1 == self.accum)
+            self.ds.backward(loss, scale_wrt_gas=False)
+        else:
+            self.ds.backward(loss)
         self._backwards += 1
         if self._backwards < self.accum:
             self.ds.step()

@@ -9,6 +9,7 @@ once. Averaging per-rank means (or summing over accumulation) is wrong when coun
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -73,6 +74,30 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, 
         dt = time.perf_counter() - t0
         if dt >= seconds:
             return 2.0 * n ** 3 * iters / dt
+
+
+# ---------------------------------------------------------------------------------------------
+# measured memory (beside midpo plan's prediction)
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (Linux /proc/self/statm; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_memory_bytes(device: torch.device, baseline: int = 0) -> int:
+    """The peak this process has used so far: CUDA's max_memory_allocated (what the plan predicts: live tensor
+    bytes), else the resident high-water mark (getrusage) minus `baseline` (the resident set before the engines
+    were built; it includes the allocator's retained heap, which the plan does not count: docs/plan.md)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
 
 
 # ---------------------------------------------------------------------------------------------

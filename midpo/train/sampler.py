@@ -11,6 +11,12 @@ number of micro-steps and collectives); the dropped count is reported so it is v
 The state (`epoch`, `offset`, `seed`) goes into every checkpoint: resume continues mid-epoch at
 the exact next row (OpenRLHF PR #1350: resume skipped samples when the epoch was not a multiple
 of the global batch).
+
+Token budget (`token_budget` > 0, train.micro_batch_tokens): a rank's rows of the step are the same
+`micro * accum` rows, cut in order into micro-batches of at most `token_budget` tokens
+(core.budget.fill_to_budget). Every rank computes every rank's cuts from the lengths (no
+collective), and a rank with fewer micro-batches than the most splits its costliest ones in halves
+until all have the same count: collectives stay in lockstep.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from midpo.core.budget import budget_cost, fill_to_budget
 
 
 @dataclass
@@ -29,7 +37,11 @@ class SamplerState:
 
 class PairSampler:
     def __init__(self, num_rows: int, *, micro_batch_size: int, grad_accum: int, world_size: int, rank: int,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, token_budget: int = 0,
+                 lengths: list[tuple[int, int, int]] | None = None, layout: str = "padded"):
+        if token_budget and (lengths is None or len(lengths) != num_rows):
+            raise ValueError("a token budget needs the (prompt, chosen, rejected) lengths of every row")
+        self.token_budget, self.lengths, self.layout = int(token_budget), lengths, layout
         self.num_rows = num_rows
         self.micro = micro_batch_size
         self.accum = grad_accum
@@ -77,8 +89,33 @@ class PairSampler:
         """This rank's micro-batches (row indices) for the next optimizer step; advances the state."""
         rows = self.global_step_rows()
         self.state.offset += self.global_batch
-        return [rows[(k * self.world + self.rank) * self.micro: (k * self.world + self.rank + 1) * self.micro]
-                for k in range(self.accum)]
+        mine = [self.rank_rows(rows, r) for r in range(self.world)] if self.token_budget else None
+        if mine is None:
+            return [rows[(k * self.world + self.rank) * self.micro: (k * self.world + self.rank + 1) * self.micro]
+                    for k in range(self.accum)]
+        cuts = [self._cut(r) for r in mine]
+        steps = max(len(c) for c in cuts)
+        return self._split_to(mine[self.rank], cuts[self.rank], steps)
+
+    def rank_rows(self, rows: np.ndarray, rank: int) -> np.ndarray:
+        """Rank `rank`'s rows of a global batch (the fixed-count micro-batches' rows, concatenated)."""
+        return np.concatenate([rows[(k * self.world + rank) * self.micro: (k * self.world + rank + 1) * self.micro]
+                               for k in range(self.accum)])
+
+    def _cut(self, rows: np.ndarray) -> list[list[int]]:
+        return fill_to_budget([self.lengths[int(i)] for i in rows], self.token_budget, self.layout)
+
+    def _split_to(self, rows: np.ndarray, groups: list[list[int]], steps: int) -> list[np.ndarray]:
+        """`groups` (positions into `rows`) split until there are `steps` of them: the costliest group of two or
+        more pairs is halved, in place (order kept), deterministically."""
+        groups = [list(g) for g in groups]
+        while len(groups) < steps:
+            splittable = [i for i, g in enumerate(groups) if len(g) > 1]
+            i = max(splittable, key=lambda j: (budget_cost([self.lengths[int(rows[x])] for x in groups[j]],
+                                                           self.layout), -j))
+            g = groups[i]
+            groups[i: i + 1] = [g[: len(g) // 2], g[len(g) // 2:]]
+        return [rows[g] for g in groups]
 
     def state_dict(self) -> dict:
         return asdict(self.state)

@@ -176,10 +176,16 @@ class StepResult:
 
 
 def train_step(policy, obj: Objective, micro_batches: Iterable[MicroBatch], step: int, *,
-               callbacks=()) -> StepResult:
+               callbacks=(), global_pairs: int = 0) -> StepResult:
     """Optimizer step `step` (1-based) over this rank's micro-batches (as many as the engine accumulates).
     COLLECTIVE: every rank calls it with the same number of micro-batches. `policy`: runtime.engine.Engine;
-    `callbacks`: train.callbacks.Callback (their on_micro_loss sees each micro-step's loss)."""
+    `callbacks`: train.callbacks.Callback (their on_micro_loss sees each micro-step's loss).
+    `global_pairs` > 0 (token-budget micro-batches of varying pair counts): the step accumulates however many
+    micro-batches are given, each contributing sum(pair losses) x world / global_pairs, so that after DeepSpeed's
+    average over ranks the gradient is the global batch's mean, as with fixed-count micro-batches."""
+    if global_pairs:
+        micro_batches = list(micro_batches)
+        policy.set_accumulation(len(micro_batches))
     prior_net = obj.prior_net
     update_prior = prior_net is not None and prior_net.update_due(step)
     flat_logits = prior_net is not None and prior_net.logits_due(step)
@@ -194,6 +200,8 @@ def train_step(policy, obj: Objective, micro_batches: Iterable[MicroBatch], step
         pol, out, prior_loss = forward_loss(policy, obj, mb, update_prior=update_prior, flat_logits=flat_logits,
                                             train=True)
         loss, metrics = policy_loss(obj, pol, out)
+        if global_pairs:  # token budget: this micro-batch's share of the global batch, not a mean over it
+            loss = loss * (out.losses.numel() * world / global_pairs)
         for cb in callbacks:
             loss = cb.on_micro_loss(step, k, loss)
         ok, prior_ok = pdist.all_ranks_true_each([

@@ -124,15 +124,28 @@ class Trainer:
         check_needs(prior, available_inputs(self.train_split, online)
                     | ({"prior_network"} if prior.needs.prior_network else set()))
 
+        budget = {}
+        if tc.micro_batch_tokens:
+            if prior.needs.prior_network:
+                raise TrainError("train.micro_batch_tokens with loss.prior=learned: the prior network's engine "
+                                 "accumulates a fixed count of micro-batches; set train.micro_batch_tokens=0")
+            from midpo.runtime.planning import split_lengths
+
+            budget = {"token_budget": tc.micro_batch_tokens, "lengths": split_lengths(self.train_split.data),
+                      "layout": "shared" if tc.share_prompt else "packed" if tc.packing else "padded"}
         self.sampler = PairSampler(len(self.train_split), micro_batch_size=tc.micro_batch_size,
-                                   grad_accum=tc.grad_accum, world_size=world, rank=rank, seed=tc.seed)
+                                   grad_accum=tc.grad_accum, world_size=world, rank=rank, seed=tc.seed, **budget)
         self.total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * self.sampler.steps_per_epoch
         if self.total_steps <= 0:
             raise TrainError("no optimizer steps to run: set train.max_steps or train.epochs")
         self.inputs = {"data": read_manifest(layout.data).get("fingerprint"), "reference": self.ref_fp}
         ckpt = self._resume_point()
 
+        from midpo.runtime.metrics import resident_bytes
+
+        self.memory_baseline = resident_bytes()  # CPU: the measured peak counts from here (engines and training)
         self._build_engines(prior)
+        self._predict_memory()
         attn = self.attn
         data_layout = "shared" if tc.share_prompt else "packed" if tc.packing else "padded"
         if data_layout == "shared" and "flash" in attn:
@@ -207,7 +220,7 @@ class Trainer:
 
         cfg, tc, layout = self.cfg, self.cfg.train, self.layout
         self.dtype, self.attn = resolve_dtype(cfg.model.dtype), resolve_attn(cfg.model.attn_implementation, self.hf_config)
-        ds_config = resolve_ds_config(cfg, pdist.world_size(), self.hf_config.hidden_size)
+        self.ds_config = ds_config = resolve_ds_config(cfg, pdist.world_size(), self.hf_config.hidden_size)
         keep_alive = _zero3_loading(ds_config)  # noqa: F841  (must stay alive while from_pretrained runs)
         model = load_model(layout.policy, cfg.model, device=pdist.device(), train=True)
         peft_model = None
@@ -250,6 +263,36 @@ class Trainer:
             prior_net = build_prior_network(cfg, init_path=init, policy_config=self.hf_config,
                                             world_size=pdist.world_size(), pad_id=self.pad_id, beta=prior.beta)
         self.obj = Objective(prior, cfg.loss, reference=reference, prior_net=prior_net, router_aux_coef=router_coef)
+
+    def _predict_memory(self) -> None:
+        """midpo plan's peak memory per device for this run, logged beside the measured one at the first steps."""
+        from midpo.runtime.planning import predicted_peak
+
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+        try:
+            self.predicted_peak, terms = predicted_peak(
+                self.cfg, self.ds_config, self.hf_config.to_dict(), self.layout.data, world=pdist.world_size(),
+                attn=self.attn, dtype=dtype, cuda=pdist.device().type == "cuda")
+        except KeyError as e:  # a config without Llama's field names: the plan models Llama-shaped decoders only
+            self.predicted_peak = 0.0
+            if pdist.is_main():
+                log.info("plan: no memory prediction for model type %r (no %s in its config)",
+                         getattr(self.hf_config, "model_type", "?"), e)
+            return
+        if pdist.is_main():
+            log.info("plan: predicted peak %.1f MiB per device (%s)", self.predicted_peak / 2 ** 20,
+                     ", ".join(f"{k} {v / 2 ** 20:.0f}" for k, v in terms.items() if v))
+
+    def _log_memory(self, step: int) -> None:
+        """COLLECTIVE: the largest measured peak over ranks beside the plan's prediction (steps 1-3)."""
+        from midpo.runtime.metrics import peak_memory_bytes
+
+        measured = pdist.all_max(peak_memory_bytes(pdist.device(), self.memory_baseline))
+        if pdist.is_main() and self.predicted_peak:
+            what = "max_memory_allocated" if pdist.device().type == "cuda" else "resident high-water mark - baseline"
+            log.info("step %d: peak memory %.1f MiB measured (%s, max over ranks), %.1f MiB predicted by midpo plan "
+                     "(%+.0f%%)", step, measured / 2 ** 20, what, self.predicted_peak / 2 ** 20,
+                     100 * (self.predicted_peak / measured - 1) if measured else 0.0)
 
     def engines(self) -> dict:
         """What a checkpoint holds (runtime.checkpoint.save_checkpoint's names)."""
@@ -363,7 +406,8 @@ class Trainer:
                              sampler.dropped_per_epoch)
             micro_batches = (make_micro_batch(self.train_split, idx, self.collate, pdist.device())
                              for idx in micro_rows)
-            res = train_step(self.policy, self.obj, micro_batches, st.step + 1, callbacks=self.callbacks)
+            res = train_step(self.policy, self.obj, micro_batches, st.step + 1, callbacks=self.callbacks,
+                             global_pairs=sampler.global_batch if tc.micro_batch_tokens else 0)
             if res.skipped:
                 st.bad_steps_total += 1
                 st.bad_steps_in_a_row += 1
@@ -380,6 +424,8 @@ class Trainer:
                 window[k] += v
             st.step += 1
             st.consumed_samples += sampler.global_batch
+            if st.step - max(self.resumed_step, 0) <= 3:
+                self._log_memory(st.step)
             t1 = time.perf_counter()
             window["time"] += t1 - t0
 

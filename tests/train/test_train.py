@@ -59,12 +59,12 @@ def base(tmp_path_factory) -> dict:
         shutil.copytree(run1 / sub, root2 / "run" / sub)
     recipe2 = root2 / "recipe.yaml"
     recipe2.write_text(recipe_text(root2 / "run", root / "one" / "model", grad_accum=1))
-    run_train(recipe1, 1)
+    log1 = run_train(recipe1, 1).stderr
     # Small output-head chunks: ranks get different token counts per micro-batch, so this run only
     # finishes if every rank still makes the same number of head calls (ZeRO-3 collectives).
-    run_train(recipe2, 2, "train.head_chunk_tokens=24")
+    log2 = run_train(recipe2, 2, "train.head_chunk_tokens=24").stderr
     return {"root": root, "recipe1": recipe1, "run1": run1, "recipe2": recipe2, "run2": root2 / "run",
-            "model": root / "one" / "model"}
+            "model": root / "one" / "model", "logs": (log1, log2)}
 
 
 def _fresh_run(base: dict, name: str, **train) -> tuple[Path, Path]:
@@ -261,6 +261,42 @@ def test_tensorboard_has_the_tags(base):
     assert max(lr) == pytest.approx(1e-3) and lr[-1] < lr[2]  # warmup then cosine decay
     acc_vals = [e.value for e in acc.Scalars("train/rewards/accuracies")]
     assert all(0.0 <= v <= 1.0 for v in acc_vals)
+
+
+def test_plan_prediction_logged_beside_measured_peak(base):
+    """`midpo plan`'s predicted peak is logged beside the measured one at steps 1-3 only, once (rank 0)."""
+    for text in base["logs"]:
+        lines = re.findall(r"step (\d+): peak memory ([\d.]+) MiB measured .* ([\d.]+) MiB predicted by midpo plan", text)
+        assert [int(s) for s, _, _ in lines] == [1, 2, 3]
+        assert all(float(m) > 0 and float(p) > 0 for _, m, p in lines)
+        assert len(re.findall(r"plan: predicted peak [\d.]+ MiB per device \(policy_weights", text)) == 1
+
+
+def test_token_budget_two_processes_in_lockstep_match_fixed_count(base):
+    """train.micro_batch_tokens on 2 processes, ZeRO-3, with a budget at which the ranks cut their pairs into
+    different numbers of micro-batches at some step: the run finishes (collectives in lockstep) and its losses equal
+    the fixed-count 2-process run's over the same global batches."""
+    from midpo.runtime.planning import split_lengths
+    from midpo.runtime.prepared import load_split
+    from midpo.train.sampler import PairSampler
+
+    lengths = split_lengths(load_split(base["run1"] / "data", "train", verify=False))
+
+    def uneven(budget: int) -> bool:
+        ss = [PairSampler(len(lengths), micro_batch_size=2, grad_accum=1, world_size=2, rank=r, token_budget=budget,
+                          lengths=lengths) for r in range(2)]
+        for _ in range(6):
+            rows = ss[0].global_step_rows()
+            if len({len(s._cut(s.rank_rows(rows, s.rank))) for s in ss}) > 1:
+                return True
+            for s in ss:
+                s.next_step()
+        return False
+
+    budget = next(b for b in range(8, 400, 4) if uneven(b))
+    recipe, run = _fresh_run(base, "budget", grad_accum=1, micro_batch_tokens=budget)
+    run_train(recipe, 2)
+    np.testing.assert_allclose(losses(run), losses(base["run2"]), atol=LOSS_ATOL_DIST, rtol=0)
 
 
 def test_resume_on_another_process_count(base):
