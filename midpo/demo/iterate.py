@@ -1,0 +1,403 @@
+"""`midpo iterate`: rounds of on-policy preference training -- DICE, or iterative DPO with another labeller.
+
+    midpo iterate --config RECIPE --rounds N [--nproc P] [key.sub=value ...]
+
+Round k (1..N) lives in `<run_dir>/rounds/r<k>/`, itself a run folder (its own `recipe.yaml` and `config.yaml`):
+1. rollout: the current policy pi_{k-1} answers the round's prompts `iterate.samples` times; the labeller scores
+   every answer (`midpo.demo.rollout`, P processes, resumable by chunk);
+2. selection: per prompt best vs worst by the length-regularized score (`midpo.core.selection`), ties and gaps
+   under `iterate.min_margin` dropped (counted by reason), plus offline pairs at `iterate.replay_fraction`
+   -> `pairs.jsonl`, `selection.json`;
+3. prep -> ref (the cache of pi_{k-1}: the previous round's policy is this round's reference, as DICE's prior
+   needs) -> train (starting from pi_{k-1}) -> export = pi_k, the next round's policy and reference.
+Round 1's policy is the run's own (`iterate.start`: its initial policy, or its DPO export); its implicit reward
+divides by the run's reference. Every step is skipped when its output's fingerprint matches (prep, ref, train
+and the rollout resume where a kill left them); `round.json`, written last, marks a round done, keyed by its
+settings and input models: a finished round is never redone, and one finished with other settings is refused.
+Per round: TensorBoard scalars (`<run_dir>/tensorboard/iterate`), `<run_dir>/rounds/summary.json` and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from midpo.config import Config, load_config, to_dict
+from midpo.core import selection as sel
+from midpo.errors import MidpoError, UnusableInputError
+from midpo.runtime.files import atomic_write_json, atomic_write_text, save_config
+from midpo.runtime.fingerprint import hash_json
+from midpo.runtime.layout import RunLayout
+
+log = logging.getLogger(__name__)
+
+ROUND_RECORD = "round.json"
+# keys that do not change what a round computes (its length, where the run lives, the per-round eval)
+UNKEYED = ("run_dir", "iterate.rounds", "iterate.eval_prompts", "iterate.implicit_reference")
+
+
+class IterateError(MidpoError, RuntimeError):
+    """A round that cannot run or continue as asked; the message says why and what to do."""
+
+
+def round_dir(cfg: Config, k: int) -> Path:
+    return Path(cfg.run_dir) / "rounds" / f"r{k}"
+
+
+def _stage(module: str, rcfg: Config, recipe: Path, nproc: int) -> None:
+    """One stage of a round: with one process its `main` runs here, in this process's process group (a child per
+    stage would pay the DeepSpeed import and group start-up each time: most of a tiny round's time); with more,
+    `python -m MODULE --config RECIPE --nproc N` as a child, as a user would run it."""
+    if nproc > 1:
+        _launch(module, recipe, nproc)
+        return
+    import importlib
+
+    importlib.import_module(module).main(rcfg)
+
+
+def _launch(module: str, recipe: Path, nproc: int) -> None:
+    """`python -m MODULE --config RECIPE --nproc N` as a child, as a user would run it (demo.run's environment)."""
+    from midpo.demo.run import _LAUNCHER_VARS
+
+    cmd = [sys.executable, "-m", module, "--config", str(recipe), "--nproc", str(nproc)]
+    log.info("running %s", " ".join(cmd))
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise SystemExit(f"midpo iterate: `{' '.join(cmd)}` failed with exit code {rc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# round 0: the models round 1 starts from
+
+
+def start_models(cfg: Config, nproc: int) -> tuple[Path, Path]:
+    """(pi_0, its reference): the run's initial policy and reference, or (`iterate.start=export`) its DPO export
+    and reference. Builds what is missing with the stages of `midpo run` (each skipped when up to date)."""
+    from midpo.demo.run import _launch as launch_cli
+    from midpo.demo.run import prepare_base
+
+    layout = RunLayout.resolve(cfg)
+    if cfg.iterate.start == "export":
+        prepare_base(cfg, nproc, {})
+        launch_cli("train", layout.config, nproc)
+        return layout.export, layout.reference
+    from midpo.data.prepare import prepare
+    from midpo.demo.sft import train_sft
+    from midpo.demo.synthetic import build_tiny_default
+    from midpo.runtime.layout import claim_run
+
+    claim_run(cfg)
+    if not cfg.data.inputs:
+        build_tiny_default(layout.synth, cfg.synth)
+    if cfg.sft.steps > 0:
+        prepare(cfg.data, cfg.data.inputs or layout.default_inputs, layout.tokenizer, layout.sft_data)
+        train_sft(cfg, layout.sft_data, layout.init_model, layout.sft)
+    return layout.policy, layout.reference
+
+
+def prompts_file(cfg: Config) -> Path:
+    layout = RunLayout.resolve(cfg)
+    return Path(cfg.iterate.prompts or cfg.onpolicy.prompts or layout.synth / "onpolicy_prompts.jsonl")
+
+
+def replay_inputs(cfg: Config) -> list[Path]:
+    if cfg.iterate.replay_inputs:
+        return [Path(p) for p in cfg.iterate.replay_inputs]
+    layout = RunLayout.resolve(cfg)
+    if cfg.onpolicy.enabled:
+        return [layout.onpolicy / "pairs.jsonl"]
+    return [Path(p) for p in (cfg.data.inputs or layout.default_inputs)]
+
+
+def round_prompts(records: list[str], k: int, per_round: int) -> list[str]:
+    """Round k's block of `per_round` prompt lines (wrapping around); all of them when per_round is 0."""
+    if per_round <= 0 or per_round >= len(records):
+        return list(records)
+    start = ((k - 1) * per_round) % len(records)
+    return [records[(start + i) % len(records)] for i in range(per_round)]
+
+
+# ---------------------------------------------------------------------------------------------
+# selection and replay (pure given the samples)
+
+
+def select_pairs(rows: list[dict], alpha: float, min_margin: float) -> tuple[list[dict], dict]:
+    """Best vs worst of each prompt's scored samples; (pairs, stats: counts by drop reason, means chosen vs
+    rejected of score, implicit reward and length)."""
+    pairs: list[dict] = []
+    counts: Counter = Counter()
+    sides: dict[str, list[float]] = {}
+    for row in rows:
+        scored = [s for s in row["samples"] if "score" in s]
+        counts["samples"] += len(row["samples"])
+        for s in row["samples"]:
+            if "skip" in s:
+                counts[f"samples_{s['skip']}"] += 1
+        shaped = sel.length_regularized([s["score"] for s in scored], [s["length"] for s in scored], alpha)
+        pick = sel.select_pair(shaped, min_margin)
+        if isinstance(pick, str):
+            counts[f"dropped_{pick}"] += 1
+            continue
+        c, r = scored[pick[0]], scored[pick[1]]
+        for name, s in (("chosen", c), ("rejected", r)):
+            for key in ("score", "length", "logp", "ref_logp"):
+                if key in s:
+                    sides.setdefault(f"{name}/{key}", []).append(s[key])
+        pairs.append({"prompt": row["prompt"], "chosen": c["text"], "rejected": r["text"], **row.get("record", {}),
+                      "chosen_score": c["score"], "rejected_score": r["score"]})
+    counts["prompts"] = len(rows)
+    counts["pairs_onpolicy"] = len(pairs)
+    stats = {"counts": dict(sorted(counts.items())), "means": {k: sel.mean(v) for k, v in sorted(sides.items())}}
+    return pairs, stats
+
+
+def read_replay(paths: list[Path]) -> list[dict]:
+    """Offline pairs (standard JSONL rows: prompt, chosen, rejected strings) for replay."""
+    rows = []
+    for path in paths:
+        if path.suffix != ".jsonl":
+            raise UnusableInputError(f"{path}: replay reads JSONL files (prompt, chosen, rejected); set "
+                                     "iterate.replay_inputs to one")
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+                    raise UnusableInputError(f"{path}: row {n}: replay needs prompt, chosen and rejected strings")
+                rows.append(row)
+    return rows
+
+
+def mix_replay(onpolicy: list[dict], offline: list[dict], fraction: float, seed: int) -> list[dict]:
+    """On-policy pairs plus `replay_count` offline pairs drawn without replacement (seeded per round)."""
+    n = sel.replay_count(len(onpolicy), fraction, len(offline))
+    picked = random.Random(seed).sample(range(len(offline)), n) if n else []
+    return onpolicy + [dict(offline[i], error_kind="replay") for i in sorted(picked)]
+
+
+# ---------------------------------------------------------------------------------------------
+# one round
+
+
+def round_config(cfg: Config, k: int, policy: Path, implicit_reference: Path, prompts: Path) -> Config:
+    """Round k's own recipe: its folder, pi_{k-1} as policy and reference, its pairs as data, no SFT."""
+    base = RunLayout.resolve(cfg)
+    d = round_dir(cfg, k)
+    return dataclasses.replace(
+        cfg, run_dir=str(d),
+        model=dataclasses.replace(cfg.model, policy=str(policy), reference=str(policy)),
+        data=dataclasses.replace(cfg.data, inputs=[str(d / "pairs.jsonl")], tokenizer=str(base.tokenizer)),
+        sft=dataclasses.replace(cfg.sft, steps=0),
+        onpolicy=dataclasses.replace(cfg.onpolicy, enabled=False),
+        train=dataclasses.replace(cfg.train, export_at_end=True),
+        iterate=dataclasses.replace(cfg.iterate, prompts=str(prompts), implicit_reference=str(implicit_reference)))
+
+
+def round_key(cfg: Config, policy: Path, implicit_reference: Path) -> str:
+    from midpo.config import flat_items
+    from midpo.runtime.models import model_fingerprint
+
+    settings = {k: v for k, v in flat_items(cfg).items() if k not in UNKEYED}
+    return hash_json({"settings": settings, "policy": model_fingerprint(policy),
+                      "implicit_reference": model_fingerprint(implicit_reference)})
+
+
+def run_round(cfg: Config, k: int, policy: Path, implicit_reference: Path, nproc: int) -> dict:
+    """Round k end to end (each step skipped when up to date); returns its record (round.json)."""
+    from midpo.data.prepare import prepare
+    from midpo.demo.rollout import MANIFEST, SAMPLES, rollout_dir
+    from midpo.runtime.layout import claim_run
+    from midpo.runtime.models import model_fingerprint
+
+    d = round_dir(cfg, k)
+    key = round_key(cfg, policy, implicit_reference)
+    record_path = d / ROUND_RECORD
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record.get("key") == key:
+            print(f"=== midpo iterate: round {k} is done ({record_path}); not redone", flush=True)
+            return record
+        raise IterateError(f"{record_path}: round {k} finished with other settings or input models than this "
+                           "recipe's; a finished round is never redone: set another run_dir (or move "
+                           f"{round_dir(cfg, 1).parent} away) to start the rounds over")
+    print(f"\n=== midpo iterate: round {k}: policy {policy}", flush=True)
+    lines = [x for x in prompts_file(cfg).read_text(encoding="utf-8").splitlines() if x.strip()]
+    prompts = d / "prompts.jsonl"
+    text = "".join(x + "\n" for x in round_prompts(lines, k, cfg.iterate.prompts_per_round))
+    if not prompts.exists() or prompts.read_text(encoding="utf-8") != text:
+        atomic_write_text(prompts, text)
+    rcfg = round_config(cfg, k, policy, implicit_reference, prompts)
+    recipe = d / "recipe.yaml"
+    save_config(rcfg, recipe)
+    layout = claim_run(rcfg)
+
+    _stage("midpo.demo.rollout", rcfg, recipe, nproc)
+    rows = [json.loads(x) for x in (rollout_dir(rcfg) / SAMPLES).read_text().splitlines() if x.strip()]
+    it = cfg.iterate
+    onpolicy, stats = select_pairs(rows, it.length_alpha, it.min_margin)
+    if not onpolicy:
+        raise IterateError(f"round {k}: no pairs from {len(rows)} prompts ({stats['counts']}): every prompt's samples "
+                           "tied (raise iterate.temperature or samples; implicit_reward needs a policy that differs "
+                           "from its reference: iterate.start=export)")
+    offline = read_replay(replay_inputs(cfg)) if it.replay_fraction > 0 else []
+    pairs = mix_replay(onpolicy, offline, it.replay_fraction, cfg.seed * 1000 + k)
+    stats["counts"]["pairs_replay"] = len(pairs) - len(onpolicy)
+    stats["counts"]["pairs"] = len(pairs)
+    body = "".join(json.dumps(p) + "\n" for p in pairs)
+    if not (d / "pairs.jsonl").exists() or (d / "pairs.jsonl").read_text(encoding="utf-8") != body:
+        atomic_write_text(d / "pairs.jsonl", body)
+    atomic_write_json(d / "selection.json", stats)
+    print(f"--- round {k}: {stats['counts']}", flush=True)
+
+    prep = prepare(rcfg.data, rcfg.data.inputs, layout.tokenizer, layout.data)
+    stats["counts"]["prep_rejected"] = (prep.get("rows") or {}).get("rejected", 0)
+    _stage("midpo.stages.ref", rcfg, recipe, nproc)
+    _stage("midpo.stages.train", rcfg, recipe, nproc)
+    from midpo.demo.run import _read_last_eval
+
+    metrics_file = layout.logs / "train_metrics.jsonl"
+    last = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()][-1] if metrics_file.exists() else {}
+    record = {"key": key, "round": k, "policy": str(policy), "implicit_reference": str(implicit_reference),
+              "export": str(layout.export), "reference": str(layout.reference),
+              "reference_fingerprint": model_fingerprint(layout.reference),
+              "export_fingerprint": model_fingerprint(layout.export),
+              "rollout_fingerprint": json.loads((rollout_dir(rcfg) / MANIFEST).read_text())["fingerprint"],
+              "selection": stats, "train": {k2: v for k2, v in last.items() if isinstance(v, (int, float))},
+              "train_eval": _read_last_eval(d)}
+    atomic_write_json(record_path, record)  # last: the round is done
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# per-round accuracy, metrics, the table
+
+
+def evaluate_round(cfg: Config, k: int, model: Path) -> dict | None:
+    """Greedy task accuracy of `model` on the run's held-out prompts (cached beside the round, by model)."""
+    from midpo.demo.evaluate import evaluate_model
+    from midpo.runtime.models import model_fingerprint
+
+    prompts = RunLayout.resolve(cfg).synth / "eval_prompts.jsonl"
+    if cfg.iterate.eval_prompts <= 0 or not prompts.exists():
+        return None
+    path = Path(cfg.run_dir) / "rounds" / f"eval-r{k}.json"
+    key = hash_json({"model": model_fingerprint(model), "n": cfg.iterate.eval_prompts})
+    if path.exists() and json.loads(path.read_text()).get("key") == key:
+        return json.loads(path.read_text())
+    res = evaluate_model(model, prompts, n=cfg.iterate.eval_prompts, sampled=False, seed=cfg.seed)
+    out = {"key": key, "model": str(model), "n": res["n"], "greedy/accuracy": res["greedy/accuracy"],
+           "greedy/ci95": res["greedy/ci95"], "greedy/scores": res["greedy/scores"]}
+    atomic_write_json(path, out)
+    return out
+
+
+def round_row(k: int, record: dict | None, ev: dict | None, ev0: dict | None) -> dict:
+    from midpo.demo.evaluate import paired_difference
+
+    row: dict = {"round": k}
+    if record:
+        c, m = record["selection"]["counts"], record["selection"]["means"]
+        row.update({"pairs": c.get("pairs_onpolicy", 0), "replay": c.get("pairs_replay", 0),
+                    "dropped": {x[len("dropped_"):]: v for x, v in c.items() if x.startswith("dropped_")},
+                    **{f"{s}/{q}": m[f"{s}/{q}"] for s in ("chosen", "rejected") for q in ("score", "length")
+                       if f"{s}/{q}" in m}})
+        for q in ("loss", "rewards/accuracies", "rewards/margins"):
+            if q in record.get("train", {}):
+                row[f"train/{q}"] = record["train"][q]
+    if ev:
+        row["greedy/accuracy"] = ev["greedy/accuracy"]
+        if ev0 and k > 0:
+            row["paired_vs_r0"] = paired_difference(ev0["greedy/scores"], ev["greedy/scores"])
+    return row
+
+
+def log_tensorboard(cfg: Config, row: dict) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(Path(cfg.run_dir) / "tensorboard" / "iterate")) as w:
+        for name, v in row.items():
+            if isinstance(v, (int, float)) and name != "round":
+                w.add_scalar(f"iterate/{name}", v, row["round"])
+        for reason, v in (row.get("dropped") or {}).items():
+            w.add_scalar(f"iterate/dropped_{reason}", v, row["round"])
+        if "paired_vs_r0" in row:
+            w.add_scalar("iterate/greedy_gain_vs_r0", row["paired_vs_r0"]["diff"], row["round"])
+
+
+def format_rounds(rows: list[dict]) -> str:
+    head = ["round", "pairs", "replay", "dropped", "score c/r", "len c/r", "train loss", "greedy acc", "vs r0 (paired 95%)"]
+    table = [head]
+    for r in rows:
+        d = r.get("paired_vs_r0")
+        table.append([
+            str(r["round"]), str(r.get("pairs", "-")), str(r.get("replay", "-")),
+            ",".join(f"{k}:{v}" for k, v in (r.get("dropped") or {}).items()) or "-",
+            f"{r['chosen/score']:.3f}/{r['rejected/score']:.3f}" if "chosen/score" in r else "-",
+            f"{r['chosen/length']:.1f}/{r['rejected/length']:.1f}" if "chosen/length" in r else "-",
+            f"{r['train/loss']:.4f}" if "train/loss" in r else "-",
+            f"{r['greedy/accuracy']:.3f}" if "greedy/accuracy" in r else "-",
+            f"{d['diff']:+.3f} [{d['lower']:+.3f}, {d['upper']:+.3f}]" if d else "-"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [line, "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |", line]
+    out += ["| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |" for row in table[1:]]
+    return "\n".join(out + [line])
+
+
+def iterate(cfg: Config, rounds: int, nproc: int = 1) -> list[dict]:
+    """Rounds 1..`rounds`; returns the per-round rows (round 0: the start model)."""
+    if cfg.sft.num_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.sft.num_threads)
+    policy, reference = start_models(cfg, nproc)
+    if nproc == 1:
+        from midpo.runtime import dist as pdist
+
+        pdist.init_distributed()  # one process group for every round's stages (see _stage)
+    if cfg.iterate.labeller == "implicit_reward":
+        from midpo.runtime.models import model_fingerprint
+
+        if model_fingerprint(policy) == model_fingerprint(reference):
+            raise IterateError(f"iterate.labeller=implicit_reward: round 1's policy {policy} equals its reference "
+                               f"{reference}, so every implicit reward is 0; start from a DPO model "
+                               "(iterate.start=export, or model.policy/model.reference of a DPO run)")
+    ev0 = evaluate_round(cfg, 0, policy)
+    rows = [round_row(0, None, ev0, None)]
+    prev_policy, prev_reference = policy, reference
+    for k in range(1, rounds + 1):
+        record = run_round(cfg, k, prev_policy, prev_reference, nproc)
+        ev = evaluate_round(cfg, k, Path(record["export"]))
+        row = round_row(k, record, ev, ev0)
+        log_tensorboard(cfg, row)
+        rows.append(row)
+        prev_policy, prev_reference = Path(record["export"]), prev_policy
+    atomic_write_json(Path(cfg.run_dir) / "rounds" / "summary.json",
+                      {"labeller": cfg.iterate.labeller, "start": cfg.iterate.start, "rows": rows,
+                       "config": to_dict(cfg.iterate)})
+    print(f"\nmidpo iterate summary ({cfg.run_dir}, labeller={cfg.iterate.labeller}, start={cfg.iterate.start})")
+    print(format_rounds(rows), flush=True)
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", help="recipe YAML or a name in recipes/ (default: tiny)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds to run (default: iterate.rounds)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes for rollout, ref and train (default 1)")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    iterate(cfg, args.rounds if args.rounds is not None else cfg.iterate.rounds, nproc=args.nproc)
+    return 0
