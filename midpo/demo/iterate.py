@@ -52,16 +52,17 @@ def round_dir(cfg: Config, k: int) -> Path:
     return Path(cfg.run_dir) / "rounds" / f"r{k}"
 
 
-def _stage(module: str, rcfg: Config, recipe: Path, nproc: int) -> None:
+def _stage(module: str, rcfg: Config, recipe: Path, nproc: int, **hooks) -> None:
     """One stage of a round: with one process its `main` runs here, in this process's process group (a child per
     stage would pay the DeepSpeed import and group start-up each time: most of a tiny round's time); with more,
-    `python -m MODULE --config RECIPE --nproc N` as a child, as a user would run it."""
+    `python -m MODULE --config RECIPE --nproc N` as a child, as a user would run it. `hooks`: the stage's test seams
+    (rollout's on_chunk, train's callbacks), in this process only."""
     if nproc > 1:
         _launch(module, recipe, nproc)
         return
     import importlib
 
-    importlib.import_module(module).main(rcfg)
+    importlib.import_module(module).main(rcfg, **hooks)
 
 
 def _launch(module: str, recipe: Path, nproc: int) -> None:
@@ -97,7 +98,7 @@ def start_models(cfg: Config, nproc: int) -> tuple[Path, Path]:
     from midpo.runtime.layout import claim_run
 
     claim_run(cfg)
-    if not cfg.data.inputs:
+    if not cfg.model.policy or (cfg.sft.steps > 0 and not cfg.data.inputs):  # the embedded default is needed
         build_tiny_default(layout.synth, cfg.synth)
     if cfg.sft.steps > 0:
         prepare(cfg.data, cfg.data.inputs or layout.default_inputs, layout.tokenizer, layout.sft_data)
@@ -213,8 +214,10 @@ def round_key(cfg: Config, policy: Path, implicit_reference: Path) -> str:
                       "implicit_reference": model_fingerprint(implicit_reference)})
 
 
-def run_round(cfg: Config, k: int, policy: Path, implicit_reference: Path, nproc: int) -> dict:
-    """Round k end to end (each step skipped when up to date); returns its record (round.json)."""
+def run_round(cfg: Config, k: int, policy: Path, implicit_reference: Path, nproc: int, hooks: dict | None = None) -> dict:
+    """Round k end to end (each step skipped when up to date); returns its record (round.json). hooks: "on_chunk"
+    (rollout) and "callbacks" (train), the test seams of tests/support/faults.py."""
+    hooks = hooks or {}
     from midpo.data.prepare import prepare
     from midpo.demo.rollout import MANIFEST, SAMPLES, rollout_dir
     from midpo.runtime.layout import claim_run
@@ -242,7 +245,7 @@ def run_round(cfg: Config, k: int, policy: Path, implicit_reference: Path, nproc
     save_config(rcfg, recipe)
     layout = claim_run(rcfg)
 
-    _stage("midpo.demo.rollout", rcfg, recipe, nproc)
+    _stage("midpo.demo.rollout", rcfg, recipe, nproc, **({"on_chunk": hooks["on_chunk"]} if "on_chunk" in hooks else {}))
     rows = [json.loads(x) for x in (rollout_dir(rcfg) / SAMPLES).read_text().splitlines() if x.strip()]
     it = cfg.iterate
     onpolicy, stats = select_pairs(rows, it.length_alpha, it.min_margin)
@@ -263,7 +266,7 @@ def run_round(cfg: Config, k: int, policy: Path, implicit_reference: Path, nproc
     prep = prepare(rcfg.data, rcfg.data.inputs, layout.tokenizer, layout.data)
     stats["counts"]["prep_rejected"] = (prep.get("rows") or {}).get("rejected", 0)
     _stage("midpo.stages.ref", rcfg, recipe, nproc)
-    _stage("midpo.stages.train", rcfg, recipe, nproc)
+    _stage("midpo.stages.train", rcfg, recipe, nproc, **({"callbacks": hooks["callbacks"]} if "callbacks" in hooks else {}))
     from midpo.demo.run import _read_last_eval
 
     metrics_file = layout.logs / "train_metrics.jsonl"
@@ -355,8 +358,8 @@ def format_rounds(rows: list[dict]) -> str:
     return "\n".join(out + [line])
 
 
-def iterate(cfg: Config, rounds: int, nproc: int = 1) -> list[dict]:
-    """Rounds 1..`rounds`; returns the per-round rows (round 0: the start model)."""
+def iterate(cfg: Config, rounds: int, nproc: int = 1, hooks: dict[int, dict] | None = None) -> list[dict]:
+    """Rounds 1..`rounds`; returns the per-round rows (round 0: the start model). hooks: round -> run_round's."""
     if cfg.sft.num_threads > 0:
         import torch
 
@@ -377,12 +380,13 @@ def iterate(cfg: Config, rounds: int, nproc: int = 1) -> list[dict]:
     rows = [round_row(0, None, ev0, None)]
     prev_policy, prev_reference = policy, reference
     for k in range(1, rounds + 1):
-        record = run_round(cfg, k, prev_policy, prev_reference, nproc)
-        ev = evaluate_round(cfg, k, Path(record["export"]))
+        record = run_round(cfg, k, prev_policy, prev_reference, nproc, (hooks or {}).get(k))
+        ev = evaluate_round(cfg, k, round_dir(cfg, k) / "export")
         row = round_row(k, record, ev, ev0)
         log_tensorboard(cfg, row)
         rows.append(row)
-        prev_policy, prev_reference = Path(record["export"]), prev_policy
+        # the round's own export (not the recorded path: a moved or copied run folder keeps its rounds)
+        prev_policy, prev_reference = round_dir(cfg, k) / "export", prev_policy
     atomic_write_json(Path(cfg.run_dir) / "rounds" / "summary.json",
                       {"labeller": cfg.iterate.labeller, "start": cfg.iterate.start, "rows": rows,
                        "config": to_dict(cfg.iterate)})
