@@ -214,28 +214,42 @@ def round_key(cfg: Config, policy: Path, implicit_reference: Path) -> str:
                       "implicit_reference": model_fingerprint(implicit_reference)})
 
 
-def run_round(cfg: Config, k: int, policy: Path, implicit_reference: Path, nproc: int, hooks: dict | None = None) -> dict:
-    """Round k end to end (each step skipped when up to date); returns its record (round.json). hooks: "on_chunk"
-    (rollout) and "callbacks" (train), the test seams of tests/support/faults.py."""
-    hooks = hooks or {}
-    from midpo.data.prepare import prepare
-    from midpo.demo.rollout import MANIFEST, SAMPLES, rollout_dir
-    from midpo.runtime.layout import claim_run
-    from midpo.runtime.models import model_fingerprint
+def round_models(cfg: Config, k: int) -> tuple[Path, Path]:
+    """(pi_{k-1}, pi_{k-2}) of round k: the policy that answers and trains, and the model its implicit reward
+    divides by. Round 1: the start models; then the rounds' own exports (paths inside the run folder, so a moved
+    or copied run keeps its rounds)."""
+    layout = RunLayout.resolve(cfg)
+    start = (layout.export if cfg.iterate.start == "export" else layout.policy), layout.reference
+    chain = [start[1], start[0]] + [round_dir(cfg, j) / "export" for j in range(1, k)]
+    return chain[k], chain[k - 1]
 
-    d = round_dir(cfg, k)
-    key = round_key(cfg, policy, implicit_reference)
-    record_path = d / ROUND_RECORD
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        if record.get("key") == key:
-            print(f"=== midpo iterate: round {k} is done ({record_path}); not redone", flush=True)
-            return record
+
+def finished_round(cfg: Config, k: int) -> dict | None:
+    """Round k's record when it is done with these settings and input models; None when not done; refused
+    (IterateError) when it was finished with others."""
+    policy, implicit_reference = round_models(cfg, k)
+    record_path = round_dir(cfg, k) / ROUND_RECORD
+    if not record_path.exists():
+        return None
+    record = json.loads(record_path.read_text())
+    if record.get("key") != round_key(cfg, policy, implicit_reference):
         raise IterateError(f"{record_path}: round {k} finished with other settings or input models than this "
                            "recipe's; a finished round is never redone: set another run_dir (or move "
                            f"{round_dir(cfg, 1).parent} away) to start the rounds over")
-    print(f"\n=== midpo iterate: round {k}: policy {policy}", flush=True)
-    lines = [x for x in prompts_file(cfg).read_text(encoding="utf-8").splitlines() if x.strip()]
+    return record
+
+
+def setup_round(cfg: Config, k: int) -> tuple[Config, Path]:
+    """Round k's prompts and recipe (rewritten only when they change) and its claimed layout; (config, recipe)."""
+    from midpo.runtime.layout import claim_run
+
+    policy, implicit_reference = round_models(cfg, k)
+    d = round_dir(cfg, k)
+    source = prompts_file(cfg)
+    if not source.is_file():
+        raise UnusableInputError(f"{source}: no prompts file (iterate.prompts, else onpolicy.prompts, else the embedded "
+                                 "default's <run_dir>/synth/onpolicy_prompts.jsonl)")
+    lines = [x for x in source.read_text(encoding="utf-8").splitlines() if x.strip()]
     prompts = d / "prompts.jsonl"
     text = "".join(x + "\n" for x in round_prompts(lines, k, cfg.iterate.prompts_per_round))
     if not prompts.exists() or prompts.read_text(encoding="utf-8") != text:
@@ -243,9 +257,16 @@ def run_round(cfg: Config, k: int, policy: Path, implicit_reference: Path, nproc
     rcfg = round_config(cfg, k, policy, implicit_reference, prompts)
     recipe = d / "recipe.yaml"
     save_config(rcfg, recipe)
-    layout = claim_run(rcfg)
+    claim_run(rcfg)
+    return rcfg, recipe
 
-    _stage("midpo.demo.rollout", rcfg, recipe, nproc, **({"on_chunk": hooks["on_chunk"]} if "on_chunk" in hooks else {}))
+
+def select_round(cfg: Config, k: int, rcfg: Config) -> dict:
+    """The rollout's samples -> pairs.jsonl (best vs worst + replay) and selection.json, then prep; the stats."""
+    from midpo.data.prepare import prepare
+    from midpo.demo.rollout import SAMPLES, rollout_dir
+
+    d = round_dir(cfg, k)
     rows = [json.loads(x) for x in (rollout_dir(rcfg) / SAMPLES).read_text().splitlines() if x.strip()]
     it = cfg.iterate
     onpolicy, stats = select_pairs(rows, it.length_alpha, it.min_margin)
@@ -260,26 +281,52 @@ def run_round(cfg: Config, k: int, policy: Path, implicit_reference: Path, nproc
     body = "".join(json.dumps(p) + "\n" for p in pairs)
     if not (d / "pairs.jsonl").exists() or (d / "pairs.jsonl").read_text(encoding="utf-8") != body:
         atomic_write_text(d / "pairs.jsonl", body)
-    atomic_write_json(d / "selection.json", stats)
-    print(f"--- round {k}: {stats['counts']}", flush=True)
-
+    layout = RunLayout.resolve(rcfg)
     prep = prepare(rcfg.data, rcfg.data.inputs, layout.tokenizer, layout.data)
     stats["counts"]["prep_rejected"] = (prep.get("rows") or {}).get("rejected", 0)
-    _stage("midpo.stages.ref", rcfg, recipe, nproc)
-    _stage("midpo.stages.train", rcfg, recipe, nproc, **({"callbacks": hooks["callbacks"]} if "callbacks" in hooks else {}))
-    from midpo.demo.run import _read_last_eval
+    atomic_write_json(d / "selection.json", stats)
+    print(f"--- round {k}: {stats['counts']}", flush=True)
+    return stats
 
+
+def finish_round(cfg: Config, k: int, rcfg: Config) -> dict:
+    """round.json (written last: the round is done): fingerprints, selection stats, training metrics."""
+    from midpo.demo.rollout import MANIFEST, rollout_dir
+    from midpo.demo.run import _read_last_eval
+    from midpo.runtime.models import model_fingerprint
+
+    d = round_dir(cfg, k)
+    policy, implicit_reference = round_models(cfg, k)
+    layout = RunLayout.resolve(rcfg)
     metrics_file = layout.logs / "train_metrics.jsonl"
-    last = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()][-1] if metrics_file.exists() else {}
-    record = {"key": key, "round": k, "policy": str(policy), "implicit_reference": str(implicit_reference),
-              "export": str(layout.export), "reference": str(layout.reference),
-              "reference_fingerprint": model_fingerprint(layout.reference),
+    lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+    last = json.loads(lines[-1]) if lines else {}
+    record = {"key": round_key(cfg, policy, implicit_reference), "round": k, "policy": str(policy),
+              "implicit_reference": str(implicit_reference), "export": str(layout.export),
+              "reference": str(layout.reference), "reference_fingerprint": model_fingerprint(layout.reference),
               "export_fingerprint": model_fingerprint(layout.export),
               "rollout_fingerprint": json.loads((rollout_dir(rcfg) / MANIFEST).read_text())["fingerprint"],
-              "selection": stats, "train": {k2: v for k2, v in last.items() if isinstance(v, (int, float))},
-              "train_eval": _read_last_eval(d)}
-    atomic_write_json(record_path, record)  # last: the round is done
+              "selection": json.loads((d / "selection.json").read_text()),
+              "train": {n: v for n, v in last.items() if isinstance(v, (int, float))}, "train_eval": _read_last_eval(d)}
+    atomic_write_json(d / ROUND_RECORD, record)
     return record
+
+
+def run_round(cfg: Config, k: int, nproc: int, hooks: dict | None = None) -> dict:
+    """Round k end to end (each step skipped when up to date); returns its record (round.json). hooks: "on_chunk"
+    (rollout) and "callbacks" (train), the test seams of tests/support/faults.py."""
+    hooks = hooks or {}
+    record = finished_round(cfg, k)
+    if record is not None:
+        print(f"=== midpo iterate: round {k} is done ({round_dir(cfg, k) / ROUND_RECORD}); not redone", flush=True)
+        return record
+    print(f"\n=== midpo iterate: round {k}: policy {round_models(cfg, k)[0]}", flush=True)
+    rcfg, recipe = setup_round(cfg, k)
+    _stage("midpo.demo.rollout", rcfg, recipe, nproc, **{n: hooks[n] for n in ("on_chunk",) if n in hooks})
+    select_round(cfg, k, rcfg)
+    _stage("midpo.stages.ref", rcfg, recipe, nproc)
+    _stage("midpo.stages.train", rcfg, recipe, nproc, **{n: hooks[n] for n in ("callbacks",) if n in hooks})
+    return finish_round(cfg, k, rcfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +405,14 @@ def format_rounds(rows: list[dict]) -> str:
     return "\n".join(out + [line])
 
 
+def report_round(cfg: Config, k: int, record: dict, ev0: dict | None) -> dict:
+    """Round k's accuracy (when iterate.eval_prompts > 0), its table row, its TensorBoard scalars."""
+    ev = evaluate_round(cfg, k, round_dir(cfg, k) / "export")
+    row = round_row(k, record, ev, ev0)
+    log_tensorboard(cfg, row)
+    return row
+
+
 def iterate(cfg: Config, rounds: int, nproc: int = 1, hooks: dict[int, dict] | None = None) -> list[dict]:
     """Rounds 1..`rounds`; returns the per-round rows (round 0: the start model). hooks: round -> run_round's."""
     if cfg.sft.num_threads > 0:
@@ -378,15 +433,9 @@ def iterate(cfg: Config, rounds: int, nproc: int = 1, hooks: dict[int, dict] | N
                                "(iterate.start=export, or model.policy/model.reference of a DPO run)")
     ev0 = evaluate_round(cfg, 0, policy)
     rows = [round_row(0, None, ev0, None)]
-    prev_policy, prev_reference = policy, reference
     for k in range(1, rounds + 1):
-        record = run_round(cfg, k, prev_policy, prev_reference, nproc, (hooks or {}).get(k))
-        ev = evaluate_round(cfg, k, round_dir(cfg, k) / "export")
-        row = round_row(k, record, ev, ev0)
-        log_tensorboard(cfg, row)
-        rows.append(row)
-        # the round's own export (not the recorded path: a moved or copied run folder keeps its rounds)
-        prev_policy, prev_reference = round_dir(cfg, k) / "export", prev_policy
+        record = run_round(cfg, k, nproc, (hooks or {}).get(k))
+        rows.append(report_round(cfg, k, record, ev0))
     atomic_write_json(Path(cfg.run_dir) / "rounds" / "summary.json",
                       {"labeller": cfg.iterate.labeller, "start": cfg.iterate.start, "rows": rows,
                        "config": to_dict(cfg.iterate)})
@@ -395,13 +444,47 @@ def iterate(cfg: Config, rounds: int, nproc: int = 1, hooks: dict[int, dict] | N
     return rows
 
 
+def run_step(cfg: Config, k: int, step: str) -> Path | None:
+    """One step of round k in this process, for schedulers that run a round's stages as separate jobs
+    (slurm/round.sbatch): setup (round 1 also builds the start models) and select print the round's recipe,
+    which the rollout, ref and train stages then read; finish writes round.json and the round's report. A
+    finished round skips every step."""
+    if step == "setup" and k == 1:
+        start_models(cfg, 1)
+    recipe = round_dir(cfg, k) / "recipe.yaml"
+    done = finished_round(cfg, k)
+    if step == "recipe" or done is not None:
+        if not recipe.exists():
+            raise IterateError(f"{recipe} does not exist: run round {k}'s setup step first")
+        return recipe
+    rcfg, recipe = setup_round(cfg, k)
+    if step == "select":
+        select_round(cfg, k, rcfg)
+    elif step == "finish":
+        record = finish_round(cfg, k, rcfg)
+        report_round(cfg, k, record, evaluate_round(cfg, 0, round_models(cfg, 1)[0]))
+    return recipe
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", help="recipe YAML or a name in recipes/ (default: tiny)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds to run (default: iterate.rounds)")
     parser.add_argument("--nproc", type=int, default=1, help="processes for rollout, ref and train (default 1)")
+    parser.add_argument("--round", type=int, default=None,
+                        help="with --step: one step of this round only (slurm/round.sbatch runs a round as jobs)")
+    parser.add_argument("--step", choices=("setup", "select", "finish", "recipe"), default=None,
+                        help="setup: prompts + recipe (round 1: the start models too); select: pairs + prep; finish: "
+                        "round.json + report; recipe: print the round's recipe path. Each prints it last.")
 
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if (args.round is None) != (args.step is None):
+        raise IterateError("--round and --step go together (one step of one round)")
+    if args.step is not None:
+        if args.round < 1:
+            raise IterateError(f"--round must be >= 1, got {args.round}")
+        print(run_step(cfg, args.round, args.step), flush=True)  # last line: the recipe the next stage reads
+        return 0
     iterate(cfg, args.rounds if args.rounds is not None else cfg.iterate.rounds, nproc=args.nproc)
     return 0
