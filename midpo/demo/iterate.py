@@ -151,7 +151,7 @@ def select_pairs(rows: list[dict], alpha: float, min_margin: float) -> tuple[lis
             continue
         c, r = scored[pick[0]], scored[pick[1]]
         for name, s in (("chosen", c), ("rejected", r)):
-            for key in ("score", "length", "logp", "ref_logp"):
+            for key in ("score", "implicit", "length", "logp", "ref_logp"):
                 if key in s:
                     sides.setdefault(f"{name}/{key}", []).append(s[key])
         pairs.append({"prompt": row["prompt"], "chosen": c["text"], "rejected": r["text"], **row.get("record", {}),
@@ -360,7 +360,7 @@ def round_row(k: int, record: dict | None, ev: dict | None, ev0: dict | None) ->
         c, m = record["selection"]["counts"], record["selection"]["means"]
         row.update({"pairs": c.get("pairs_onpolicy", 0), "replay": c.get("pairs_replay", 0),
                     "dropped": {x[len("dropped_"):]: v for x, v in c.items() if x.startswith("dropped_")},
-                    **{f"{s}/{q}": m[f"{s}/{q}"] for s in ("chosen", "rejected") for q in ("score", "length")
+                    **{f"{s}/{q}": m[f"{s}/{q}"] for s in ("chosen", "rejected") for q in ("score", "implicit", "length")
                        if f"{s}/{q}" in m}})
         for q in ("loss", "rewards/accuracies", "rewards/margins"):
             if q in record.get("train", {}):
@@ -386,7 +386,7 @@ def log_tensorboard(cfg: Config, row: dict) -> None:
 
 
 def format_rounds(rows: list[dict]) -> str:
-    head = ["round", "pairs", "replay", "dropped", "score c/r", "len c/r", "train loss", "greedy acc", "vs r0 (paired 95%)"]
+    head = ["round", "pairs", "replay", "dropped", "score c/r", "implicit c/r", "len c/r", "train loss", "greedy acc", "vs r0 (paired 95%)"]
     table = [head]
     for r in rows:
         d = r.get("paired_vs_r0")
@@ -394,6 +394,7 @@ def format_rounds(rows: list[dict]) -> str:
             str(r["round"]), str(r.get("pairs", "-")), str(r.get("replay", "-")),
             ",".join(f"{k}:{v}" for k, v in (r.get("dropped") or {}).items()) or "-",
             f"{r['chosen/score']:.3f}/{r['rejected/score']:.3f}" if "chosen/score" in r else "-",
+            f"{r['chosen/implicit']:.3f}/{r['rejected/implicit']:.3f}" if "chosen/implicit" in r else "-",
             f"{r['chosen/length']:.1f}/{r['rejected/length']:.1f}" if "chosen/length" in r else "-",
             f"{r['train/loss']:.4f}" if "train/loss" in r else "-",
             f"{r['greedy/accuracy']:.3f}" if "greedy/accuracy" in r else "-",

@@ -15,7 +15,8 @@ on the same number of processes.
 Labels (`iterate.labeller`): every sample is encoded as prep encodes a response (`PairEncoder.encode_answer`:
 template, EOS); `implicit_reward` scores beta * (log pi_t(y|x) - log pi_{t-1}(y|x)) with the reference stage's
 forward (`stages.ref.score_reference_rows`, the trainer's log-probs); `checker` the task's checker (1/0);
-`reward_model` the first logit of a local sequence-classification model. Empty answers and answers that do
+`reward_model` the first logit of a local sequence-classification model. Every labeller records the implicit
+reward too (its chosen vs rejected statistics), when the round names pi_{t-1}. Empty answers and answers that do
 not fit `data.max_length` get no score (prep would refuse them as pairs). Output: `<run_dir>/rollout/
 samples.jsonl` (one line per prompt: its samples with text, length, score and log-probs) and `manifest.json`
 (written last, keyed by everything the samples depend on).
@@ -63,7 +64,7 @@ def rollout_key(cfg: Config, world: int) -> dict:
            "round": Path(cfg.run_dir).name, "world": world, "labeller": it.labeller,
            "sampling": [it.samples, it.temperature, it.max_new_tokens, it.batch_size, it.chunk_prompts],
            "data": [cfg.data.max_length, cfg.data.system_prompt], "dtype": cfg.model.dtype}
-    if it.labeller == "implicit_reward":
+    if it.implicit_reference:  # every labeller records the implicit reward (DICE's labels; others' statistics)
         key["reference"] = model_fingerprint(it.implicit_reference)
         key["beta"] = implicit_beta(cfg)
     if it.labeller == "reward_model":
@@ -84,13 +85,13 @@ class Labeller:
                                                                       d.system_prompt))
         self.reference = self.reward_model = None
         it = cfg.iterate
-        if it.labeller == "implicit_reward":
+        if it.labeller == "implicit_reward" and not it.implicit_reference:
+            raise ValueError("iterate.implicit_reference is not set (midpo iterate writes it per round)")
+        if it.implicit_reference:
             from midpo.runtime.models import load_model
 
-            if not it.implicit_reference:
-                raise ValueError("iterate.implicit_reference is not set (midpo iterate writes it per round)")
             self.reference = load_model(it.implicit_reference, cfg.model, device=pdist.device())
-        elif it.labeller == "reward_model":
+        if it.labeller == "reward_model":
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             self.rm_tok = AutoTokenizer.from_pretrained(it.reward_model)
@@ -114,20 +115,22 @@ class Labeller:
                 row.append(s)
             out.append(row)
         lab = self.cfg.iterate.labeller
+        if self.reference is not None:
+            from midpo.core.selection import implicit_rewards
+
+            pol = self._logps(self.policy, flat)
+            ref = self._logps(self.reference, flat)
+            implicit = implicit_rewards(pol, ref, implicit_beta(self.cfg))
+            for (i, j, _, _), p, r, sc in zip(flat, pol, ref, implicit, strict=True):
+                out[i][j].update(logp=p, ref_logp=r, implicit=sc)
+                if lab == "implicit_reward":
+                    out[i][j]["score"] = sc
         if lab == "checker":
             from midpo.demo.task import check_answer
 
             for i, j, _, _ in flat:
                 out[i][j]["score"] = float(check_answer(records[i], out[i][j]["text"]))
-        elif lab == "implicit_reward":
-            from midpo.core.selection import implicit_rewards
-
-            pol = self._logps(self.policy, flat)
-            ref = self._logps(self.reference, flat)
-            scores = implicit_rewards(pol, ref, implicit_beta(self.cfg))
-            for (i, j, _, _), p, r, sc in zip(flat, pol, ref, scores, strict=True):
-                out[i][j].update(logp=p, ref_logp=r, score=sc)
-        else:
+        elif lab == "reward_model":
             for (i, j, _, _), sc in zip(flat, self._reward_model(records, out, flat), strict=True):
                 out[i][j]["score"] = sc
         return out

@@ -108,7 +108,8 @@ def test_implicit_rewards_equal_an_independent_forward_of_both_models(models, tm
     from midpo.runtime.models import load_model
 
     cfg = load_config(recipe(models, tmp_path / "run"), [f"iterate.implicit_reference={models['reference']}"])
-    records = [{"prompt": "sort: 3 1 2"}, {"prompt": "reverse: kiwi fig"}]
+    records = [{"prompt": "sort: 3 1 2", "task": "sort", "kind": "numbers", "items": ["3", "1", "2"]},
+               {"prompt": "reverse: kiwi fig", "task": "reverse", "kind": "words", "items": ["kiwi", "fig"]}]
     answers = [["1 2 3", "3 2 1 1 2", ""], ["fig kiwi", "kiwi"]]
     lab = Labeller(cfg, load_model(models["policy"], cfg.model), models["policy"])
     scored = lab.score(records, answers)
@@ -121,9 +122,15 @@ def test_implicit_rewards_equal_an_independent_forward_of_both_models(models, tm
             pol = independent_logp(models["policy"], rec["prompt"], s["text"])
             ref = independent_logp(models["reference"], rec["prompt"], s["text"])
             assert s["logp"] == pytest.approx(pol, abs=1e-4) and s["ref_logp"] == pytest.approx(ref, abs=1e-4)
-            assert s["score"] == pytest.approx(0.1 * (pol - ref), abs=1e-5)
+            assert s["score"] == s["implicit"] == pytest.approx(0.1 * (pol - ref), abs=1e-5)
             n += 1
     assert n == 4
+    # the checker labels by the task; the implicit reward is still recorded, for the round's statistics
+    cfg = load_config(recipe(models, tmp_path / "run"), [f"iterate.implicit_reference={models['reference']}",
+                                                          "iterate.labeller=checker"])
+    checked = Labeller(cfg, lab.policy, models["policy"]).score(records, answers)
+    assert [[s.get("score") for s in row] for row in checked] == [[1.0, 0.0, None], [1.0, 0.0]]
+    assert [[s.get("implicit") for s in row] for row in checked] == [[s.get("implicit") for s in row] for row in scored]
 
 
 def test_replay_proportions_hold() -> None:
