@@ -202,7 +202,10 @@ def round_config(cfg: Config, k: int, policy: Path, implicit_reference: Path, pr
         sft=dataclasses.replace(cfg.sft, steps=0),
         onpolicy=dataclasses.replace(cfg.onpolicy, enabled=False),
         train=dataclasses.replace(cfg.train, export_at_end=True),
-        iterate=dataclasses.replace(cfg.iterate, prompts=str(prompts), implicit_reference=str(implicit_reference)))
+        # rounds and eval_prompts do not change a round's work: fixed here, so changing them between reruns never
+        # refuses the resume of the round's training (its config must match its checkpoint's)
+        iterate=dataclasses.replace(cfg.iterate, prompts=str(prompts), implicit_reference=str(implicit_reference),
+                                    rounds=0, eval_prompts=0))
 
 
 def round_key(cfg: Config, policy: Path, implicit_reference: Path) -> str:
