@@ -83,12 +83,16 @@ def _launch(module: str, recipe: Path, nproc: int) -> None:
 
 def start_models(cfg: Config, nproc: int) -> tuple[Path, Path]:
     """(pi_0, its reference): the run's initial policy and reference, or (`iterate.start=export`) its DPO export
-    and reference. Builds what is missing with the stages of `midpo run` (each skipped when up to date)."""
+    and reference. Builds what is missing with the stages of `midpo run` (each skipped when up to date; an
+    existing export is taken as it is)."""
     from midpo.demo.run import _launch as launch_cli
     from midpo.demo.run import prepare_base
 
     layout = RunLayout.resolve(cfg)
     if cfg.iterate.start == "export":
+        if (layout.export / "config.json").is_file():
+            return layout.export, layout.reference  # exported: the base run's stages are done (relaunching its
+            # training on another process count would be refused as a resume with another global batch)
         prepare_base(cfg, nproc, {})
         launch_cli("train", layout.config, nproc)
         return layout.export, layout.reference
