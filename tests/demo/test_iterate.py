@@ -240,3 +240,31 @@ def test_killed_during_round_two_generation_and_training_ends_as_uninterrupted(u
     a = json.loads((uninterrupted / "rounds" / "r2" / "round.json").read_text())
     b = json.loads((r2 / "round.json").read_text())
     assert a["selection"] == b["selection"] and a["rollout_fingerprint"] == b["rollout_fingerprint"]
+
+
+def test_reward_model_scores_equal_its_forward_on_each_text(models, tmp_path) -> None:
+    """The reward_model labeller's batched (padded) scores equal the model's first logit on each text alone."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from midpo.demo.rollout import Labeller
+    from midpo.runtime.models import load_model
+
+    tok = AutoTokenizer.from_pretrained(models["policy"])
+    conf = AutoConfig.from_pretrained(models["policy"], num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    rm_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_config(conf).save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    cfg = load_config(recipe(models, tmp_path / "run"), ["iterate.labeller=reward_model", f"iterate.reward_model={rm_dir}"])
+    records = [{"prompt": "sort: 3 1 2"}, {"prompt": "reverse: kiwi fig"}]
+    answers = [["1 2 3", "3 2 1 1 2 9 9"], ["fig kiwi", "kiwi"]]
+    scored = Labeller(cfg, load_model(models["policy"], cfg.model), models["policy"]).score(records, answers)
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    for rec, texts, row in zip(records, answers, scored):
+        for text, s in zip(texts, row):
+            ids = tok.apply_chat_template([{"role": "user", "content": rec["prompt"]},
+                                           {"role": "assistant", "content": text}], tokenize=True, return_dict=False)
+            with torch.no_grad():
+                want = float(rm(input_ids=torch.tensor([ids])).logits[0, 0])
+            assert s["score"] == pytest.approx(want, abs=1e-5)
+            assert "implicit" not in s  # no pi_{t-1} named: nothing to divide by
