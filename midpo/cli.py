@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "weights": ("midpo.stages.weights", "TIS-DPO per-token weights from a forward and a reverse DPO model"),
     "train": ("midpo.stages.train", "stage 3: DeepSpeed ZeRO-3 training from the reference cache (auto-resume, export)"),
     "export": ("midpo.stages.export", "a consolidated Hugging Face folder from a ZeRO-3 checkpoint (default: latest)"),
+    "iterate": ("midpo.demo.iterate", "rounds of on-policy preference training: sample, label, select, prep, ref, train, "
+                "export (DICE; iterative DPO)"),
     "run": ("midpo.demo.run", "the whole pipeline on one machine (synth, prep, sft, ref, train, eval) + summary"),
     "plan": ("midpo.stages.plan", "will a recipe fit, how fast, what to change: memory per device and step time, "
              "as written and the best settings"),

@@ -481,6 +481,71 @@ def parse_size(value: str | int, key: str) -> int:
 
 
 @dataclass
+class IterateConfig:
+    """`midpo iterate`: rounds of on-policy preference training (DICE; iterative DPO). Per round the current policy
+    answers prompts `samples` times, a labeller scores the answers, best vs worst become pairs (mixed with offline
+    pairs at `replay_fraction`), then prep, a reference cache from the previous round's policy, train, export; the
+    export is the next round's policy and reference."""
+
+    rounds: int = knob(3, "rounds to run (`midpo iterate --rounds N` overrides it)")
+    start: str = knob(
+        "policy", "round 1's policy: policy (the run's initial policy: <run_dir>/sft after SFT) | export (the run's "
+        "own preference-trained <run_dir>/export, built by `midpo run`'s stages when missing; DICE starts from a DPO "
+        "model, whose reference is the run's reference)")
+    labeller: str = knob(
+        "implicit_reward", "implicit_reward (DICE: beta * (log pi_t(y|x) - log pi_{t-1}(y|x)), summed over response "
+        "tokens, EOS included) | checker (the embedded task's checker: 1 right, 0 wrong) | reward_model (a local HF "
+        "sequence-classification folder, iterate.reward_model: its first logit)")
+    reward_model: str | None = knob(None, "HF sequence-classification folder of the reward_model labeller")
+    prompts: str | None = knob(
+        None, "JSONL of prompts (a `prompt` field; the checker needs the task record too); None = onpolicy.prompts, "
+        "else <run_dir>/synth/onpolicy_prompts.jsonl")
+    prompts_per_round: int = knob(
+        0, "prompts per round: round k takes the k-th block of this many (wrapping around the file); 0 = all, every "
+        "round")
+    samples: int = knob(8, "answers generated per prompt (best vs worst of them make the pair)")
+    temperature: float = knob(1.0, "sampling temperature")
+    max_new_tokens: int = knob(64, "longest answer, in tokens")
+    batch_size: int = knob(64, "prompts per generate call (each repeated `samples` times)")
+    chunk_prompts: int = knob(64, "prompts per chunk of the generation stage: its resume granularity")
+    beta: float | None = knob(None, "beta of the implicit reward; None = loss.beta, else 0.1")
+    length_alpha: float = knob(
+        0.0, "DICE's length regularization: pairs are selected by score - length_alpha * |y| (|y| in tokens, EOS "
+        "included); applied to every labeller's score")
+    min_margin: float = knob(
+        0.0, "a prompt makes a pair only when best minus worst (length-regularized) exceeds this; equal ones (ties) "
+        "are always dropped")
+    replay_fraction: float = knob(
+        0.0, "experience replay: the fraction of each round's pairs drawn from the offline pairs, in [0, 1)")
+    replay_inputs: list[str] = knob(
+        help="offline pairs (JSONL) for replay; empty = the pairs the run itself trained on (<run_dir>/onpolicy/pairs"
+        ".jsonl with onpolicy.enabled, else data.inputs, else the embedded default's pairs)", factory=list)
+    eval_prompts: int = knob(
+        0, "greedy task accuracy of every round's policy on this many held-out prompts (<run_dir>/synth/eval_prompts"
+        ".jsonl), paired against round 0; 0 = off")
+    implicit_reference: str | None = knob(
+        None, "set by `midpo iterate` in a round's own recipe: the model the implicit reward divides by (pi_{t-1})")
+
+    def __post_init__(self) -> None:
+        if self.start not in ("policy", "export"):
+            raise ConfigError(f"iterate.start must be policy or export, got {self.start!r}")
+        if self.labeller not in ("implicit_reward", "checker", "reward_model"):
+            raise ConfigError(f"iterate.labeller must be implicit_reward, checker or reward_model, got {self.labeller!r}")
+        if self.labeller == "reward_model" and not self.reward_model:
+            raise ConfigError("iterate.labeller=reward_model needs iterate.reward_model (a local HF folder)")
+        if self.rounds < 0 or self.samples < 2 or self.prompts_per_round < 0 or self.eval_prompts < 0:
+            raise ConfigError("iterate: rounds >= 0, samples >= 2, prompts_per_round >= 0, eval_prompts >= 0")
+        if self.batch_size < 1 or self.chunk_prompts < 1 or self.max_new_tokens < 1:
+            raise ConfigError("iterate: batch_size, chunk_prompts and max_new_tokens must be >= 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"iterate.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ConfigError(f"iterate.replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if self.min_margin < 0 or self.length_alpha < 0:
+            raise ConfigError("iterate: min_margin >= 0 and length_alpha >= 0")
+
+
+@dataclass
 class Config:
     """A whole run: every stage reads this one resolved config and writes only inside run_dir."""
 
@@ -496,6 +561,7 @@ class Config:
     train: TrainConfig = section(TrainConfig)
     prior_net: PriorNetConfig = section(PriorNetConfig)
     export: ExportConfig = section(ExportConfig)
+    iterate: IterateConfig = section(IterateConfig)
 
     @property
     def run_path(self) -> Path:

@@ -223,6 +223,20 @@ class PairEncoder:
         k = self.chars_per_token * scale
         return (self.s.max_prompt_tokens + MARGIN_TOKENS) * k, (self.s.max_length + MARGIN_TOKENS) * k
 
+    def encode_answer(self, prompt: str, answer: str) -> tuple[list[int], list[int]] | None:
+        """(prompt ids, response ids ending in EOS) of one generated answer to a user prompt, as `process` encodes
+        a pair's side (no truncation); None when the answer is empty or the template breaks at the boundary.
+        `midpo iterate` scores its samples with these ids, so a sample's log-prob is the one training sees."""
+        p = self.render([{"role": "user", "content": prompt}], True)
+        full = self.render([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], False)
+        if not answer.strip() or not full.startswith(p):
+            return None
+        p_ids, f_ids = self.encode_texts([p, full])
+        try:
+            return p_ids, self._response(p_ids, f_ids, "answer")
+        except RowReject:
+            return None
+
     # -- one chunk ---------------------------------------------------------------------------
 
     def process(self, source_file: str, plan: ReadPlan | str, items: list[tuple[int, Any]]) -> list[Encoded | Rejected]:

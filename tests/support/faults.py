@@ -65,12 +65,28 @@ def main(argv: list[str]) -> int:
 
     split = argv.index("--")
     p = argparse.ArgumentParser(prog="faults.py")
-    p.add_argument("stage", choices=("train", "ref"))
+    p.add_argument("stage", choices=("train", "ref", "iterate"))
+    p.add_argument("--round", type=int, default=0, help="iterate: the round whose rollout/train the faults hit")
     p.add_argument("--nan-steps", default="")
     p.add_argument("--pause-after-step", type=int, default=0)
     p.add_argument("--pause-after-chunks", type=int, default=0)
     faults = p.parse_args(argv[:split])
     rest = argv[split + 1:]
+    if faults.stage == "iterate":
+        from midpo.demo import iterate
+
+        hooks: dict = {}
+        if faults.pause_after_chunks:
+            hooks["on_chunk"] = pause_after_chunks(faults.pause_after_chunks)
+        if faults.pause_after_step:
+            hooks["callbacks"] = [PauseAfterStep(faults.pause_after_step)]
+
+        def run_iterate(a):
+            cfg = load_config(a.config, a.overrides)
+            iterate.iterate(cfg, a.rounds or cfg.iterate.rounds, nproc=1, hooks={faults.round: hooks})
+            return 0
+
+        return stage_cli("iterate", iterate.add_arguments, run_iterate, rest)
     if faults.stage == "train":
         from midpo.stages import train
 
