@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from plan_bench import SHAPE, rss_bytes  # noqa: E402
+from plan_bench import SHAPE, rss_bytes, worker_env  # noqa: E402
 
 GLOBAL = 16
 
@@ -123,8 +122,7 @@ def main() -> int:
     if a.worker:
         worker(a)
         return 0
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
-               PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    env = worker_env()
     results = {}
     for name, budget in (("fixed 16 pairs", 0), (f"budget {a.budget} tokens", a.budget)):
         out = subprocess.run([sys.executable, __file__, "--worker", "--steps", str(a.steps), "--budget", str(budget)],

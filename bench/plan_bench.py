@@ -80,6 +80,13 @@ def rows_for(micro: int, steps: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def worker_env() -> dict:
+    """The measured child's environment (docs/plan.md's method): tensors over 64 KiB on their own mmap, unmapped on
+    free, so the resident set follows live tensor bytes; one thread; this checkout first on the path."""
+    return dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
+                PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -186,8 +193,7 @@ def main() -> int:
     if a.worker:
         worker(a)
         return 0
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
-               PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    env = worker_env()
     for name in a.only or [c for c in CONFIGS if not c.startswith("134m")]:
         procs, ds_name, layout, micro, prior, *rest = CONFIGS[name]
         args = [__file__, "--worker", "--ds-config", ds_name, "--layout", layout, "--micro", str(micro),
