@@ -205,7 +205,7 @@ class Trainer:
     def _build_engines(self, prior) -> None:
         """COLLECTIVE: the policy engine (a prior with parameters, SparsePO's mask network, is optimized, clipped,
         scheduled and checkpointed inside it), the frozen online reference, the prior network."""
-        from midpo.core.flops import flop_params
+        from midpo.core.flops import flop_params, frozen_flop_params
         from midpo.core.schedule import make_scheduler
         from midpo.runtime.ds_config import resolve_ds_config
         from midpo.runtime.engine import Engine, PolicyLogps, build_reference_engine
@@ -231,6 +231,7 @@ class Trainer:
         if tc.compile:  # resolve_ds_config refused ZeRO-3 already
             compile_decoder(model)
         self.flop_params = flop_params(model)  # MFU's numerator: the head runs on response positions only
+        self.frozen_flop_params = frozen_flop_params(model)  # LoRA's base: no weight-gradient matmuls
         has_params = any(p.requires_grad for p in prior.parameters())
         router_coef = router_aux_coef(tc.router_aux_loss_coef, self.hf_config)
         self.policy = Engine.build(
@@ -499,7 +500,7 @@ class Trainer:
         from midpo.core.flops import train_flops
 
         flops = train_flops(*self.flop_params, self.hf_config.num_hidden_layers, self.hf_config.hidden_size,
-                            counts["tokens"], counts["logit_tokens"], counts["attn"])
+                            counts["tokens"], counts["logit_tokens"], counts["attn"], *self.frozen_flop_params)
         dt, world = seconds, pdist.world_size()
         return {"tokens_per_s": counts["tokens"] / dt if dt else 0.0, "pairs_per_s": counts["pairs"] / dt if dt else 0.0,
                 "padding_fraction": counts["pad"] / counts["slots"] if counts["slots"] else 0.0,

@@ -344,3 +344,47 @@ def test_train_flops_equal_torch_flop_counter():
     expected = train_flops(body - norms, head, cfg.num_hidden_layers, cfg.hidden_size, b.num_tokens, b.target_index.numel(),
                            attention_context=rows_n * T * T)
     assert expected == pytest.approx(3 * fc.get_total_flops(), rel=1e-9)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_train_flops_equal_torch_flop_counter_forward_backward(lora):
+    """train_flops against torch's FlopCounterMode over the real forward AND backward: full fine-tuning is 3x the
+    forward; under LoRA (PEFT, r=4 on every linear layer, the norms trained as modules_to_save) the frozen base
+    weights take no weight-gradient matmul (2x) while the adapters and attention take all three. The embedding
+    output is made to require grad so that layer 0 computes its input gradients like every other layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from midpo.core.flops import flop_params, frozen_flop_params, train_flops
+
+    m = tiny_llama(attn="eager")
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["norm"]))
+    m.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.detach().requires_grad_())
+    g = torch.Generator().manual_seed(1)
+    rows = [{"prompt_ids": [1] + torch.randint(3, V, (p - 1,), generator=g).tolist(),
+             "chosen_ids": torch.randint(3, V, (9 - p,), generator=g).tolist() + [EOS],
+             "rejected_ids": torch.randint(3, V, (9 - p,), generator=g).tolist() + [EOS]} for p in (3, 5, 7)]
+    b = collate_pairs(rows, layout="padded", pad_id=PAD)
+    rows_n, T = b.input_ids.shape
+    with FlopCounterMode(display=False) as fc:
+        r = response_logps(m, b)
+        (r.chosen_sum.sum() + r.rejected_sum.sum()).backward()
+    body, head = flop_params(m)
+    frozen_body, frozen_head = frozen_flop_params(m)
+    trained = {n for n, p in m.named_parameters() if p.requires_grad}
+    if lora:  # the base is frozen but for the adapters and the trained norm copies; the tied head is frozen too
+        assert frozen_head == head and frozen_body > 0
+        assert all("lora_" in n or "modules_to_save" in n for n in trained)
+    else:
+        assert (frozen_body, frozen_head) == (0, 0)
+    cfg = m.config
+    # torch counts matmuls only: leave the (elementwise) RMSNorm weights out of both counts
+    norms = sum(p.numel() for n, p in m.named_parameters() if "norm" in n and "original_module" not in n)
+    frozen_norms = sum(p.numel() for n, p in m.named_parameters()
+                       if "norm" in n and "original_module" not in n and not p.requires_grad)
+    expected = train_flops(body - norms, head, cfg.num_hidden_layers, cfg.hidden_size, b.num_tokens,
+                           b.target_index.numel(), attention_context=rows_n * T * T,
+                           frozen_body=frozen_body - frozen_norms, frozen_head=frozen_head)
+    assert expected == pytest.approx(fc.get_total_flops(), rel=1e-9)
