@@ -38,8 +38,17 @@ def read_prompts(path: str | Path, n: int | None = None) -> list[dict]:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 48, batch_size: int = 64,
-                     do_sample: bool = False, temperature: float = 1.0, seed: int = 0) -> list[str]:
-    """Answers in prompt order. Left padding so every row's generation starts at the same column."""
+                     do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
+                     row_seeds: list[int] | None = None) -> list[str]:
+    """Answers in prompt order. Left padding so every row's generation starts at the same column. `row_seeds`
+    (one per prompt) samples each prompt from its own seed (`demo.sampling`): the answers do not depend on the
+    batch a prompt shares, so they are the same on any number of processes; `seed` is then unused."""
+    from transformers import LogitsProcessorList
+
+    from midpo.demo.sampling import RowSeededGumbel
+
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -54,12 +63,16 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
         for r, x in enumerate(ids):
             input_ids[r, width - len(x):] = torch.tensor(x)
             attn[r, width - len(x):] = 1
-        if do_sample:
+        processors = None
+        if row_seeds is not None:  # greedy over per-row Gumbel-perturbed scores = a per-row sample
+            processors = LogitsProcessorList([RowSeededGumbel(row_seeds[i : i + batch_size], temperature)])
+        elif do_sample:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        sample = do_sample and row_seeds is None
         seqs = model.generate(
             input_ids=input_ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature if do_sample else None, top_p=None, top_k=None,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None,
+            logits_processor=processors, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
         for r in range(len(chunk)):
             out.append(tokenizer.decode(seqs[r, width:], skip_special_tokens=True).strip())

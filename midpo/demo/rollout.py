@@ -8,9 +8,9 @@ The round's recipe (written by `midpo iterate`) names the policy that answers (`
 chunks of `iterate.chunk_prompts`; every rank answers its share of a chunk (`iterate.samples` answers per
 prompt, batched HF `generate`), labels them, and rank 0 writes the chunk atomically under
 `<run_dir>/rollout/.work/`: a killed run resumes at the first missing chunk. Generation is local to each rank,
-so the ranks meet once per chunk (the gather): lockstep without a collective inside `generate`. Samples are
-seeded by (seed, round folder, chunk, rank), so a resumed run writes the same samples as an uninterrupted one
-on the same number of processes.
+so the ranks meet once per chunk (the gather): lockstep without a collective inside `generate`. Each sample is
+seeded by (seed, round folder, prompt index, sample number) (`demo.sampling`: no draw depends on the batch), so
+1 or N processes, and a resumed run, write the same samples as an uninterrupted one.
 
 Labels (`iterate.labeller`): every sample is encoded as prep encodes a response (`PairEncoder.encode_answer`:
 template, EOS); `implicit_reward` scores beta * (log pi_t(y|x) - log pi_{t-1}(y|x)) with the reference stage's
@@ -55,13 +55,13 @@ def implicit_beta(cfg: Config) -> float:
     return cfg.iterate.beta if cfg.iterate.beta is not None else (cfg.loss.beta if cfg.loss.beta is not None else 0.1)
 
 
-def rollout_key(cfg: Config, world: int) -> dict:
+def rollout_key(cfg: Config) -> dict:
     """Everything the samples depend on (a change discards partial chunks and a finished output)."""
     from midpo.runtime.models import model_fingerprint
 
     it = cfg.iterate
     key = {"policy": model_fingerprint(cfg.model.policy), "prompts": hash_file(it.prompts), "seed": cfg.seed,
-           "round": Path(cfg.run_dir).name, "world": world, "labeller": it.labeller,
+           "round": Path(cfg.run_dir).name, "labeller": it.labeller,
            "sampling": [it.samples, it.temperature, it.max_new_tokens, it.batch_size, it.chunk_prompts],
            "data": [cfg.data.max_length, cfg.data.system_prompt], "dtype": cfg.model.dtype}
     if it.implicit_reference:  # every labeller records the implicit reward (DICE's labels; others' statistics)
@@ -203,13 +203,14 @@ def read_records(path: str | Path) -> list[dict]:
 def main(cfg: Config, on_chunk: Callable[[int], None] | None = None) -> dict:
     """Generate and label every missing chunk, then (rank 0) merge them; returns the manifest."""
     from midpo.demo.evaluate import generate_answers
+    from midpo.demo.sampling import row_seed
     from midpo.runtime.models import load_model, load_tokenizer
 
     pdist.init_distributed()
     rank, world = pdist.rank(), pdist.world_size()
     out = rollout_dir(cfg)
     work = out / WORK
-    key = rollout_key(cfg, world)
+    key = rollout_key(cfg)
     fp = hash_json(key)
     done = None
     if rank == 0:
@@ -252,10 +253,10 @@ def main(cfg: Config, on_chunk: Callable[[int], None] | None = None) -> dict:
         answers: list[list[str]] = [[] for _ in recs]
         if recs:
             flat_prompts = [r["prompt"] for r in recs for _ in range(it.samples)]
-            seed = int(hash_json([cfg.seed, key["round"], c, rank])[:8], 16)
+            seeds = [row_seed(cfg.seed, key["round"], i, k) for i in mine for k in range(it.samples)]
             texts = generate_answers(policy, tok, flat_prompts, max_new_tokens=it.max_new_tokens,
                                      batch_size=it.batch_size * it.samples, do_sample=True,
-                                     temperature=it.temperature, seed=seed)
+                                     temperature=it.temperature, row_seeds=seeds)
             answers = [texts[k * it.samples:(k + 1) * it.samples] for k in range(len(recs))]
         scored = labeller.score(recs, answers) if recs else []
         mine_rows = [{"index": i, "prompt": r["prompt"], "record": {k: r[k] for k in TASK_FIELDS if k in r},

@@ -190,6 +190,24 @@ def test_round_two_is_trained_against_round_one_export(uninterrupted, models) ->
     assert list((uninterrupted / "tensorboard" / "iterate").glob("events.*"))
 
 
+def test_two_process_rollout_writes_the_one_process_samples(uninterrupted, models) -> None:
+    """Round 1's rollout again on 2 processes (each answers every other prompt of a chunk, in batches of other
+    rows): the same answers per prompt as the 1-process run, and the same scores (fp32 forward over other
+    batches: 1e-5)."""
+    r1 = uninterrupted / "rounds" / "r1"
+    out = models["root"] / "two-proc" / "r1"  # the round folder name seeds the samples
+    ok(subprocess.run([sys.executable, "-m", "midpo.demo.rollout", "--config", str(r1 / "recipe.yaml"), "--nproc", "2",
+                       f"run_dir={out}"], env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300))
+    read = lambda d: [json.loads(x) for x in (d / "rollout" / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+    one, two = read(r1), read(out)
+    assert [r["index"] for r in one] == [r["index"] for r in two] == list(range(8))
+    for a, b in zip(one, two, strict=True):
+        assert [s["text"] for s in a["samples"]] == [s["text"] for s in b["samples"]]
+        for x, y in zip(a["samples"], b["samples"], strict=True):
+            assert ("score" in x) == ("score" in y) and x.get("score", 0.0) == pytest.approx(y.get("score", 0.0), abs=1e-5)
+    assert len({s["text"] for r in one for s in r["samples"]}) > 8  # it sampled: answers differ
+
+
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=clean_env(), cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
