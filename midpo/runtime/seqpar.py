@@ -160,9 +160,14 @@ def ulysses_attention(module, query, key, value, attention_mask, **kwargs):
     with the row's whole 4-D mask, all-to-all back."""
     st: _AttnState = module._midpo_sp
     q, k, v = (seq_to_heads(t, st.size, st.group) for t in (query, key, value))
+    if attention_mask is None and st.core == "eager":  # a causal row (PairBatch.causal_rows): eager needs a mask
+        T = q.shape[2]
+        attention_mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
     if st.core == "eager" and attention_mask is not None and attention_mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
         attention_mask = torch.where(attention_mask, zero, torch.finfo(q.dtype).min)
+    if attention_mask is None:  # sdpa: causal over the whole row (transformers' sdpa sets is_causal without a mask)
+        kwargs.setdefault("is_causal", True)
     out, _ = _core_function(module, st.core)(module, q, k, v, attention_mask, **kwargs)  # (b, T, h/k, d)
     return heads_to_seq(out, st.size, st.group), None
 

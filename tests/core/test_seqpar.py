@@ -141,3 +141,17 @@ def test_shard_forward_refuses_extras():
     b = collate_pairs(make_rows(2, 0), layout="packed", pad_id=0, pad_to_multiple=2)
     with pytest.raises(ValueError, match="log-probs only"):
         response_logps(None, b, shard=SeqShard(0, 2, None), return_logits=True)
+
+
+def test_dense_inputs_drop_the_mask_only_for_one_causal_sequence_per_row():
+    rows = make_rows(3, 2)
+    padded = collate_pairs(rows, layout="padded", pad_id=0)
+    alone = collate_pairs(rows, layout="packed", pad_id=0, max_row_tokens=1)  # every sequence its own row
+    packed = collate_pairs(rows, layout="packed", pad_id=0)  # one row of 6 sequences
+    shared = collate_pairs(rows, layout="shared", pad_id=0)
+    assert padded.causal_rows and alone.causal_rows and not packed.causal_rows and not shared.causal_rows
+    for b in (padded, alone):
+        assert "attention_mask" not in b.model_inputs("sdpa", dense=True)
+        assert "attention_mask" in b.model_inputs("sdpa", dense=True, windows={"sliding_attention": 4})
+    for b in (packed, shared):
+        assert b.model_inputs("sdpa", dense=True)["attention_mask"].shape[-1] == b.input_ids.shape[1]
