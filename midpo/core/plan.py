@@ -24,8 +24,8 @@ Memory model (P parameters, N data-parallel ranks, w bytes per compute element: 
   `[BOS] + response` (or prompt + response when conditioned).
 - sequence parallelism (k = `sequence_parallel` ranks per micro-batch, runtime.seqpar): each rank stores its
   1/k of the positions (activations, eager's scores for h/k heads over the whole row, its response positions
-  through the head: all / k), plus the row's whole dense 4-D mask (rows x T^2 bytes, bool); ZeRO still shards
-  over every rank.
+  through the head: all / k), plus, for rows of several sequences (packed, shared), the row's whole bool 4-D
+  mask (rows x T^2 bytes; a row of one causal sequence needs none); ZeRO still shards over every rank.
 - peak = max(backward: states + activations + head + buckets, optimizer step: states + fp32 gradients);
   the device needs peak x (1 + ALLOCATOR_HEADROOM) + CUDA_CONTEXT_GIB.
 
@@ -287,7 +287,8 @@ def memory(shape: ModelShape, s: Settings, batch: Batch) -> MemoryPlan:
     if s.attn == "eager":  # scores and probabilities per head, T^2 per row (SP: h/k heads, the whole row)
         act += batch.rows * shape.heads / k * batch.row_len ** 2 * 2 * w * (1 if s.checkpointing else L)
     t["activations"] = act
-    if k > 1:  # the row's whole dense mask on every rank of the group (bool)
+    one_sequence_rows = s.layout == "padded" or (s.layout == "packed" and batch.rows == 2 * batch.pairs)
+    if k > 1 and not one_sequence_rows:  # rows of several sequences: their whole bool mask on every rank
         t["sp_attention_mask"] = float(batch.rows * batch.row_len ** 2)
     resp = -(-batch.response_tokens // k)
     chunk = min(resp, s.head_chunk_tokens)
