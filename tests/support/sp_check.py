@@ -156,9 +156,15 @@ def main(out_dir: str, train: list[str]) -> int:
         tiny_model(model_dir)
     pdist.barrier()
     sp = setup_groups(2)
-    result = {"forward": check_forward(model_dir, sp), "ref": check_ref_stage(out / "refrun", model_dir)}
+    import time
+    t0 = time.time()
+    result = {"forward": check_forward(model_dir, sp)}
+    t1 = time.time()
+    result["ref"] = check_ref_stage(out / "refrun", model_dir)
+    t2 = time.time()
     if train:
         train_stage.main(load_config(train[0], train[1:]))
+    result["seconds"] = {"forward": t1 - t0, "ref": t2 - t1, "train": time.time() - t2}
     if pdist.is_main():
         (out / "result.json").write_text(json.dumps(result, indent=1))
     pdist.barrier()
