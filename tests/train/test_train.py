@@ -399,7 +399,8 @@ SP_GRAD_RTOL = 1e-6  # gradients: the group's sum vs one process, relative to th
 @pytest.fixture(scope="module")
 def sequence_parallel(base) -> dict:
     """ONE 2-process launch (tests/support/sp_check.py: forward and `midpo ref` checks, then the 6 training steps
-    of the 1-process run at train.sequence_parallel=2, i.e. data-parallel size 1 and the same accumulation) and ONE
+    of the 1-process run at train.sequence_parallel=2, i.e. data-parallel size 1 and the same accumulation, with
+    activation checkpointing, whose recompute re-runs attention's all-to-alls inside backward) and ONE
     4-process run at k=2 x DP 2 (the 2-process run's settings). No intermediate eval/checkpoint: losses and the
     exported weights are what is compared."""
     import subprocess
@@ -412,7 +413,8 @@ def sequence_parallel(base) -> dict:
     out = base["root"] / "sp_check"
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "support" / "sp_check.py"), str(out), str(two), "train.sequence_parallel=2", *quick]
+           str(REPO / "tests" / "support" / "sp_check.py"), str(out), str(two), "train.sequence_parallel=2", *quick,
+           "model.gradient_checkpointing=true"]  # the recompute re-runs the all-to-alls in backward
     proc = subprocess.run(cmd, env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-6000:]
     four, run4 = _fresh_run(base, "sp4", grad_accum=1)
