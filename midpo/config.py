@@ -293,6 +293,9 @@ class RefConfig:
     zero3: bool = knob(False, "shard the reference with ZeRO-3 inference when it does not fit one device")
     topk: int = knob(0, ">0: also cache the top-k of the reference distribution per response token")
     rows_per_shard: int = knob(2048, "rows per cache chunk: the resume granularity")
+    sequence_parallel: int = knob(
+        1, "Ulysses sequence parallelism: ranks form groups of this many, each group scores one micro-batch split "
+        "along the sequence (attention on all positions for a slice of the heads); 1 = off (docs/sequence_parallel.md)")
     weights_forward: str | None = knob(
         None, "TIS-DPO token weights (`midpo weights`): two contrastive models scored on the same data. "
         "HF folder of the forward DPO model (trained on chosen > rejected)")
@@ -302,6 +305,10 @@ class RefConfig:
     weights_min: float = knob(
         0.7, "TIS-DPO token weights: rank-based mapping of per-token scores into [weights_min, weights_max]")
     weights_max: float = knob(1.3, "TIS-DPO token weights: upper end of that mapping (see weights_min)")
+
+    def __post_init__(self) -> None:
+        if self.sequence_parallel < 1:
+            raise ConfigError(f"ref.sequence_parallel must be >= 1, got {self.sequence_parallel}")
 
 
 @dataclass
@@ -325,6 +332,10 @@ class TrainConfig:
     schedule: str = knob("cosine", "cosine | linear | constant")
     max_grad_norm: float = knob(1.0, "gradient clipping (global norm)")
     packing: bool = knob(True, "packed (padding-free) or padded micro-batches")
+    sequence_parallel: int = knob(
+        1, "Ulysses sequence parallelism: ranks form groups of this many (consecutive ranks), each group trains on "
+        "one micro-batch split along the sequence (attention on all positions for a slice of the heads, by "
+        "all-to-all); data parallel and ZeRO across groups; 1 = off (docs/sequence_parallel.md)")
     share_prompt: bool = knob(
         False, "One row per pair, prompt + chosen + rejected: the prompt is computed once for both responses "
         "(saves P of 2P+C+R tokens per pair); a dense 4-D mask, so sdpa/eager only. Takes precedence over "
@@ -376,6 +387,8 @@ class TrainConfig:
             raise ConfigError("train.log_every must be >= 1")
         if self.head_chunk_tokens < 1:
             raise ConfigError(f"train.head_chunk_tokens must be >= 1, got {self.head_chunk_tokens}")
+        if self.sequence_parallel < 1:
+            raise ConfigError(f"train.sequence_parallel must be >= 1, got {self.sequence_parallel}")
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise ConfigError(f"train.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if self.profile_steps:

@@ -6,6 +6,8 @@
 #   MIDPO_PYTHON    the interpreter of the project's environment (default: $MIDPO_REPO/.venv/bin/python when
 #                   it exists, else python3 on PATH). Nothing is installed inside a job.
 #   MIDPO_SRUN_ARGS extra srun flags for the stage's step (e.g. "--cpu-bind=none"), word-split
+#   MIDPO_SP        sequence parallelism for ref.sbatch / train.sbatch: tasks per Ulysses group (default 1 = off);
+#                   becomes ref.sequence_parallel / train.sequence_parallel (an override on the command line wins)
 #
 # Per-task values (SLURM_PROCID, SLURM_LOCALID) are never expanded here: every task reads its own in
 # midpo.runtime.dist.init_distributed(). Only job-wide values (MASTER_ADDR, MASTER_PORT) are set by the batch shell.
@@ -78,6 +80,22 @@ else:
     # shellcheck disable=SC2086  # MIDPO_SRUN_ARGS is a list of flags
     answer=$(srun --ntasks=1 --nodes=1 ${MIDPO_SRUN_ARGS:-} "$MIDPO_PYTHON" -c "$code" "$@") || answer=unknown
     [ "$answer" = synth ]
+}
+
+# midpo_sp_override KEY: prints KEY=$MIDPO_SP when MIDPO_SP > 1 (nothing otherwise). The group size must divide the
+# job's tasks; groups are consecutive ranks, so a size dividing the tasks per node keeps every all-to-all inside a
+# node (NVLink) -- across nodes it runs, slower, with a warning.
+midpo_sp_override() {
+    local key=$1 k=${MIDPO_SP:-1} tasks=${SLURM_NTASKS:-1} per_node=${SLURM_NTASKS_PER_NODE:-}
+    per_node=${per_node%%(*}
+    [[ "$k" =~ ^[1-9][0-9]*$ ]] || midpo_die "MIDPO_SP=$k: a positive integer (tasks per sequence-parallel group)"
+    [ "$k" -gt 1 ] || return 0
+    [ $((tasks % k)) -eq 0 ] || midpo_die "MIDPO_SP=$k does not divide the job's $tasks tasks"
+    if [ -n "$per_node" ] && [ $((per_node % k)) -ne 0 ]; then
+        echo "midpo ${MIDPO_STAGE:-slurm}: warning: MIDPO_SP=$k does not divide $per_node tasks per node: some" \
+            "sequence-parallel groups span nodes (all-to-all over the network every layer)" >&2
+    fi
+    echo "$key=$k"
 }
 
 midpo_done() {

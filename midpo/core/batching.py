@@ -154,8 +154,27 @@ class PairBatch:
                             | ((part[:, None, :] == 0) & (part[:, :, None] != 3)))  # (B, T, T)
         return _mask_form(allowed & self._within(window), dtype)  # (B, 1, T, T)
 
+    @property
+    def causal_rows(self) -> bool:
+        """Every row holds one sequence from column 0 (then padding): its mask is plain causal (padding keys come
+        after every real query). Packed rows holding one sequence each, or the padded layout."""
+        if self.layout == "padded":
+            return True
+        return self.layout == "packed" and self.seq_lens.numel() == self.input_ids.shape[0]
+
+    def dense_mask(self, dtype: torch.dtype = torch.bool, window: int | None = None) -> torch.Tensor:
+        """(R, 1, T, T) 4-D mask of any layout: packed and shared as above; padded: causal and the key a real token
+        (what transformers derives from the 2-D mask). Sequence parallelism passes it whole to attention."""
+        if self.layout == "packed":
+            return self.block_causal_mask(dtype, window)
+        if self.layout == "shared":
+            return self.shared_prompt_mask(dtype, window)
+        T = self.input_ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.input_ids.device).tril()
+        return _mask_form(causal & self.token_mask[:, None, :] & self._within(window), dtype)
+
     def model_inputs(self, attn_implementation: str | None = "sdpa", dtype: torch.dtype = torch.float32,
-                     windows: dict[str, int | None] | None = None) -> dict:
+                     windows: dict[str, int | None] | None = None, dense: bool = False) -> dict:
         """Keyword arguments for a transformers decoder forward with the right mask for this layout.
 
         packed + flash_attention_2*: position_ids only (transformers derives cu_seqlens from them);
@@ -163,9 +182,21 @@ class PairBatch:
         shared: its 4-D mask (bool for sdpa, additive for eager); flash-attn cannot express it.
         windows: layer type -> sliding window (None: full attention), see `core.logprobs.attention_windows`.
         transformers uses a given 4-D mask as it is, so the windows are built into it here; with several layer
-        types (Gemma 2's alternating layers) the mask is a dict of one mask per type, as the models take it."""
+        types (Gemma 2's alternating layers) the mask is a dict of one mask per type, as the models take it.
+        dense: a 4-D mask in every layout, padded included (sequence parallelism: core.seqpar), or none when every
+        row is one causal sequence without a sliding window (`causal_rows`: no T x T mask in memory; the attention
+        is then causal over the whole row, runtime.seqpar); not for flash-attn."""
         kw = {"input_ids": self.input_ids, "position_ids": self.position_ids}
-        if self.layout == "padded":
+        if dense:
+            if attn_implementation and "flash" in attn_implementation:
+                raise ValueError("sequence parallelism here passes a dense 4-D mask to attention, which flash-attn "
+                                 "cannot take: use attn_implementation sdpa or eager")
+            if self.causal_rows and not any((windows or {}).values()):
+                return kw  # plain causal attention: no T x T mask at all (attention_mask None = causal)
+            form = dtype if attn_implementation == "eager" else torch.bool
+            masks = {kind: self.dense_mask(form, window=w) for kind, w in (windows or {"full_attention": None}).items()}
+            kw["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
+        elif self.layout == "padded":
             kw["attention_mask"] = self.attention_mask
         elif attn_implementation and "flash" in attn_implementation:
             if self.layout == "shared":

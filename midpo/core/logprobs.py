@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from midpo.core.batching import PairBatch
 from midpo.core.router import load_balancing_loss
+from midpo.core.seqpar import SeqShard, gather_in_order, owners, shard_inputs, spans
 
 
 @dataclass
@@ -281,6 +282,8 @@ def response_logps(
     return_flat_logits: bool = False,
     return_topk: int = 0,
     router_aux: bool = False,
+    shard: SeqShard | None = None,
+    head_calls: int = 0,
 ) -> ResponseLogps:
     """Forward ``batch`` through a transformers causal LM and return per-token response log-probs.
 
@@ -304,21 +307,39 @@ def response_logps(
     stays at one chunk x V instead of N x V.
     router_aux (mixture-of-experts models: ``config.num_experts_per_tok``): also ``router_aux``, the routers'
     load-balancing loss over every real token of the forward (prompts included, padding not).
+    shard (sequence parallelism, core.seqpar; the model's attention must be the all-to-all wrapper,
+    runtime.seqpar.install): this rank runs its columns of the rows, scores the response tokens whose predicting
+    position it holds, in ``head_calls`` output-head calls (the same count on every rank, some maybe empty), and
+    the values of the whole group are gathered; the log-probs alone (no logits, hidden states, top-k, router loss).
     Pass the bare HF module (under DeepSpeed, ``engine.module``): ZeRO-3 gathers through module hooks.
     """
     if return_topk and (return_logits or return_flat_logits):
         raise ValueError("return_topk makes the top-k without keeping logits; with return_logits use topk_logprobs")
+    if shard is not None and (return_logits or return_flat_logits or return_hidden or return_topk or router_aux):
+        raise ValueError("sequence parallelism returns per-token log-probs only (no logits, hidden states, top-k or "
+                         "router loss)")
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     kw = batch.model_inputs(_attn_implementation(model), dtype=head.weight.dtype,
-                            windows=attention_windows(model.config))
+                            windows=attention_windows(model.config), dense=shard is not None)
+    if shard is not None:
+        kw = shard_inputs(kw, shard)
     if router_aux:
         kw["output_router_logits"] = True
     out = decoder(**kw, use_cache=False, output_hidden_states=return_hidden)
-    hid = out.last_hidden_state  # (R, T, H)
-    h = hid.reshape(-1, hid.shape[-1]).index_select(0, batch.logit_index)  # (N, H)
-    targets = batch.input_ids.reshape(-1).index_select(0, batch.target_index)  # (N,)
+    hid = out.last_hidden_state  # (R, T, H); under a shard (R, T / size, H)
+    if shard is None:
+        h = hid.reshape(-1, hid.shape[-1]).index_select(0, batch.logit_index)  # (N, H)
+        targets = batch.input_ids.reshape(-1).index_select(0, batch.target_index)  # (N,)
+        cuts = [(s, min(s + chunk_size, h.shape[0])) for s in range(0, h.shape[0], chunk_size)]
+    else:
+        owner, local = owners(batch.logit_index, batch.input_ids.shape[1], shard.size)
+        mine = (owner == shard.rank).nonzero()[:, 0]  # ascending: this rank's response tokens
+        h = hid.reshape(-1, hid.shape[-1]).index_select(0, local[mine])  # (n, H)
+        # targets from the WHOLE row: shifted before the split, so a shard's last position has its target
+        targets = batch.input_ids.reshape(-1).index_select(0, batch.target_index[mine])  # (n,)
+        cuts = spans(h.shape[0], head_calls or -(-h.shape[0] // chunk_size))
 
     grad = torch.is_grad_enabled() and h.requires_grad
     parts = []
@@ -348,14 +369,17 @@ def response_logps(
     else:
         # One chunk: checkpointing would free its logits between forward and backward only to recompute
         # them, with the same peak (backward needs the chunk's logits either way): skip the head recompute.
-        single = h.shape[0] <= chunk_size
-        for s in range(0, h.shape[0], chunk_size):
-            hc, tc = h[s : s + chunk_size], targets[s : s + chunk_size]
+        single = len(cuts) <= 1
+        for s, e in cuts:
+            hc, tc = h[s:e], targets[s:e]
             if grad and not single:
                 parts.append(checkpoint(_chunk_logps, head, softcap, hc, tc, use_reentrant=False))
             else:
                 parts.append(_chunk_logps(head, softcap, hc, tc))
-    res = ResponseLogps.from_flat(torch.cat(parts), batch)
+    flat = torch.cat(parts) if parts else h.new_zeros(0, dtype=_fdtype(h))
+    if shard is not None:
+        flat = gather_in_order(flat, owner, shard)  # (N,) in target order, the whole group's
+    res = ResponseLogps.from_flat(flat, batch)
 
     if return_topk:
         res.topk_values, res.topk_ids, res.tail_logmass = (torch.cat(x) for x in zip(*tops))

@@ -22,14 +22,19 @@ Memory model (P parameters, N data-parallel ranks, w bytes per compute element: 
   all of them.
 - the MI-DPO prior network: its own parameters' states under its own ZeRO stage, and its activations over
   `[BOS] + response` (or prompt + response when conditioned).
+- sequence parallelism (k = `sequence_parallel` ranks per micro-batch, runtime.seqpar): each rank stores its
+  1/k of the positions (activations, eager's scores for h/k heads over the whole row, its response positions
+  through the head: all / k), plus, for rows of several sequences (packed, shared), the row's whole bool 4-D
+  mask (rows x T^2 bytes; a row of one causal sequence needs none); ZeRO still shards over every rank.
 - peak = max(backward: states + activations + head + buckets, optimizer step: states + fp32 gradients);
   the device needs peak x (1 + ALLOCATOR_HEADROOM) + CUDA_CONTEXT_GIB.
 
 Step time: a fixed overhead per micro-step (MICRO_STEP_OVERHEAD_S + LAYER_LAUNCH_S per layer), plus model FLOPs as `core.flops.train_flops` counts them (recompute under checkpointing adds one forward
 of the body, 4/3 of the work), at `efficiency` x the device's peak, plus the collectives per ZeRO stage
 (ring all-reduce moves 2 (N-1)/N of the buffer, reduce-scatter and all-gather (N-1)/N each) over the
-interconnect. Overlap: with overlap_comm the collectives hide behind compute up to the compute time (only
-the excess is added); without it they add in full. Offloaded optimizer: the host Adam (HOST_ADAM_PARAMS_PER_S)
+interconnect; under sequence parallelism each rank computes 1/k of its group's micro-batch and adds the
+all-to-alls around attention in full (`sp_all_to_all_bytes`). Overlap: with overlap_comm the collectives hide
+behind compute up to the compute time (only the excess is added); without it they add in full. Offloaded optimizer: the host Adam (HOST_ADAM_PARAMS_PER_S)
 and the PCIe copies (PCIE_GBPS) add in full.
 """
 
@@ -176,6 +181,7 @@ class Settings:
     prior_conditioned: bool = False
     prior_chunk_tokens: int = 1024
     token_budget: int = 0  # train.micro_batch_tokens: micro-batches cut to this many tokens (micro x accum pairs)
+    sequence_parallel: int = 1  # train.sequence_parallel: ranks per micro-batch (data parallel = world / this)
     full_logits: bool = False  # the policy's head runs once over all response positions, logits kept (TDPO,
     # SparsePO, MI-DPO's marginal objective: core.logprobs.response_logps return_logits/return_flat_logits)
     cuda: bool = True
@@ -183,6 +189,22 @@ class Settings:
     @property
     def row_tokens(self) -> int | None:
         return None if "flash" in self.attn else DENSE_MASK_ROW_TOKENS
+
+    @property
+    def data_parallel(self) -> int:
+        return max(1, self.world // self.sequence_parallel)
+
+
+def sp_all_to_all_bytes(shape: ModelShape, s: Settings, batch: Batch) -> float:
+    """Bytes one rank sends per micro-step in the all-to-alls around attention (sequence parallelism): q, k, v to
+    heads and the output back, (k-1)/k of its 1/k of the stored tokens each, per layer; forward, backward (the
+    same exchanges of the gradients) and the recompute's forward under checkpointing."""
+    k = s.sequence_parallel
+    if k <= 1:
+        return 0.0
+    per_token = (2 * shape.hidden + 2 * shape.kv_dim) * s.dtype_bytes
+    passes = 3 if s.checkpointing else 2
+    return shape.layers * passes * batch.stored_tokens / k * (k - 1) / k * per_token
 
 
 def activation_bytes_per_token(shape: ModelShape, w: int, attn: str) -> float:
@@ -256,18 +278,23 @@ def memory(shape: ModelShape, s: Settings, batch: Batch) -> MemoryPlan:
     t.update({f"policy_{k}": v for k, v in st.items()})
     per_tok = activation_bytes_per_token(shape, w, s.attn)
     stream = w * shape.hidden  # the residual stream: each layer's input (checkpointing keeps only these)
+    k = max(1, s.sequence_parallel)
+    stored = batch.stored_tokens / k  # sequence parallelism: this rank's columns of the rows
     if s.checkpointing:
-        act = batch.stored_tokens * (L * stream + per_tok)
+        act = stored * (L * stream + per_tok)
     else:
-        act = batch.stored_tokens * (L * per_tok + 2 * stream)
-    if s.attn == "eager":  # scores and probabilities per head, T^2 per row
-        act += batch.rows * shape.heads * batch.row_len ** 2 * 2 * w * (1 if s.checkpointing else L)
+        act = stored * (L * per_tok + 2 * stream)
+    if s.attn == "eager":  # scores and probabilities per head, T^2 per row (SP: h/k heads, the whole row)
+        act += batch.rows * shape.heads / k * batch.row_len ** 2 * 2 * w * (1 if s.checkpointing else L)
     t["activations"] = act
-    chunk = min(batch.response_tokens, s.head_chunk_tokens) if batch.response_tokens > s.head_chunk_tokens \
-        else batch.response_tokens
+    one_sequence_rows = s.layout == "padded" or (s.layout == "packed" and batch.rows == 2 * batch.pairs)
+    if k > 1 and not one_sequence_rows:  # rows of several sequences: their whole bool mask on every rank
+        t["sp_attention_mask"] = float(batch.rows * batch.row_len ** 2)
+    resp = -(-batch.response_tokens // k)
+    chunk = min(resp, s.head_chunk_tokens)
     t["head_logits"] = chunk * shape.vocab * (w + (4 if w != 4 else 0) + 4 + 4)  # fp32 copy only from bf16
     if s.full_logits:
-        t["head_logits"] += batch.response_tokens * shape.vocab * w
+        t["head_logits"] += resp * shape.vocab * w
     if s.zero_stage == 3:
         t["buckets"] = w * (s.prefetch_bucket + s.reduce_bucket)
     elif s.zero_stage == 2:
@@ -329,8 +356,10 @@ def step_time(shape: ModelShape, s: Settings, batches: list[Batch], hw: Hardware
     """Seconds of one optimizer step over this rank's `batches` (its micro-batches; see the module docstring for
     the assumptions)."""
     body, head = shape.flop_params()
-    f = work = 0.0
+    f = work = a2a = 0.0
+    k = max(1, s.sequence_parallel)
     for b in batches:
+        a2a += sp_all_to_all_bytes(shape, s, b)
         fb = train_flops(body, head, shape.layers, shape.hidden, b.real_tokens, b.response_tokens,
                          b.attention_context)
         f += fb
@@ -340,7 +369,7 @@ def step_time(shape: ModelShape, s: Settings, batches: list[Batch], hw: Hardware
             pb, ph = shape.flop_params(k)
             work += train_flops(pb, ph, k, shape.hidden, b.prior_tokens, b.response_tokens, 0.0)
     steps = len(batches)
-    compute = work / (hw.peak_tflops * 1e12 * hw.efficiency)
+    compute = work / k / (hw.peak_tflops * 1e12 * hw.efficiency)  # SP: a rank computes 1/k of its group's work
     comm = comm_bytes_per_step(shape.params(), replace(s, grad_accum=steps)) / hw.bandwidth
     exposed = max(0.0, comm - compute) if s.overlap_comm else comm
     offload = 0.0
@@ -351,11 +380,13 @@ def step_time(shape: ModelShape, s: Settings, batches: list[Batch], hw: Hardware
         offload = shard / HOST_ADAM_PARAMS_PER_S + (2 * shard + 2 * steps * shape.params()) \
             * s.dtype_bytes / (PCIE_GBPS * 1e9)
     overhead = steps * (MICRO_STEP_OVERHEAD_S + LAYER_LAUNCH_S * shape.layers)
-    total = compute + exposed + offload + overhead
-    pairs = sum(b.pairs for b in batches) * s.world
+    sp_comm = a2a / hw.bandwidth  # on the critical path: attention waits for it
+    total = compute + exposed + offload + overhead + sp_comm
+    pairs = sum(b.pairs for b in batches) * s.data_parallel
     return {"step_s": total, "compute_s": compute, "comm_s": comm, "comm_exposed_s": exposed,
+            "sp_all_to_all_s": sp_comm,
             "offload_s": offload, "overhead_s": overhead, "micro_steps": float(steps),
-            "model_flops_per_step": f * s.world, "pairs_per_s": pairs / total if total else float("inf")}
+            "model_flops_per_step": f * s.data_parallel, "pairs_per_s": pairs / total if total else float("inf")}
 
 
 @dataclass
@@ -368,7 +399,7 @@ class Plan:
 
     def to_json(self) -> dict:
         keys = ("zero_stage", "offload_optimizer", "micro", "grad_accum", "token_budget", "layout", "checkpointing",
-                "world")
+                "world", "sequence_parallel")
         return {"settings": {k: getattr(self.settings, k) for k in keys}, "fits": self.fits,
                 **self.memory.to_json(), "time": {k: round(v, 4) for k, v in self.time.items()},
                 "notes": self.notes}
@@ -398,7 +429,7 @@ def evaluate(shape: ModelShape, s: Settings, lengths: list[tuple[int, int, int]]
     mem = memory(shape, s, widest([b for st in steps for b in st]))
     times = [step_time(shape, s, st, hw) for st in steps]
     tm = {k: sum(t[k] for t in times) / len(times) for k in times[0]}
-    tm["pairs_per_s"] = s.micro * s.grad_accum * s.world / tm["step_s"]
+    tm["pairs_per_s"] = s.micro * s.grad_accum * s.data_parallel / tm["step_s"]
     return Plan(s, mem, tm, mem.needed_gib <= hw.gpu_mem_gib)
 
 
@@ -412,9 +443,10 @@ def search(shape: ModelShape, base: Settings, lengths: list[tuple[int, int, int]
     budget: the largest of BUDGETS that fits) whose micro x accumulation x world equals `global_batch`, fitting
     ones first, fastest first."""
     world = hw.world
-    per_rank, rem = divmod(global_batch, world)
+    dp = max(1, world // base.sequence_parallel)  # SP groups share a micro-batch
+    per_rank, rem = divmod(global_batch, dp)
     if rem or per_rank < 1:
-        raise ValueError(f"global batch {global_batch} is not a multiple of {world} devices")
+        raise ValueError(f"global batch {global_batch} is not a multiple of {dp} data-parallel ranks")
     sample = lengths[:SEARCH_PAIRS]
     micros = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
     plans = []

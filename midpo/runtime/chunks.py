@@ -113,6 +113,9 @@ class StageSpec:
     # rank 0, after each chunk it published to the work folder (argument: chunks written so far in this run):
     # the seam tests use to stop a run at a known point (tests/support/faults.py)
     on_chunk: Callable[[int], None] | None = None
+    # sequence parallelism (runtime.seqpar.SeqGroups): rows go to SP groups, every rank of a group scores the same
+    # micro-batches (its columns of them) and the group's first rank hands the records in
+    seq_groups: object | None = None
 
 
 def _chunk_path(work: Path, split: str, c: int, n: int) -> Path:
@@ -188,6 +191,8 @@ def run_split(spec: StageSpec, split: str, data) -> dict:
     from tqdm import tqdm
 
     rank, world = pdist.rank(), pdist.world_size()
+    sp = spec.seq_groups
+    dp_world, dp_rank = (world, rank) if sp is None else (sp.dp_size, sp.dp_rank)
     work = spec.out_dir / WORK_DIR
     n_rows = len(data)
     chunks = chunk_ranges(n_rows, spec.rows_per_shard)
@@ -207,8 +212,8 @@ def run_split(spec: StageSpec, split: str, data) -> dict:
     written = 0
     for c in pending:
         start, end = chunks[c]
-        parts = assign_to_ranks(costs[start:end], world)
-        mine = [start + i for i in parts[rank]]
+        parts = assign_to_ranks(costs[start:end], dp_world)
+        mine = [start + i for i in parts[dp_rank]]
         batches = plan_micro_batches(mine, costs, spec.micro_batch_tokens, spec.packing)
         n_steps = pdist.all_max(len(batches))  # every rank runs n_steps forwards: no collective can hang
         dummy = [data[start]]
@@ -227,8 +232,8 @@ def run_split(spec: StageSpec, split: str, data) -> dict:
                     bar.update(n_tok)
                     shown += n_tok
             else:
-                spec.score(dummy)  # padding work: same forward, result dropped
-        gathered = pdist.gather_objects(records)
+                spec.score(dummy)  # padding work: same forward, result dropped (a whole SP group pads together)
+        gathered = pdist.gather_objects(records if sp is None or sp.rank == 0 else [])  # a group's rows once
         if rank == 0:
             allrec = sorted((r for part in gathered for r in part), key=lambda r: r["_row"])
             if [r["_row"] for r in allrec] != list(range(start, end)):

@@ -134,9 +134,12 @@ class PolicyLogps(torch.nn.Module):
     around exactly the log-prob code the reference stage uses. Checkpoint keys gain a `model.` prefix."""
 
     def __init__(self, model: torch.nn.Module, prior: torch.nn.Module | None = None,
-                 head_chunk_tokens: int = HEAD_CHUNK_TOKENS, peft_model=None, router_aux: bool = False):
+                 head_chunk_tokens: int = HEAD_CHUNK_TOKENS, peft_model=None, router_aux: bool = False,
+                 seq_groups=None):
         super().__init__()
         self.model = model
+        # sequence parallelism (runtime.seqpar.SeqGroups, its attention installed on `model`): this rank's columns
+        object.__setattr__(self, "seq_groups", seq_groups)
         self.head_chunk_tokens = int(head_chunk_tokens)
         self.router_aux = bool(router_aux)  # a MoE policy's forward also returns its routers' load-balancing loss
         # LoRA (runtime.lora): PEFT's wrapper of `model`, kept outside the module tree (its parameters are
@@ -158,6 +161,15 @@ class PolicyLogps(torch.nn.Module):
         Also the online reference's forward (`OnlineReference`): the same chunk equalization serves both."""
         from midpo.core.logprobs import response_logps
 
+        if self.seq_groups is not None:
+            from midpo.core.seqpar import local_count
+
+            shard = self.seq_groups.shard
+            n_local = local_count(batch.logit_index, batch.input_ids.shape[1], shard)
+            calls = max(1, math.ceil(pdist.all_max(n_local) / self.head_chunk_tokens))  # same on every rank
+            out = response_logps(self.model, batch, return_logits=return_logits, return_hidden=return_hidden,
+                                 return_flat_logits=return_flat_logits, shard=shard, head_calls=calls)
+            return tuple(getattr(out, f.name) for f in dataclasses.fields(out))
         n_local = int(batch.target_index.numel())
         chunk = equal_chunk_size(n_local, pdist.all_max(n_local), self.head_chunk_tokens)
         out = response_logps(self.model, batch, return_logits=return_logits, return_hidden=return_hidden,
@@ -244,14 +256,16 @@ class AdapterReference:
 
 
 def build_reference_engine(model: torch.nn.Module, ds_config: dict, *, return_logits: bool = False,
-                           return_hidden: bool = False, head_chunk_tokens: int = HEAD_CHUNK_TOKENS) -> OnlineReference:
+                           return_hidden: bool = False, head_chunk_tokens: int = HEAD_CHUNK_TOKENS,
+                           seq_groups=None) -> OnlineReference:
     """COLLECTIVE (deepspeed.initialize): `model` (frozen, eval) on a ZeRO-3 inference engine whose config
     is the policy's resolved one without the optimizer."""
     import deepspeed
 
     model.requires_grad_(False)
     model.eval()
-    engine, _, _, _ = deepspeed.initialize(model=PolicyLogps(model, head_chunk_tokens=head_chunk_tokens),
+    engine, _, _, _ = deepspeed.initialize(model=PolicyLogps(model, head_chunk_tokens=head_chunk_tokens,
+                                                             seq_groups=seq_groups),
                                            config=inference_ds_config(ds_config))
     engine.eval()
     return OnlineReference(engine, return_logits=return_logits, return_hidden=return_hidden)

@@ -102,7 +102,7 @@ def settings_from(cfg: Config, ds: dict, *, world: int, attn: str, dtype: str, c
         overlap_comm=bool(zo.get("overlap_comm", False)),
         prior_layers=cfg.prior_net.num_layers if prior else -1, prior_zero_stage=cfg.prior_net.zero_stage,
         prior_conditioned=cfg.prior_net.condition_on_prompt, prior_chunk_tokens=cfg.prior_net.chunk_size,
-        full_logits=full_logits, cuda=cuda)
+        full_logits=full_logits, sequence_parallel=tc.sequence_parallel, cuda=cuda)
 
 
 def plan_inputs(cfg: Config, model_config: Any = None) -> dict[str, Any]:

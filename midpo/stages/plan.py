@@ -51,7 +51,7 @@ def make_plan(cfg, hw: P.Hardware, *, attn: str | None = None, model_config: Any
     ds = ds_template(cfg.train.ds_config, cuda=True)
     base = settings_from(cfg, ds, world=hw.world, attn=attn, dtype=dtype, cuda=True, hidden=shape.hidden)
     written = P.evaluate(shape, base, lengths, hw)
-    gb = global_batch or base.micro * base.grad_accum * hw.world
+    gb = global_batch or base.micro * base.grad_accum * base.data_parallel
     layouts = ("packed", "padded") if "flash" in attn else ("packed", "padded", "shared")
     if base.layout not in layouts:
         layouts = (*layouts, base.layout)

@@ -63,15 +63,26 @@ log = logging.getLogger(__name__)
 # scoring one micro-batch (the forward shared with the trainer)
 
 
-def score_reference_rows(model, rows: list[dict], *, packing: bool, pad_id: int, topk: int = 0) -> list[dict]:
-    """Per-row reference columns for one micro-batch of pairs (the trainer's forward, no grad)."""
+def score_reference_rows(model, rows: list[dict], *, packing: bool, pad_id: int, topk: int = 0,
+                         seq_groups=None) -> list[dict]:
+    """Per-row reference columns for one micro-batch of pairs (the trainer's forward, no grad). seq_groups
+    (runtime.seqpar, its attention installed on `model`): every rank of the group passes the same rows and gets the
+    same records (each scores its columns; the values are gathered)."""
     from midpo.core.batching import collate_pairs, row_tokens_for
     from midpo.core.logprobs import response_logps, split_flat
 
+    k = 1 if seq_groups is None else seq_groups.size
     batch = collate_pairs(rows, layout="packed" if packing else "padded", pad_id=pad_id,
-                          max_row_tokens=row_tokens_for(model)).to(_model_device(model))
+                          max_row_tokens=row_tokens_for(model), pad_to_multiple=k).to(_model_device(model))
     with torch.no_grad():
-        out = response_logps(model, batch, return_topk=topk)  # top-k chunk by chunk: never (N, V) logits
+        if seq_groups is not None:
+            from midpo.core.seqpar import local_count
+
+            n = local_count(batch.logit_index, batch.input_ids.shape[1], seq_groups.shard)
+            calls = max(1, -(-pdist.all_max(n) // SP_HEAD_CHUNK))  # the same on every rank (ZeRO-3 head gathers)
+            out = response_logps(model, batch, shard=seq_groups.shard, head_calls=calls)
+        else:
+            out = response_logps(model, batch, return_topk=topk)  # top-k chunk by chunk: never (N, V) logits
         tk = {}
         if topk > 0:
             per_side = zip(*(split_flat(x, batch) for x in (out.topk_values, out.topk_ids, out.tail_logmass)))
@@ -95,6 +106,9 @@ def score_reference_rows(model, rows: list[dict], *, packing: bool, pad_id: int,
                 rec[f"{side}_ref_tail_logmass"] = tail[i, :n]
         result.append(rec)
     return result
+
+
+SP_HEAD_CHUNK = 1024  # response positions per output-head call under sequence parallelism
 
 
 def _model_device(model) -> torch.device:
@@ -181,15 +195,29 @@ def main(cfg: Config, splits: list[str] | None = None, force: bool = False,
             raise StageError(f"{data_dir}: no train/ or eval/ split; run `midpo prep` first")
         plan = reference_plan(cfg, data_dir, model_path)
         check_positions(data_dir, splits, model_path)
+        k = cfg.ref.sequence_parallel
+        if k > 1 and cfg.ref.topk > 0:
+            raise StageError(f"ref.sequence_parallel={k} with ref.topk={cfg.ref.topk}: the top-k slice needs each "
+                             "position's full-vocab logits on one rank; set ref.topk=0 or ref.sequence_parallel=1")
+        if pdist.world_size() % k:
+            raise StageError(f"ref.sequence_parallel={k} must divide the number of processes ({pdist.world_size()})")
+        from midpo.runtime.seqpar import install, setup_groups
+
+        seq_groups = setup_groups(k)  # COLLECTIVE; None when k is 1
         model = load_reference(model_path, cfg)
+        if seq_groups is not None:
+            try:
+                install(model, seq_groups)
+            except ValueError as e:
+                raise StageError(str(e)) from None
         pad_id = pad_id_of(model)
         schema = pa.schema(list(REF_SCHEMA) + (list(TOPK_SCHEMA) if cfg.ref.topk > 0 else []))
         spec = StageSpec(
             name="ref", out_dir=ref_dir, schema=schema, plan=plan,
             score=lambda rows: score_reference_rows(model, rows, packing=cfg.ref.packing, pad_id=pad_id,
-                                                    topk=cfg.ref.topk),
+                                                    topk=cfg.ref.topk, seq_groups=seq_groups),
             packing=cfg.ref.packing, micro_batch_tokens=cfg.ref.micro_batch_tokens,
-            rows_per_shard=cfg.ref.rows_per_shard, on_chunk=on_chunk,
+            rows_per_shard=cfg.ref.rows_per_shard, on_chunk=on_chunk, seq_groups=seq_groups,
         )
         if pdist.is_main():
             save_config(cfg, ref_dir / "config.yaml")

@@ -18,7 +18,8 @@ from midpo.runtime.files import check_replaceable
 
 
 def global_batch(cfg: Config, world: int) -> int:
-    return cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    """Pairs per optimizer step: micro x accum x data-parallel ranks (processes / train.sequence_parallel)."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * (world // cfg.train.sequence_parallel)
 
 
 def resume_differences(saved: Config, saved_state: dict, cfg: Config, world: int, inputs: dict,

@@ -9,7 +9,8 @@ Step anatomy (every rank, same order, same number of collectives), per micro-bat
   [prior network forward: log zeta, and its objective on update steps] -> prior -> generalized loss (fp32) ->
   ONE all-ranks vote on the finiteness of both losses -> [prior backward] -> policy backward;
 then at the boundary the policy's optimizer step (or a skipped step when any micro-step was not finite on any
-rank), then the prior's (or its skip). Pairs stay whole on one rank; chosen and rejected share one forward.
+rank), then the prior's (or its skip). Pairs stay whole on one rank (on one SP group under sequence parallelism:
+runtime.seqpar); chosen and rejected share one forward.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Objective:
     reference: object | None = None  # runtime.engine.OnlineReference, or None: the cache in MicroBatch.ref
     prior_net: object | None = None  # train.prior_engine.PriorNetwork (loss.prior=learned)
     router_aux_coef: float = 0.0  # weight of a MoE policy's load-balancing loss (train.router_aux_loss_coef)
+    seq_groups: object | None = None  # runtime.seqpar.SeqGroups: sequence parallelism (its group, the DP view)
     terms: tuple = field(init=False)  # core.losses.Term per link
     reward_mean: RewardMean | None = field(init=False)  # bco_pair without its own delta
 
@@ -104,6 +106,15 @@ class Objective:
     def metric_names(self) -> list[str]:
         """The loss's metrics (TRL's names, then loss/<link> of a combination, loss/sft, bco/delta)."""
         return loss_metric_names(self.terms, sft_weight=self.loss.sft_weight)
+
+    @property
+    def sp_size(self) -> int:
+        return 1 if self.seq_groups is None else self.seq_groups.size
+
+    def data_parallel(self) -> tuple[int, int]:
+        """(size, rank) of the data-parallel view: SP groups, or every rank."""
+        sp = self.seq_groups
+        return (pdist.world_size(), pdist.rank()) if sp is None else (sp.dp_size, sp.dp_rank)
 
     def state_dict(self) -> dict:
         """The links' state for trainer_state.json ({} without any)."""
@@ -201,7 +212,10 @@ def train_step(policy, obj: Objective, micro_batches: Iterable[MicroBatch], step
                                             train=True)
         loss, metrics = policy_loss(obj, pol, out)
         if global_pairs:  # token budget: this micro-batch's share of the global batch, not a mean over it
+            # (world = data-parallel size x SP size: the SP factor below is included)
             loss = loss * (out.losses.numel() * world / global_pairs)
+        elif obj.sp_size > 1:  # an SP group's k ranks share one micro-batch and each holds its loss: their gradients
+            loss = loss * obj.sp_size  # sum to the batch's, DeepSpeed averages over all k x DP ranks
         for cb in callbacks:
             loss = cb.on_micro_loss(step, k, loss)
         ok, prior_ok = pdist.all_ranks_true_each([
@@ -218,7 +232,8 @@ def train_step(policy, obj: Objective, micro_batches: Iterable[MicroBatch], step
             continue
         policy.backward(loss)
         losses.append(metrics)
-        res.count(mb.batch)
+        if obj.seq_groups is None or obj.seq_groups.rank == 0:  # a group's micro-batch counts once
+            res.count(mb.batch)
     if bad:
         policy.skip()
         res.skipped = True
@@ -262,7 +277,7 @@ def evaluate(policy, obj: Objective, split, micro: int, collate) -> dict[str, fl
     sums = MetricSums()
     policy.eval()
     with torch.no_grad():
-        for idx, real in eval_plan(len(split), micro, pdist.world_size(), pdist.rank()):
+        for idx, real in eval_plan(len(split), micro, *obj.data_parallel()):
             mb = make_micro_batch(split, idx, collate, pdist.device(), real)
             _, out, _ = forward_loss(policy, obj, mb)
             if real:

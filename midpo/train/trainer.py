@@ -103,6 +103,7 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.train
         rank, world = pdist.rank(), pdist.world_size()
         self.layout = layout = claim_run_on_all_ranks(cfg, needs=("policy", "reference", "tokenizer"))
+        self.seq_groups = sequence_groups(tc.sequence_parallel, world)  # COLLECTIVE; None without SP
         random.seed(tc.seed + rank)
         np.random.seed(tc.seed + rank)
         torch.manual_seed(tc.seed)  # same on every rank: identical dropout masks do not matter, identical init does
@@ -123,6 +124,8 @@ class Trainer:
         link_terms(cfg.loss)  # the links and their hyperparameters, refused here rather than after the engines
         check_needs(prior, available_inputs(self.train_split, online)
                     | ({"prior_network"} if prior.needs.prior_network else set()))
+        if self.seq_groups is not None:
+            check_sequence_parallel(cfg, prior, online)
 
         budget = {}
         if tc.micro_batch_tokens:
@@ -133,8 +136,11 @@ class Trainer:
 
             budget = {"token_budget": tc.micro_batch_tokens, "lengths": split_lengths(self.train_split.data),
                       "layout": "shared" if tc.share_prompt else "packed" if tc.packing else "padded"}
+        # data parallel over SP groups: every rank of a group reads the group's rows (sampler rank = group index)
+        dp_world, dp_rank = (world, rank) if self.seq_groups is None else (self.seq_groups.dp_size,
+                                                                           self.seq_groups.dp_rank)
         self.sampler = PairSampler(len(self.train_split), micro_batch_size=tc.micro_batch_size,
-                                   grad_accum=tc.grad_accum, world_size=world, rank=rank, seed=tc.seed, **budget)
+                                   grad_accum=tc.grad_accum, world_size=dp_world, rank=dp_rank, seed=tc.seed, **budget)
         self.total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * self.sampler.steps_per_epoch
         if self.total_steps <= 0:
             raise TrainError("no optimizer steps to run: set train.max_steps or train.epochs")
@@ -154,7 +160,8 @@ class Trainer:
                              "(flash-attn's packed layout is padding-free already)")
         self.data_layout = data_layout
         self.collate = functools.partial(collate_pairs, layout=data_layout, pad_id=self.pad_id,
-                                         max_row_tokens=None if "flash" in attn else DENSE_MASK_ROW_TOKENS)
+                                         max_row_tokens=None if "flash" in attn else DENSE_MASK_ROW_TOKENS,
+                                         pad_to_multiple=tc.sequence_parallel)  # rows split evenly over an SP group
 
         self.logs = layout.logs
         self.metrics_file, self.rows_file = self.logs / "train_metrics.jsonl", self.logs / "consumed_rows.jsonl"
@@ -230,13 +237,17 @@ class Trainer:
             peft_model = apply_lora(model, cfg.model.lora)
         if tc.compile:  # resolve_ds_config refused ZeRO-3 already
             compile_decoder(model)
+        install_sp(model, self.seq_groups)
         self.flop_params = flop_params(model)  # MFU's numerator: the head runs on response positions only
         self.frozen_flop_params = frozen_flop_params(model)  # LoRA's base: no weight-gradient matmuls
         has_params = any(p.requires_grad for p in prior.parameters())
         router_coef = router_aux_coef(tc.router_aux_loss_coef, self.hf_config)
+        if router_coef and self.seq_groups is not None:
+            raise TrainError(f"train.sequence_parallel={tc.sequence_parallel} with a MoE policy's router loss (a loss "
+                             "over every token of the row): set train.router_aux_loss_coef=0 or sequence_parallel=1")
         self.policy = Engine.build(
             PolicyLogps(model, prior if has_params else None, head_chunk_tokens=tc.head_chunk_tokens,
-                        peft_model=peft_model, router_aux=router_coef > 0), ds_config,
+                        peft_model=peft_model, router_aux=router_coef > 0, seq_groups=self.seq_groups), ds_config,
             lr_scheduler=lambda opt: make_scheduler(opt, self.total_steps, tc.warmup_ratio, tc.schedule))
         self.pad_id = pad_id_of(model)
         reference = prior_net = None
@@ -251,10 +262,11 @@ class Trainer:
             log.info("online reference: the policy's base with its LoRA adapters disabled (logits %s, hidden states "
                      "%s)", reference.return_logits, reference.return_hidden)
         elif tc.online_reference:  # the frozen reference on its own ZeRO-3 inference engine (policy config - optimizer)
-            reference = build_reference_engine(load_model(layout.reference, cfg.model, device=pdist.device()),
-                                               ds_config, return_logits=prior.needs.ref_full_vocab,
+            ref_model = load_model(layout.reference, cfg.model, device=pdist.device())
+            install_sp(ref_model, self.seq_groups)
+            reference = build_reference_engine(ref_model, ds_config, return_logits=prior.needs.ref_full_vocab,
                                                return_hidden=prior.needs.ref_hidden_states,
-                                               head_chunk_tokens=tc.head_chunk_tokens)
+                                               head_chunk_tokens=tc.head_chunk_tokens, seq_groups=self.seq_groups)
             log.info("online reference: %s on a ZeRO-3 inference engine (logits %s, hidden states %s)",
                      layout.reference, reference.return_logits, reference.return_hidden)
         if prior.needs.prior_network:  # MI-DPO proper: the prior network on its own engine
@@ -263,7 +275,8 @@ class Trainer:
             init = layout.reference if cfg.prior_net.init == "reference" else Path(cfg.prior_net.init)
             prior_net = build_prior_network(cfg, init_path=init, policy_config=self.hf_config,
                                             world_size=pdist.world_size(), pad_id=self.pad_id, beta=prior.beta)
-        self.obj = Objective(prior, cfg.loss, reference=reference, prior_net=prior_net, router_aux_coef=router_coef)
+        self.obj = Objective(prior, cfg.loss, reference=reference, prior_net=prior_net, router_aux_coef=router_coef,
+                             seq_groups=self.seq_groups)
 
     def _predict_memory(self) -> None:
         """midpo plan's peak memory per device for this run, logged beside the measured one at the first steps."""
@@ -521,6 +534,7 @@ class Trainer:
         them) to logs/consumed_rows.jsonl. Collective."""
         per_rank = pdist.gather_objects(ids)
         if pdist.is_main():
+            per_rank = per_rank[:: self.cfg.train.sequence_parallel]  # one rank per SP group (consecutive ranks)
             ordered = [i for k in range(len(per_rank[0])) for r in per_rank for i in r[k]]
             with open(self.rows_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.state.step, "skipped": skipped, "ids": ordered}) + "\n")
@@ -607,6 +621,46 @@ def available_inputs(split, online_reference: bool = False) -> set[str]:
     if {"chosen_ref_topk_logps", "rejected_ref_topk_logps"} <= set(split.cache_columns):
         a |= {"ref_topk", "policy_full_vocab"}  # the trainer asks the policy forward for logits then
     return a
+
+
+def sequence_groups(size: int, world: int):
+    """COLLECTIVE: the SP groups of train.sequence_parallel (runtime.seqpar), or None when it is 1."""
+    from midpo.runtime.seqpar import setup_groups
+
+    if world % size:
+        raise TrainError(f"train.sequence_parallel={size} must divide the number of processes ({world})")
+    return setup_groups(size)
+
+
+def check_sequence_parallel(cfg: Config, prior, online: bool) -> None:
+    """What sequence parallelism does not serve, refused before any engine: its forward returns per-token log-probs
+    only (the head runs on each rank's own positions), so no full-vocab logits or hidden states (TDPO, SparsePO,
+    the top-k cache's KL), no MI-DPO prior network (its own forward on whole rows), no MoE router loss, no compile."""
+    tc, k = cfg.train, cfg.train.sequence_parallel
+    needs = prior.needs
+    why = None
+    if needs.prior_network:
+        why = "loss.prior=learned (MI-DPO's prior network runs its own forward on whole rows)"
+    elif needs.policy_full_vocab or (online and (needs.ref_full_vocab or needs.ref_hidden_states)):
+        why = f"loss.prior={prior.name} (it reads full-vocab logits or hidden states; SP returns per-token log-probs)"
+    elif tc.router_aux_loss_coef:
+        why = "train.router_aux_loss_coef (a MoE router loss over every token of the row)"
+    elif tc.compile:
+        why = "train.compile (the all-to-all around attention is not traced)"
+    if why:
+        raise TrainError(f"train.sequence_parallel={k} does not support {why}: set train.sequence_parallel=1")
+
+
+def install_sp(model, seq_groups) -> None:
+    """The all-to-all attention of runtime.seqpar on `model` (nothing without SP); a refusal as a TrainError."""
+    if seq_groups is None:
+        return
+    from midpo.runtime.seqpar import install
+
+    try:
+        install(model, seq_groups)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 def check_data(train_split, eval_split, hf_config, policy: Path) -> None:

@@ -119,3 +119,26 @@ def test_token_budget_bounds_the_widest_micro_batch_on_long_tails():
     assert budget.memory.peak < fixed.memory.peak
     assert budget.time["micro_steps"] > 1 == fixed.time["micro_steps"]
     assert budget.time["pairs_per_s"] * budget.time["step_s"] == pytest.approx(16)
+
+
+def test_sequence_parallel_divides_activations_and_adds_its_all_to_all():
+    """k=2: activations (and eager's per-head scores) halve, a shared row's bool mask is added whole, a rank computes
+    half its group's work and sends q, k, v and the output through the all-to-all: each coded here separately."""
+    lengths = [(1000, 1500, 1400)] * 2
+    b = plan.micro_batch(lengths, "padded", None)
+    for attn in ("sdpa", "eager"):
+        one = Settings(world=2, micro=2, layout="padded", attn=attn, dtype_bytes=2)
+        two = Settings(world=2, micro=2, layout="padded", attn=attn, dtype_bytes=2, sequence_parallel=2)
+        m1, m2 = plan.memory(TINYLLAMA, one, b), plan.memory(TINYLLAMA, two, b)
+        assert m2.terms["activations"] == pytest.approx(m1.terms["activations"] / 2)
+        assert "sp_attention_mask" not in m1.terms and "sp_attention_mask" not in m2.terms  # padded: causal rows
+        assert m2.terms["policy_weights"] == m1.terms["policy_weights"]  # ZeRO shards over every rank either way
+    shared = plan.micro_batch(lengths, "shared", None)
+    m3 = plan.memory(TINYLLAMA, Settings(world=2, micro=2, layout="shared", sequence_parallel=2), shared)
+    assert m3.terms["sp_attention_mask"] == shared.rows * shared.row_len ** 2  # one bool mask per row
+    hw = Hardware(gpus_per_node=2)
+    t1, t2 = plan.step_time(TINYLLAMA, one, [b], hw), plan.step_time(TINYLLAMA, two, [b], hw)
+    assert t2["compute_s"] == pytest.approx(t1["compute_s"] / 2)
+    want = TINYLLAMA.layers * 2 * (b.stored_tokens / 2) * 0.5 * (2 * 2048 + 2 * 256) * 2  # fwd + bwd, bf16
+    assert t2["sp_all_to_all_s"] == pytest.approx(want / hw.bandwidth) and t1["sp_all_to_all_s"] == 0
+    assert t2["pairs_per_s"] == pytest.approx(2 / t2["step_s"])  # one data-parallel group of 2 pairs

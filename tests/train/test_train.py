@@ -11,6 +11,10 @@ Acceptance, with tolerances stated:
 - a checkpoint of the 2-process run resumed by 1 process (universal checkpoint): losses and weights within 1e-5 of
   the uninterrupted 1-process run, the same rows; a crafted checkpoint file is refused by export and resume; a
   finished run relaunched does nothing, with a changed config is refused, and with --force starts over.
+- sequence parallelism (train.sequence_parallel=2): on 2 processes the per-token log-probs, gradients and the
+  `midpo ref` cache equal one process's (tests/support/sp_check.py), and 6 training steps equal the 1-process run
+  (losses and exported weights within 1e-5, grad norms within 1e-5 relative, the same rows); on 4 processes
+  (k=2 x DP 2) they equal the 2-process ZeRO-3 run.
 The runs share one module-scoped fixture (the 6-step straight runs) to keep the file under a few minutes.
 """
 
@@ -383,3 +387,71 @@ def test_finished_run_relaunch_changed_config_and_force(base):
     assert [r["step"] for r in read_jsonl(run / "logs" / "train_metrics.jsonl")] == [1, 2]
     assert json.loads((run / "export" / OUTPUT_MARKER).read_text())["step"] == 2
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence parallelism (issue 19): k=2 on 2 processes == 1 process; k=2 x DP 2 on 4 processes == DP 2 (ZeRO-3)
+
+SP_FORWARD_ATOL = 1e-6  # per-token log-probs: the same fp32 ops on the same positions (measured 0.0 on CPU)
+SP_GRAD_RTOL = 1e-6  # gradients: the group's sum vs one process, relative to the largest gradient entry
+
+
+@pytest.fixture(scope="module")
+def sequence_parallel(base) -> dict:
+    """ONE 2-process launch (tests/support/sp_check.py: forward and `midpo ref` checks, then the 6 training steps
+    of the 1-process run at train.sequence_parallel=2, i.e. data-parallel size 1 and the same accumulation, with
+    activation checkpointing, whose recompute re-runs attention's all-to-alls inside backward) and ONE
+    4-process run at k=2 x DP 2 (the 2-process run's settings). No intermediate eval/checkpoint: losses and the
+    exported weights are what is compared."""
+    import subprocess
+    import sys
+
+    from train_helpers import REPO
+
+    quick = ("train.eval_every=0", "train.save_every=0")
+    two, run2 = _fresh_run(base, "sp2")
+    out = base["root"] / "sp_check"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "support" / "sp_check.py"), str(out), str(two), "train.sequence_parallel=2", *quick,
+           "model.gradient_checkpointing=true"]  # the recompute re-runs the all-to-alls in backward
+    proc = subprocess.run(cmd, env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    four, run4 = _fresh_run(base, "sp4", grad_accum=1)
+    run_train(four, 4, "train.sequence_parallel=2", *quick)
+    return {"result": json.loads((out / "result.json").read_text()), "run2": run2, "run4": run4}
+
+
+def test_sequence_parallel_forward_and_cache_equal_one_process(sequence_parallel):
+    res = sequence_parallel["result"]
+    for case, r in res["forward"].items():  # sdpa / eager x packed / padded / shared, with a 600-token pair
+        assert r["masks_equal"], case
+        assert r["chosen"] <= SP_FORWARD_ATOL and r["rejected"] <= SP_FORWARD_ATOL, (case, r)
+        assert r["grad"] <= SP_GRAD_RTOL * r["grad_scale"], (case, r)
+        assert r["longest_sequence"] > 512 and min(r["tokens_per_rank"]) > 0, (case, r)  # past a packed row
+    assert all(res["forward"][f"{a}/packed"]["straddling_sequences"] >= 1 for a in ("sdpa", "eager"))
+    assert res["ref"]["world_size"] == 2
+    for split in ("train", "eval"):  # `midpo ref` at k=2 == the plain forward, the long pair included
+        assert res["ref"][split]["max_abs_diff"] <= 1e-5, res["ref"]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """Losses (1e-5), gradient norms (1e-5 relative), the rows of every step, exported weights (1e-5)."""
+    ma, mb = (read_jsonl(r / "logs" / "train_metrics.jsonl") for r in (a, b))
+    assert len(ma) == len(mb) == 6
+    np.testing.assert_allclose([m["loss"] for m in mb], [m["loss"] for m in ma], atol=LOSS_ATOL_DIST, rtol=0)
+    np.testing.assert_allclose([m["grad_norm"] for m in mb], [m["grad_norm"] for m in ma], rtol=1e-5)
+    assert [r["ids"] for r in read_jsonl(a / "logs" / "consumed_rows.jsonl")] == \
+        [r["ids"] for r in read_jsonl(b / "logs" / "consumed_rows.jsonl")]
+    wa, wb = export_weights(a / "export"), export_weights(b / "export")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+
+
+def test_sequence_parallel_two_processes_match_one(base, sequence_parallel):
+    _assert_same_run(base["run1"], sequence_parallel["run2"])
+
+
+def test_sequence_parallel_with_data_parallel_matches_zero3_data_parallel(base, sequence_parallel):
+    _assert_same_run(base["run2"], sequence_parallel["run4"])
