@@ -346,7 +346,8 @@ class TrainConfig:
     compile: bool = knob(
         False, "torch.compile the policy's decoder stack (Inductor; fused norms/activations/rotary around the "
         "GEMMs). ZeRO stage <= 2 only (ZeRO-3's per-module gather hooks do not trace). The first steps pay the "
-        "compile (~20-60 s on CPU: one graph per grad mode, one more when the sequence length first changes).")
+        "compile (~20-60 s on CPU: one graph per grad mode, one more when the sequence length first changes). Not "
+        "turned on by `auto` (docs/plan.md: every launch pays that, for a per-step gain that varies run to run).")
     eval_every: int = knob(0, "evaluate every N steps; 0 = only at the end")
     save_every: int = knob(0, "checkpoint every N steps; 0 = only at the end")
     keep_last: int = knob(2, "checkpoints kept (older ones are removed once a new one is complete)")
