@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from midpo.core.plan import ModelShape, Settings, memory, rank_steps, widest
 
-
 # Of the device's free memory, the share `auto` leaves unplanned: nobody reviews its choice before the run, and the
 # plan's calibration errs by up to -8% on CPU (-2% on the H100) at its known configurations (docs/plan.md). A
 # setting planned within this margin is still what `midpo plan` calls fitting; auto takes the next stage instead.
