@@ -1,10 +1,14 @@
-"""Training throughput: midpo (`midpo.stages.train`, ZeRO-3, cached reference) vs TRL's DPOTrainer.
+"""Training throughput: midpo (`midpo.stages.train`, cached reference) vs TRL's DPOTrainer.
 
 Not a test; prints a table. Same Llama (hidden 256, 4 layers, 8 heads, 4 kv heads, vocab 2048), same
 data (512 sorting pairs, ~120 tokens per sequence), micro-batch 8, same step count, same threads.
 
     pip install trl==1.16.0              # bench-only extra, never a runtime dependency
-    PYTHONPATH=. python bench/train_bench.py [--steps 24] [--threads 2] [--skip-trl]
+    PYTHONPATH=. python bench/train_bench.py [--steps 24] [--threads 2] [--skip-trl] [--rows default]
+
+The first midpo row is the default recipe with nothing set by hand (train.ds_config / train.layout `auto`,
+model.dtype and attention auto): issue #18's goal is that row >= 2x TRL's default and >= 1.3x TRL with
+precompute_ref_log_probs, in pairs/s, in the same invocation. The other rows pin a ZeRO stage and layout.
 
 midpo numbers come from its own logs (<run>/logs/train_metrics.jsonl: pairs/s, tokens/s, MFU against a
 measured fp32 GEMM peak), averaged over steps after the first `--warmup` ones; world size 1 uses
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT = "midpo default recipe (no flags: auto)"
 sys.path.insert(0, str(REPO))
 VOCAB, BOS, EOS, PAD = 2048, 1, 2, 0
 N_PAIRS, MICRO = 512, 8
@@ -117,16 +122,20 @@ def env(threads: int) -> dict:
 def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, layout: str, warmup: int,
               ds_config: str = "zero3_cpu_fp32", compile: bool = False, peaks: dict[int, float] | None = None,
               attn: str = "sdpa") -> dict:
-    """layout: packed | padded | shared (train.share_prompt: the prompt once per pair); compile: train.compile."""
+    """layout: packed | padded | shared (train.layout; shared: the prompt once per pair); compile: train.compile.
+    layout and ds_config "auto", attn "auto": the keys are left out of the recipe (the shipped defaults: what `auto`
+    picks is read back from the run's config.yaml)."""
     run = fresh_run(root, f"midpo_w{world}_{layout}_{ds_config}{'_compiled' if compile else ''}_{attn}")
     recipe = run / "recipe.yaml"
     per_proc = threads if world == 1 else max(1, threads // world)
+    model_keys = "" if attn == "auto" else f"  dtype: fp32\n  attn_implementation: {attn}\n"
     recipe.write_text(
-        f"run_dir: {run}\nmodel:\n  policy: {model}\n  dtype: fp32\n  attn_implementation: {attn}\n"
+        f"run_dir: {run}\nmodel:\n  policy: {model}\n{model_keys}"
         f"loss:\n  prior: dpo\n  beta: 0.1\ntrain:\n  micro_batch_size: {MICRO}\n  grad_accum: 1\n"
-        f"  max_steps: {steps}\n  lr: 1.0e-4\n  packing: {str(layout == 'packed').lower()}\n"
-        f"  share_prompt: {str(layout == 'shared').lower()}\n  export_at_end: false\n"
-        f"  ds_config: {ds_config}\n  keep_last: 1\n  compile: {str(compile).lower()}\n"
+        f"  max_steps: {steps}\n  lr: 1.0e-4\n  export_at_end: false\n  keep_last: 1\n"
+        + ("" if layout == "auto" else f"  layout: {layout}\n")
+        + ("" if ds_config == "auto" else f"  ds_config: {ds_config}\n")
+        + (f"  compile: {str(compile).lower()}\n" if compile else "")
         # one measured peak per thread count for every run: MFU comparable across runs
         + (f"  peak_flops: {peaks[per_proc]:.6g}\n" if peaks else ""))
     launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -137,7 +146,12 @@ def run_midpo(root: Path, model: Path, steps: int, world: int, threads: int, lay
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])
     rows = [json.loads(x) for x in (run / "logs" / "train_metrics.jsonl").read_text().splitlines()][warmup:]
-    return {**step_rates(rows, MICRO * world), "wall_s": time.perf_counter() - t0, "threads_per_rank": per_proc}
+    import yaml
+
+    chosen = yaml.safe_load((run / "config.yaml").read_text())
+    return {**step_rates(rows, MICRO * world), "wall_s": time.perf_counter() - t0, "threads_per_rank": per_proc,
+            "ds_config": chosen["train"]["ds_config"], "layout": chosen["train"]["layout"],
+            "auto": {k: v["reason"] for k, v in (chosen.get("auto") or {}).items()}}
 
 
 def step_rates(rows: list[dict], global_batch: int) -> dict:
@@ -204,6 +218,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="first steps excluded from the averages (midpo and TRL)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--rows", choices=("all", "default"), default="all",
+                    help="default: only the shipped-default midpo run (no flags), the hand-tuned best (shared, stage 0, "
+                    "compile) and TRL default / precompute (the issue #18 goal) -- a shorter invocation")
     ap.add_argument("--root", default=None)
     a = ap.parse_args()
 
@@ -228,7 +245,7 @@ def main() -> None:
 
     peaks = measure_peaks()  # handed to every midpo run (train.peak_flops): one denominator for all rows
     results = {}
-    # ZeRO-3 (the multi-device default), ZeRO-2 and stage 0 (the one-device picks: ZeRO-3 partitions nothing on
+    # ZeRO-3 (what auto picks when the model does not fit otherwise), ZeRO-2 and stage 0 (the one-device picks: ZeRO-3 partitions nothing on
     # one process and still pays its per-parameter gathers; ZeRO-2 still copies every gradient into its flat
     # buffer, stage 0 keeps them in .grad and all-reduces them); padded = the CPU recipes' layout (sdpa's 4-D packing
     # mask has no fast CPU kernel), packed for reference, shared = train.share_prompt (the prompt computed once
@@ -237,21 +254,26 @@ def main() -> None:
     # steps, which every average here drops (--warmup).
     # compiled + eager attention: Inductor then fuses the attention's mask and softmax itself, instead of
     # calling sdpa's CPU flash kernel (head_dim 32 here).
-    for world, layout, ds, comp, attn in (
+    # the default recipe: nothing set by hand (train.ds_config / train.layout auto, model.dtype / attention auto)
+    results[DEFAULT] = run_midpo(root, model, a.steps, 1, a.threads, "auto", a.warmup, "auto", False, peaks, "auto")
+    print(f"{DEFAULT}: auto chose ds_config {results[DEFAULT]['ds_config']}, layout {results[DEFAULT]['layout']} "
+          f"({'; '.join(results[DEFAULT]['auto'].values())})", flush=True)
+    configs = (((1, "shared", "zero0_cpu_fp32", True, "sdpa"),) if a.rows == "default" else (
             (1, "packed", "zero3_cpu_fp32", False, "sdpa"), (1, "padded", "zero3_cpu_fp32", False, "sdpa"),
             (1, "padded", "zero2_cpu_fp32", False, "sdpa"), (1, "shared", "zero2_cpu_fp32", False, "sdpa"),
             (1, "shared", "zero2_cpu_fp32", True, "sdpa"), (1, "shared", "zero0_cpu_fp32", False, "sdpa"),
             (1, "shared", "zero0_cpu_fp32", True, "sdpa"), (1, "shared", "zero0_cpu_fp32", True, "eager"),
             (2, "padded", "zero3_cpu_fp32", False, "sdpa"), (2, "padded", "zero2_cpu_fp32", False, "sdpa"),
             (2, "shared", "zero2_cpu_fp32", False, "sdpa"), (2, "shared", "zero2_cpu_fp32", True, "sdpa"),
-            (2, "shared", "zero0_cpu_fp32", True, "sdpa")):
+            (2, "shared", "zero0_cpu_fp32", True, "sdpa")))
+    for world, layout, ds, comp, attn in configs:
         name = f"midpo world={world} {layout} {ds.split('_')[0]}{' compiled' if comp else ''}"
         results[name + (f" attn={attn}" if attn != "sdpa" else "")] = run_midpo(
             root, model, a.steps, world, a.threads, layout, a.warmup, ds, comp, peaks, attn)
     if not a.skip_trl:
         # The goals are against TRL's default and precompute runs; TRL with its own torch_compile=True (the
         # Trainer compiles the whole model) is printed beside them so that compile's share of the gap is visible.
-        for pre, comp in ((False, False), (True, False), (True, True)):
+        for pre, comp in ((False, False), (True, False)) + (((True, True),) if a.rows == "all" else ()):
             results[f"TRL DPOTrainer precompute_ref={pre}{' torch_compile' if comp else ''}"] = run_trl(
                 root, model, rows, a.steps, a.threads, pre, a.warmup, comp)
 
@@ -276,10 +298,11 @@ def main() -> None:
         print(f"{k:52s} {v['pairs_per_s']:8.1f} {v['median_pairs_per_s']:7.1f} {v['pairs_per_s'] * pair_tok:7.0f} {fwd:>9s} {mfu:>5s} {pad:>5s}")
     if not a.skip_trl:
         best = max((k for k in results if k.startswith("midpo")), key=lambda k: results[k]["pairs_per_s"])
-        for pre, goal in ((False, 2.0), (True, 1.3)):
-            trl = results[f"TRL DPOTrainer precompute_ref={pre}"]["pairs_per_s"]
-            print(f"{best} / TRL precompute_ref={pre}: {results[best]['pairs_per_s'] / trl:.2f}x in pairs/s and "
-                  f"tokens/s (goal >= {goal}x)")
+        for row in dict.fromkeys((DEFAULT, best)):
+            for pre, goal in ((False, 2.0), (True, 1.3)):
+                trl = results[f"TRL DPOTrainer precompute_ref={pre}"]["pairs_per_s"]
+                print(f"{row} / TRL precompute_ref={pre}: {results[row]['pairs_per_s'] / trl:.2f}x in pairs/s and "
+                      f"tokens/s (goal >= {goal}x{' for the default recipe' if row == DEFAULT else ''})")
         print(f"{best}: MFU {results[best]['mfu']:.0%} of the measured fp32 GEMM peak (goal >= 50%)")
     print(json.dumps(results, indent=1))
 

@@ -316,7 +316,12 @@ class TrainConfig:
     """Stage 3 (`midpo train`)."""
 
     ds_config: str = knob(
-        "auto", "a file in ds_configs/ or a path; auto = zero3_bf16 on CUDA, zero3_cpu_fp32 on CPU")
+        "auto", "a file in ds_configs/ or a path; auto = chosen at start by `midpo plan`'s memory model: the cheapest "
+        "ZeRO stage whose predicted peak fits the device's free memory (CUDA: torch.cuda.mem_get_info; CPU: the "
+        "host's available memory / processes on the node), tried in the order stage 0, ZeRO-2, ZeRO-3, ZeRO-3 + "
+        "optimizer/parameter offload (bf16 on CUDA only), from the shipped files of the model's dtype "
+        "(zero*_bf16 / zero3_offload, zero*_cpu_fp32); the choice and its reason are logged and recorded in "
+        "<run_dir>/config.yaml (a resume must resolve to the same, docs/plan.md)")
     micro_batch_size: int = knob(8, "pairs per micro-batch per rank")
     grad_accum: int = knob(1, "micro-batches per optimizer step (global batch = micro x accum x processes)")
     micro_batch_tokens: int = knob(
@@ -331,19 +336,29 @@ class TrainConfig:
     warmup_ratio: float = knob(0.1, "fraction of the steps with linear lr warmup")
     schedule: str = knob("cosine", "cosine | linear | constant")
     max_grad_norm: float = knob(1.0, "gradient clipping (global norm)")
-    packing: bool = knob(True, "packed (padding-free) or padded micro-batches")
+    layout: str = knob(
+        "auto", "how a micro-batch's pairs are laid out: packed (padding-free rows; flash-attn's varlen kernel, "
+        "else a 4-D block mask) | padded (one row per sequence, a 2-D padding mask) | shared (one row per pair, "
+        "prompt + chosen + rejected: the prompt computed once, P of 2P+C+R tokens saved; a dense 4-D mask, so "
+        "sdpa/eager only) | auto: packed under flash-attn, shared under sdpa/eager, padded for a remote-code model "
+        "(midpo cannot tell that its attention takes a 4-D mask); the choice and its reason are logged and "
+        "recorded in <run_dir>/config.yaml. train.packing / train.share_prompt, when set, choose it as before "
+        "(a contradiction is refused)")
+    packing: bool | None = knob(
+        None, "older spelling of train.layout: true = packed, false = padded (with share_prompt unset or false); "
+        "unset = train.layout decides")
+    share_prompt: bool | None = knob(
+        None, "older spelling of train.layout=shared (true); takes precedence over `packing`; false with packing "
+        "unset = packed, as it was; unset = train.layout decides")
     sequence_parallel: int = knob(
         1, "Ulysses sequence parallelism: ranks form groups of this many (consecutive ranks), each group trains on "
         "one micro-batch split along the sequence (attention on all positions for a slice of the heads, by "
         "all-to-all); data parallel and ZeRO across groups; 1 = off (docs/sequence_parallel.md)")
-    share_prompt: bool = knob(
-        False, "One row per pair, prompt + chosen + rejected: the prompt is computed once for both responses "
-        "(saves P of 2P+C+R tokens per pair); a dense 4-D mask, so sdpa/eager only. Takes precedence over "
-        "`packing`.")
     compile: bool = knob(
         False, "torch.compile the policy's decoder stack (Inductor; fused norms/activations/rotary around the "
         "GEMMs). ZeRO stage <= 2 only (ZeRO-3's per-module gather hooks do not trace). The first steps pay the "
-        "compile (~20-60 s on CPU: one graph per grad mode, one more when the sequence length first changes).")
+        "compile (~20-60 s on CPU: one graph per grad mode, one more when the sequence length first changes). Not "
+        "turned on by `auto` (docs/plan.md: every launch pays that, for a per-step gain that varies run to run).")
     eval_every: int = knob(0, "evaluate every N steps; 0 = only at the end")
     save_every: int = knob(0, "checkpoint every N steps; 0 = only at the end")
     keep_last: int = knob(2, "checkpoints kept (older ones are removed once a new one is complete)")
@@ -379,6 +394,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        self.layout = resolve_layout_spelling(self.layout, self.packing, self.share_prompt)
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
         if self.micro_batch_tokens < 0:
@@ -399,6 +415,24 @@ class TrainConfig:
 
 
 REPORT_TO = ("tensorboard", "jsonl", "wandb", "mlflow")
+TRAIN_LAYOUTS = ("auto", "packed", "padded", "shared")
+
+
+def resolve_layout_spelling(layout: str, packing: bool | None, share_prompt: bool | None) -> str:
+    """train.layout as the recipe states it: the older booleans, when either is set, name a layout as they always
+    did (share_prompt first, then packing, whose old default was true); train.layout must then be auto or the same
+    one. Returns the layout (auto when nothing is stated)."""
+    if layout not in TRAIN_LAYOUTS:
+        raise ConfigError(f"train.layout must be one of {', '.join(TRAIN_LAYOUTS)}, got {layout!r}")
+    if packing is None and share_prompt is None:
+        return layout
+    legacy = "shared" if share_prompt else "padded" if packing is False else "packed"
+    if layout not in ("auto", legacy):
+        said = ", ".join(f"train.{k}={str(v).lower()}" for k, v in (("packing", packing), ("share_prompt", share_prompt))
+                         if v is not None)
+        raise ConfigError(f"train.layout={layout} contradicts {said} (which means layout {legacy}): set only "
+                          f"train.layout (the older booleans are kept for existing recipes)")
+    return legacy
 
 
 @dataclass
@@ -602,6 +636,8 @@ RESUME_MUTABLE: dict[str, str] = {
     "train.head_chunk_tokens": "how many response positions go through the output head at once: memory against "
                                "speed, the same math (rounding aside)",
     "train.profile_steps": "a profiler window: observes the steps, changes none",
+    "train.packing": "an older spelling of train.layout, which is compared itself",
+    "train.share_prompt": "an older spelling of train.layout, which is compared itself",
     "model.gradient_checkpointing": "recomputes activations instead of keeping them: memory for time, same math",
     "data.num_proc": "stage 1 worker processes; training checks the data by fingerprint",
     "data.shard_rows": "stage 1 file layout; training checks the data by fingerprint",
@@ -840,8 +876,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 # Sections midpo writes into a run's config.yaml beside the settings: derived records, never settings
-# (`layout`: the run's resolved paths, midpo.runtime.layout). load_config skips them.
-RECORD_SECTIONS = ("layout",)
+# (`layout`: the run's resolved paths, midpo.runtime.layout; `auto`: what train.layout / train.ds_config `auto` chose
+# and why, midpo.runtime.planning.resolve_auto: the settings hold the chosen values). load_config skips them.
+RECORD_SECTIONS = ("layout", "auto")
 
 
 def dump_config(cfg: Config, records: dict | None = None) -> str:

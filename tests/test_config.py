@@ -137,3 +137,20 @@ def test_rendered_overrides_rebuild_the_config():
     assert len(lines) == len({line.split("=", 1)[0] for line in lines})  # one line per key
     assert "train.lr=0.0003" in lines
     assert load_config(None, lines) == cfg
+
+
+def test_train_layout_and_its_older_booleans():
+    """train.layout (auto | packed | padded | shared); train.packing / train.share_prompt, when set, pick a layout as
+    they did before it existed (share_prompt first); a contradiction is refused naming both."""
+    assert load_config(None, []).train.layout == "auto"
+    cases = {("train.packing=false",): "padded", ("train.packing=true",): "packed",
+             ("train.share_prompt=false",): "packed", ("train.share_prompt=true", "train.packing=true"): "shared",
+             ("train.layout=padded", "train.packing=false"): "padded", ("train.layout=shared",): "shared"}
+    for overrides, layout in cases.items():
+        assert load_config(None, list(overrides)).train.layout == layout, overrides
+    with pytest.raises(ConfigError, match="train.layout=padded contradicts train.packing=true"):
+        load_config(None, ["train.layout=padded", "train.packing=true"])
+    with pytest.raises(ConfigError, match="train.layout=packed contradicts train.share_prompt=true"):
+        load_config(None, ["train.layout=packed", "train.share_prompt=true"])
+    with pytest.raises(ConfigError, match="train.layout must be one of auto, packed, padded, shared"):
+        load_config(None, ["train.layout=flat"])

@@ -201,7 +201,7 @@ class PairBatch:
         elif attn_implementation and "flash" in attn_implementation:
             if self.layout == "shared":
                 raise ValueError("the shared-prompt layout needs a dense 4-D mask, which flash-attn cannot take: "
-                                 "use attn_implementation sdpa, or the packed layout (train.share_prompt=false)")
+                                 "use attn_implementation sdpa, or the packed layout (train.layout=packed)")
         else:
             mask = self.shared_prompt_mask if self.layout == "shared" else self.block_causal_mask
             form = dtype if attn_implementation == "eager" else torch.bool

@@ -6,7 +6,7 @@
 Stages, each skipped when its output's fingerprint already matches (so a re-run resumes):
 synth (when data.inputs is empty) -> prep -> sft (when sft.steps > 0) -> [sample on-policy pairs -> prep
 them, when onpolicy.enabled] -> ref (N processes)
--> train (N processes, DeepSpeed ZeRO-3) -> generation eval of the reference vs the trained policy
+-> train (N processes, DeepSpeed; ZeRO stage and layout chosen by `auto`) -> generation eval of the reference vs the trained policy
 on held-out prompts of the verifiable task -> summary table (and `<run_dir>/summary.json`).
 
 The distributed stages run as their own `midpo ref|train --nproc N` processes (torchrun on this

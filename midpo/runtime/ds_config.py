@@ -24,7 +24,9 @@ MIN_BUCKET = 2 ** 24  # elements (64 MiB of fp32): floor of the "auto" ZeRO-3 bu
 
 
 def ds_config_path(name: str) -> Path:
-    """`auto` = zero3_bf16 on CUDA, zero3_cpu_fp32 on CPU; a bare name is looked up in ds_configs/."""
+    """A bare name is looked up in ds_configs/. `auto` is chosen from the plan by the trainer before it gets here
+    (runtime.planning.resolve_auto); a caller without a plan (a config checked offline) gets ZeRO-3 of the device's
+    default dtype: zero3_bf16 on CUDA, zero3_cpu_fp32 on CPU."""
     if name == "auto":
         name = "zero3_bf16" if torch.cuda.is_available() else "zero3_cpu_fp32"
     p = Path(name)

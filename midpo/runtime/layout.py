@@ -144,11 +144,12 @@ def claim_run(cfg: Config, needs: tuple[str, ...] = ()) -> RunLayout:
     return layout
 
 
-def record_settings(cfg: Config, layout: RunLayout) -> None:
+def record_settings(cfg: Config, layout: RunLayout, records: dict | None = None) -> None:
     """Rewrite <run_dir>/config.yaml's settings with `cfg` (a warning names every changed key; untouched when equal),
-    its layout kept: for a stage that has checked that this config may continue this run (training, after its
-    resume check), so the file never says what did not run."""
-    update_saved_config(cfg, layout.config, {LAYOUT_KEY: layout.to_dict()})
+    its layout kept, `records` (other RECORD_SECTIONS: training's `auto` picks) beside them: for a stage that has
+    checked that this config may continue this run (training, after its resume check), so the file never says what
+    did not run."""
+    update_saved_config(cfg, layout.config, {LAYOUT_KEY: layout.to_dict(), **(records or {})})
 
 
 def claim_run_on_all_ranks(cfg: Config, needs: tuple[str, ...] = ()) -> RunLayout:

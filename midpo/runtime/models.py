@@ -38,7 +38,7 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def _model_class(model_config):
+def model_class(model_config):
     """The causal-LM class of an HF config (None when transformers has none for it: remote code)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -51,7 +51,7 @@ def _model_class(model_config):
 def attention_support(model_config) -> tuple[str, ...]:
     """The attention implementations a model family computes correctly, best first. Attention soft-capping
     (Gemma 2) runs only in eager and flash-attn (HF refuses sdpa for it); a family without sdpa support gets eager."""
-    cls = _model_class(model_config)
+    cls = model_class(model_config)
     flash = cls is None or bool(getattr(cls, "_supports_flash_attn", False))
     sdpa = (cls is None or bool(getattr(cls, "_supports_sdpa", False))) and not getattr(
         model_config, "attn_logit_softcapping", None)

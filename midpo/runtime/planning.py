@@ -4,13 +4,16 @@ start-of-run prediction read them here, so both predict the same run the same wa
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 from midpo.config import DS_CONFIGS_DIR, Config, ConfigError
-from midpo.core.plan import ModelShape, Settings
+from midpo.core.auto import Pick, choose_layout, choose_zero
+from midpo.core.plan import GIB, ModelShape, Settings
 
 MIN_BUCKET = 2 ** 24  # runtime.ds_config's floor of the "auto" bucket sizes (kept equal by a test)
 SAMPLE_PAIRS = 8192  # pairs of the train split the planner lays into micro-batches (shuffled, seeded)
@@ -86,7 +89,9 @@ def settings_from(cfg: Config, ds: dict, *, world: int, attn: str, dtype: str, c
         return float(default if v == "auto" else v)
 
     offload = (zo.get("offload_optimizer") or {}).get("device") not in (None, "none")
-    layout = "shared" if tc.share_prompt else "packed" if tc.packing else "padded"
+    layout = tc.layout
+    if layout == "auto":
+        raise ConfigError("train.layout=auto: resolve it first (resolve_auto)")
     prior = cfg.loss.prior == "learned"
     full_logits = cfg.loss.prior in ("tdpo", "sparsepo") or (prior and cfg.prior_net.objective == "marginal")
     return Settings(
@@ -126,3 +131,77 @@ def predicted_peak(cfg: Config, ds: dict, hf_config: dict, data_dir: Path, *, wo
     s = settings_from(cfg, ds, world=world, attn=attn, dtype=dtype, cuda=cuda, hidden=shape.hidden)
     m = P.memory(shape, s, P.widest([b for step in P.rank_steps(lengths, s) for b in step]))
     return m.peak, m.terms
+
+
+# ---------------------------------------------------------------------------------------------
+# `auto` (train.ds_config, train.layout): chosen from the plan (core.auto), recorded with the reason
+
+def shipped_ds_config(stage: int, offload: bool, dtype: str) -> str | None:
+    """The shipped ds_configs/ file for a ZeRO stage (offload: zero3_offload) in `dtype`; None when none ships."""
+    if offload:
+        return "zero3_offload" if stage == 3 and dtype == "bf16" else None
+    return {"bf16": f"zero{stage}_bf16", "fp32": f"zero{stage}_cpu_fp32"}.get(dtype)
+
+
+def ds_candidates(dtype: str, cuda: bool, compile: bool = False) -> list[str]:
+    """train.ds_config=auto's candidates, cheapest first: stage 0, ZeRO-2, ZeRO-3, then (CUDA, bf16) ZeRO-3 with
+    offload (on CPU the host is the device: offloading saves nothing). train.compile: stage <= 2 only."""
+    options = [(0, False), (2, False)] + ([] if compile else [(3, False)] + ([(3, True)] if cuda else []))
+    names = [shipped_ds_config(st, off, dtype) for st, off in options]
+    if None in names:
+        raise ConfigError(f"train.ds_config=auto: no shipped DeepSpeed config for model.dtype {dtype} "
+                          f"(ds_configs/ holds bf16 and fp32 ones); name one in train.ds_config")
+    return names
+
+
+def device_memory_gib(cuda: bool) -> tuple[float, str]:
+    """Memory this process may use, GiB, and what was read: CUDA, the device's free memory
+    (torch.cuda.mem_get_info); CPU, the host's MemAvailable (/proc/meminfo) / the processes on this node
+    (LOCAL_WORLD_SIZE)."""
+    if cuda:
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return free / GIB, f"free of {total / GIB:.1f} GiB on the device (torch.cuda.mem_get_info)"
+    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        import psutil
+
+        avail = psutil.virtual_memory().available
+    return avail / procs / GIB, f"host memory available per process (MemAvailable / {procs})"
+
+
+def resolve_auto(cfg: Config, shape: ModelShape | None, lengths: list[tuple[int, int, int]], *, world: int,
+                 attn: str, dtype: str, cuda: bool, device_gib: float, memory_source: str = "free",
+                 dense_mask: bool = True) -> tuple[Config, dict[str, dict]]:
+    """`cfg` with train.layout and train.ds_config chosen when they are `auto` (core.auto), and {key: the pick's
+    value, reason and the memory of each candidate}. The layout first: the ZeRO choice is planned for it.
+    `shape` None (a model the plan cannot read): ZeRO-3 of the dtype, the old default, so stated."""
+    tc, picks = cfg.train, {}
+    layout, ds = tc.layout, tc.ds_config
+    if layout == "auto":
+        p = choose_layout(attn, dense_mask)
+        layout, picks["train.layout"] = p.value, p.to_json()
+    if ds == "auto":
+        names = ds_candidates(dtype, cuda, tc.compile)
+        if shape is None:
+            p = Pick(names[-1] if tc.compile else shipped_ds_config(3, False, dtype) or names[-1],
+                     "no memory plan for this model's config (not Llama-shaped): ZeRO-3, the safe default")
+        else:
+            with_layout = dataclasses.replace(cfg, train=dataclasses.replace(tc, layout=layout))
+            cands = [(n, settings_from(with_layout, ds_template(n, cuda), world=world, attn=attn, dtype=dtype,
+                                       cuda=cuda, hidden=shape.hidden)) for n in names]
+            p = choose_zero(shape, cands, lengths, device_gib, memory_source)
+            if tc.compile:
+                p = dataclasses.replace(p, reason=p.reason + " (train.compile: ZeRO-3 not a candidate)")
+        ds, picks["train.ds_config"] = p.value, p.to_json()
+    if not picks:
+        return cfg, picks
+    return dataclasses.replace(cfg, train=dataclasses.replace(tc, layout=layout, ds_config=ds)), picks

@@ -20,7 +20,7 @@ from typing import Any
 
 from midpo.config import load_config
 from midpo.core import plan as P
-from midpo.runtime.planning import ds_template, plan_inputs, settings_from
+from midpo.runtime.planning import ds_template, plan_inputs, resolve_auto, settings_from, shipped_ds_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +48,10 @@ def make_plan(cfg, hw: P.Hardware, *, attn: str | None = None, model_config: Any
     shape, lengths = inp["shape"], inp["lengths"]
     attn = attn or ("flash_attention_2" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation)
     dtype = "bf16" if cfg.model.dtype == "auto" else cfg.model.dtype
+    asked = cfg.train.ds_config
+    # train.layout / train.ds_config `auto`: chosen as the trainer would on these devices (--gpu-mem free each)
+    cfg, picks = resolve_auto(cfg, shape, lengths, world=hw.world, attn=attn, dtype=dtype, cuda=True,
+                              device_gib=hw.gpu_mem_gib, memory_source="--gpu-mem")
     ds = ds_template(cfg.train.ds_config, cuda=True)
     base = settings_from(cfg, ds, world=hw.world, attn=attn, dtype=dtype, cuda=True, hidden=shape.hidden)
     written = P.evaluate(shape, base, lengths, hw)
@@ -58,7 +62,9 @@ def make_plan(cfg, hw: P.Hardware, *, attn: str | None = None, model_config: Any
     found = P.search(shape, base, lengths, hw, gb, layouts)
     notes = [f"model: {inp['shape_source']} ({shape.params() / 1e9:.3f}B parameters)",
              f"lengths: {inp['lengths_source']}",
-             f"attention: {attn}; dtype {dtype}; ds_config {cfg.train.ds_config}",
+             f"attention: {attn}; dtype {dtype}; ds_config {cfg.train.ds_config}"
+             + (" (auto)" if asked == "auto" else "") + f"; layout {cfg.train.layout}",
+             *[f"auto: {k}={p['value']}: {p['reason']}" for k, p in picks.items()],
              "time assumes model FLOPs at --efficiency of --gpu peak; collectives overlap compute under "
              "overlap_comm (only the excess is added); the optimizer offload's host Adam and PCIe copies add in full",
              f"a setting fits when peak x {1 + P.ALLOCATOR_HEADROOM:.2f} + {P.CUDA_CONTEXT_GIB} GiB <= --gpu-mem"]
@@ -67,15 +73,18 @@ def make_plan(cfg, hw: P.Hardware, *, attn: str | None = None, model_config: Any
                          "efficiency": hw.efficiency},
             "global_batch": gb, "notes": notes, "as_written": written.to_json(),
             "best": [p.to_json() for p in found[:top]],
-            "suggested_overrides": overrides_for(found[0], base) if found and found[0].fits else []}
+            "auto": picks,
+            "suggested_overrides": overrides_for(found[0], base, dtype, legacy_layout=cfg.train.packing is not None
+                                                 or cfg.train.share_prompt is not None)
+            if found and found[0].fits else []}
 
 
-def overrides_for(best: P.Plan, base: P.Settings) -> list[str]:
-    """`key=value` overrides that turn the recipe into the best plan's settings."""
+def overrides_for(best: P.Plan, base: P.Settings, dtype: str = "bf16", legacy_layout: bool = False) -> list[str]:
+    """`key=value` overrides that turn the recipe into the best plan's settings (`legacy_layout`: the recipe sets
+    train.packing / train.share_prompt, so the layout is said in those)."""
     s, out = best.settings, []
     if s.zero_stage != base.zero_stage or s.offload_optimizer != base.offload_optimizer:
-        name = {0: "zero0_bf16", 2: "zero2_bf16", 3: "zero3_bf16"}[s.zero_stage]
-        out.append(f"train.ds_config={'zero3_offload' if s.offload_optimizer else name}")
+        out.append(f"train.ds_config={shipped_ds_config(s.zero_stage, s.offload_optimizer, dtype)}")
     if s.token_budget != base.token_budget:
         out.append(f"train.micro_batch_tokens={s.token_budget}")
     if s.micro != base.micro:
@@ -84,10 +93,12 @@ def overrides_for(best: P.Plan, base: P.Settings) -> list[str]:
         out.append(f"train.grad_accum={s.grad_accum}")
     if s.checkpointing != base.checkpointing:
         out.append(f"model.gradient_checkpointing={str(s.checkpointing).lower()}")
-    if s.layout != base.layout:
+    if s.layout != base.layout and legacy_layout:
         if base.layout == "shared":
             out.append("train.share_prompt=false")
         out.append("train.share_prompt=true" if s.layout == "shared" else f"train.packing={str(s.layout == 'packed').lower()}")
+    elif s.layout != base.layout:
+        out.append(f"train.layout={s.layout}")
     return out
 
 

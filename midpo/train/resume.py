@@ -23,14 +23,19 @@ def global_batch(cfg: Config, world: int) -> int:
 
 
 def resume_differences(saved: Config, saved_state: dict, cfg: Config, world: int, inputs: dict,
-                       total_steps: int) -> tuple[list[str], list[str]]:
+                       total_steps: int, auto: dict | None = None) -> tuple[list[str], list[str]]:
     """(refused, accepted): one line per difference between the checkpoint (its config and trainer state) and
     the run about to resume from it. Pure. Refused: a changed key outside RESUME_MUTABLE, another global batch,
-    changed input fingerprints. Accepted: RESUME_MUTABLE keys, another process count, another run length."""
+    changed input fingerprints. Accepted: RESUME_MUTABLE keys, another process count, another run length.
+    `auto`: the keys `auto` chose for this run (runtime.planning.resolve_auto's picks); a refused one says why it
+    was chosen and how to keep the checkpoint's."""
     refused, accepted = [], []
     for key, old, new in config_changes(saved, cfg):
         if key in RESUME_MUTABLE:
             accepted.append(f"{key}: {old!r} -> {new!r} ({RESUME_MUTABLE[key]})")
+        elif key in (auto or {}):
+            refused.append(f"{key}: {old!r} -> {new!r} ({key}=auto chose {new!r} for this launch: "
+                           f"{auto[key]['reason']}; pass {key}={old} to resume with the checkpoint's)")
         else:
             refused.append(f"{key}: {old!r} -> {new!r}")
     saved_world = int(saved_state.get("world_size") or world)
@@ -69,7 +74,8 @@ def resume_differences(saved: Config, saved_state: dict, cfg: Config, world: int
     return refused, accepted
 
 
-def check_resume(ckpt: str | Path, cfg: Config, world: int, inputs: dict, total_steps: int) -> list[str]:
+def check_resume(ckpt: str | Path, cfg: Config, world: int, inputs: dict, total_steps: int,
+                 auto: dict | None = None) -> list[str]:
     """Raise CheckpointError naming every difference a resume from `ckpt` cannot take (resume_differences);
     return the accepted ones (the caller logs them)."""
     ckpt = Path(ckpt)
@@ -79,7 +85,7 @@ def check_resume(ckpt: str | Path, cfg: Config, world: int, inputs: dict, total_
     except Exception as e:
         raise CheckpointError(f"{ckpt}: cannot read its config.yaml / trainer_state.json ({e}); a resume cannot be "
                               "checked against it: start over with `midpo train --force`") from None
-    refused, accepted = resume_differences(saved, state, cfg, world, inputs, total_steps)
+    refused, accepted = resume_differences(saved, state, cfg, world, inputs, total_steps, auto)
     if refused:
         raise CheckpointError(
             f"cannot resume from {ckpt} with this config: it differs from the checkpoint's\n  " + "\n  ".join(refused)

@@ -85,6 +85,7 @@ class Trainer:
         self.cfg, self.force, self.callbacks = cfg, force, tuple(callbacks)
         self.state = RunState()
         self.resumed_step = -1  # the step a resume started from (-1: a fresh start)
+        self.auto_picks: dict = {}  # train.layout / train.ds_config chosen by `auto` (_resolve_auto)
 
     # -----------------------------------------------------------------------------------------
     # setup
@@ -127,6 +128,8 @@ class Trainer:
         if self.seq_groups is not None:
             check_sequence_parallel(cfg, prior, online)
 
+        self.cfg = cfg = self._resolve_auto(cfg)  # before the resume check: it compares the resolved values
+        tc = cfg.train
         budget = {}
         if tc.micro_batch_tokens:
             if prior.needs.prior_network:
@@ -135,7 +138,7 @@ class Trainer:
             from midpo.runtime.planning import split_lengths
 
             budget = {"token_budget": tc.micro_batch_tokens, "lengths": split_lengths(self.train_split.data),
-                      "layout": "shared" if tc.share_prompt else "packed" if tc.packing else "padded"}
+                      "layout": tc.layout}
         # data parallel over SP groups: every rank of a group reads the group's rows (sampler rank = group index)
         dp_world, dp_rank = (world, rank) if self.seq_groups is None else (self.seq_groups.dp_size,
                                                                            self.seq_groups.dp_rank)
@@ -153,10 +156,10 @@ class Trainer:
         self._build_engines(prior)
         self._predict_memory()
         attn = self.attn
-        data_layout = "shared" if tc.share_prompt else "packed" if tc.packing else "padded"
+        data_layout = tc.layout
         if data_layout == "shared" and "flash" in attn:
-            raise TrainError(f"train.share_prompt needs a dense attention mask; attention resolves to {attn}, which "
-                             "cannot take one: set model.attn_implementation=sdpa, or train.share_prompt=false "
+            raise TrainError(f"train.layout=shared needs a dense attention mask; attention resolves to {attn}, which "
+                             "cannot take one: set model.attn_implementation=sdpa, or train.layout=packed or auto "
                              "(flash-attn's packed layout is padding-free already)")
         self.data_layout = data_layout
         self.collate = functools.partial(collate_pairs, layout=data_layout, pad_id=self.pad_id,
@@ -176,7 +179,8 @@ class Trainer:
             self._probe()
         if pdist.is_main():
             self.logs.mkdir(parents=True, exist_ok=True)
-            record_settings(cfg, layout)  # this config continues the run (untouched when the values are the same)
+            # this config continues the run (untouched when the values are the same), auto's picks beside it
+            record_settings(cfg, layout, {"auto": self.auto_picks} if self.auto_picks else None)
         pdist.barrier()
         return self
 
@@ -201,13 +205,56 @@ class Trainer:
         ckpt = latest_checkpoint(self.layout.checkpoints)
         if ckpt is not None:
             try:
-                accepted = check_resume(ckpt, self.cfg, pdist.world_size(), self.inputs, self.total_steps)
+                accepted = check_resume(ckpt, self.cfg, pdist.world_size(), self.inputs, self.total_steps,
+                                        auto=self.auto_picks)
             except CheckpointError as e:
                 raise TrainError(str(e)) from None
             if pdist.is_main():
                 for line in accepted:
                     log.warning("resuming %s with a change: %s", ckpt.name, line)
         return ckpt
+
+    def _resolve_auto(self, cfg: Config) -> Config:
+        """COLLECTIVE. train.layout / train.ds_config `auto` chosen from the plan (runtime.planning.resolve_auto) for
+        this model, data, process count and the smallest free memory over ranks; logged with the reason. Rank 0's
+        choice is broadcast, so every rank builds the same engine."""
+        from midpo.core.plan import ModelShape
+        from midpo.runtime.models import model_class, resolve_attn, resolve_dtype
+        from midpo.runtime.planning import data_lengths, device_memory_gib, resolve_auto
+
+        self.auto_picks: dict = {}
+        if cfg.train.layout != "auto" and cfg.train.ds_config != "auto":
+            return cfg
+        cuda = pdist.device().type == "cuda"
+        gib, source = device_memory_gib(cuda)
+        gib = min(pdist.all_gather_objects(gib))
+        choice: tuple | Exception
+        if pdist.is_main():
+            try:
+                dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_dtype(cfg.model.dtype), "fp32")
+                try:
+                    shape = ModelShape.from_hf(self.hf_config.to_dict())
+                except KeyError:
+                    shape = None
+                lengths, _ = data_lengths(self.layout.data, cfg, seed=cfg.train.seed)
+                choice = resolve_auto(cfg, shape, lengths, world=pdist.world_size(),
+                                      attn=resolve_attn(cfg.model.attn_implementation, self.hf_config), dtype=dtype,
+                                      cuda=cuda, device_gib=gib, memory_source=source + ", min over ranks",
+                                      dense_mask=model_class(self.hf_config) is not None)
+            except MidpoError as e:
+                choice = e
+            except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not leave them waiting
+                choice = TrainError(f"choosing train.layout / train.ds_config (auto): {type(e).__name__}: {e}")
+        else:
+            choice = None
+        choice = pdist.broadcast_object(choice)
+        if isinstance(choice, Exception):
+            raise choice
+        resolved, self.auto_picks = choice
+        if pdist.is_main():
+            for key, p in self.auto_picks.items():
+                log.info("auto: %s=%s (%s)", key, p["value"], p["reason"])
+        return resolved
 
     def _build_engines(self, prior) -> None:
         """COLLECTIVE: the policy engine (a prior with parameters, SparsePO's mask network, is optimized, clipped,

@@ -118,6 +118,30 @@ def test_resume_differences_name_every_changed_key():
     assert any(a.startswith("run length: 6 -> 12 steps") and "lr of step 4" in a for a in accepted)
 
 
+def test_resume_with_auto_compares_the_resolved_values():
+    """The checkpoint records what `auto` chose; a resume whose auto resolves the same passes, another choice is
+    refused naming why it was chosen now and the override that keeps the checkpoint's."""
+    from midpo.train.resume import resume_differences
+
+    state = {"world_size": 1, "step": 3, "total_steps": 6}
+    saved = _cfg("train.ds_config=zero0_cpu_fp32", "train.layout=shared")
+    same = _cfg("train.ds_config=zero0_cpu_fp32", "train.layout=shared")
+    picks = {"train.ds_config": {"value": "zero0_cpu_fp32", "reason": "stage 0: fits"}}
+    assert resume_differences(saved, state, same, 1, {}, 6, picks) == ([], [])
+    now = _cfg("train.ds_config=zero3_cpu_fp32", "train.layout=shared")
+    picks = {"train.ds_config": {"value": "zero3_cpu_fp32", "reason": "ZeRO-3: predicted 3 GiB fits"}}
+    refused, _ = resume_differences(saved, state, now, 1, {}, 6, picks)
+    assert refused == ["train.ds_config: 'zero0_cpu_fp32' -> 'zero3_cpu_fp32' (train.ds_config=auto chose "
+                       "'zero3_cpu_fp32' for this launch: ZeRO-3: predicted 3 GiB fits; pass "
+                       "train.ds_config=zero0_cpu_fp32 to resume with the checkpoint's)"]
+    # a checkpoint from before train.layout: its boolean spelled the same layout, nothing to refuse; another is
+    old = _cfg("train.packing=false")
+    refused, accepted = resume_differences(old, state, _cfg("train.layout=padded"), 1, {}, 6)
+    assert refused == [] and accepted[0].startswith("train.packing: False -> None")
+    refused, _ = resume_differences(old, state, _cfg("train.share_prompt=true"), 1, {}, 6)
+    assert refused == ["train.layout: 'padded' -> 'shared'"]
+
+
 def test_start_over_removes_only_what_training_wrote(tmp_path):
     from midpo.runtime.files import OutputDirError, mark_output
     from midpo.train.resume import start_over

@@ -25,7 +25,9 @@ def test_plan_json_and_table(tmp_path, capsys):
     assert "no prepared data" in " ".join(out["notes"])
     assert cli.main(args) == 0
     text = capsys.readouterr().out
-    assert "as written (ZeRO 3, padded, micro 8 x accum 1): FITS" in text and "activations" in text
+    # train.ds_config=auto: stage 0, the cheapest, fits 80 GiB (the tiny model's states are ~16 MB)
+    assert "as written (ZeRO 0, padded, micro 8 x accum 1): FITS" in text and "activations" in text
+    assert out["auto"]["train.ds_config"]["value"] == "zero0_bf16" and "train.layout" not in out["auto"]
 
 
 def test_8b_on_one_80gb_device_does_not_fit_but_8_do():

@@ -175,11 +175,13 @@ def clean_env(**extra: str) -> dict:
 def recipe_text(run_dir: Path, model: Path, **train) -> str:
     t = {"micro_batch_size": 2, "grad_accum": 2, "max_steps": 6, "lr": 1.0e-3, "warmup_ratio": 0.2,
          "schedule": "cosine", "eval_every": 3, "save_every": 3, "keep_last": 2, "ds_config": "zero3_cpu_fp32",
-         "peak_flops": 1.0e11}
+         "peak_flops": 1.0e11, "packing": True}
+    # pinned, not `auto`: these runs test ZeRO-3 (2 processes vs 1, its checkpoints and export) and the packed layout
+    # (packing=false / share_prompt=true compare against it); None leaves a key out (its default, e.g. auto)
     t.update(train)
     lines = [f"run_dir: {run_dir}", "model:", f"  policy: {model}", "  dtype: fp32", "  attn_implementation: sdpa",
              "ref:", "  rows_per_shard: 64", "  micro_batch_tokens: 256", "loss:", "  prior: dpo", "  beta: 0.1",
-             "train:"] + [f"  {k}: {v}" for k, v in t.items()]
+             "train:"] + [f"  {k}: {v}" for k, v in t.items() if v is not None]
     return "\n".join(lines) + "\n"
 
 

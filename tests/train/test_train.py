@@ -131,6 +131,30 @@ def test_shared_prompt_equals_packed(base):
     assert tokens_per_pair(run) < 0.9 * tokens_per_pair(base["run1"])  # prompts are 3-12 of ~20 tokens per side
 
 
+def test_auto_defaults_are_chosen_recorded_and_resume_the_same(base):
+    """train.ds_config / train.layout left at auto: on CPU, sdpa, a 1-process run of a tiny model, the plan picks
+    stage 0 (it fits) and the shared layout; the log and <run_dir>/config.yaml say so with the reason, the losses
+    equal the ZeRO-3 packed run's (same math), and a relaunch on 2 processes resolves the same and is accepted by the
+    resume check (a finished run: nothing to do; a different resolution is refused: tests/runtime/test_checkpoint.py)."""
+    import yaml
+
+    recipe, run = _fresh_run(base, "auto", ds_config=None, packing=None, eval_every=0)
+    log = run_train(recipe, 1, "train.export_at_end=false").stderr
+    assert re.search(r"auto: train.ds_config=zero0_cpu_fp32 \(stage 0: predicted [\d.]+ GiB per device fits", log)
+    assert "auto: train.layout=shared (attention sdpa" in log
+    np.testing.assert_allclose(losses(run), losses(base["run1"]), atol=1e-5, rtol=0)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["train"]["ds_config"], saved["train"]["layout"]) == ("zero0_cpu_fp32", "shared")
+    assert saved["auto"]["train.ds_config"]["value"] == "zero0_cpu_fp32" and "fits" in saved["auto"]["train.ds_config"]["reason"]
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert yaml.safe_load((ckpt / "config.yaml").read_text())["train"]["ds_config"] == "zero0_cpu_fp32"
+    # relaunched on 2 processes (same global batch): auto resolves on every rank (free memory gathered, rank 0's
+    # choice broadcast) to the same values, which the resume check accepts; the finished run has nothing to do
+    again = run_train(recipe, 2, "train.grad_accum=1", "train.export_at_end=false").stderr
+    assert "auto: train.ds_config=zero0_cpu_fp32" in again and "processes: 1 -> 2" in again
+    assert len(losses(run)) == 6
+
+
 def test_compiled_equals_eager(base):
     """train.compile (torch.compile of the decoder, Inductor) with ZeRO-2 and the shared-prompt layout: the same
     losses and exported weights as the eager ZeRO-3 packed run (Inductor fuses and reorders fp32 ops: 1e-5),
