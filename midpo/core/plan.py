@@ -15,6 +15,11 @@ Memory model (P parameters, N data-parallel ranks, w bytes per compute element: 
   a model under ~1e9 parameters would stay gathered whole (measured on CPU it did not: docs/plan.md);
   gradients w P / N; master + Adam as stage 2; fp32 gradient partitions 4 P / N during the step (bf16).
 - offload_optimizer: master, Adam and fp32 gradients live on the host (not counted against the device).
+- LoRA (`lora_rank` > 0): the base's weights as above (ZeRO-3 still shards and gathers them), plus the adapters;
+  gradients, master and Adam (and their communication) only for the T trained parameters (the adapters and the
+  modules_to_save copies, `ModelShape.lora_params`); the frozen base takes no weight-gradient matmul (2x its
+  forward, core.flops). Activations are counted as for full fine-tuning (each adapted linear's input is saved for
+  its adapter's gradient anyway; the rank-r intermediates are small).
 - activations: bytes per stored token (rows x padded length of the widest micro-batch) per layer, x layers;
   with gradient checkpointing one layer input per layer plus one layer's full activations.
 - the output head: one chunk of `head_chunk_tokens` response positions x vocab in w (matmul output) + fp32
@@ -100,6 +105,30 @@ class ModelShape:
         n = self.layers if layers is None else layers
         return n * self.layer_params() + self.hidden, self.embed_params()
 
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of a decoder layer (Llama's module names)."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def lora_params(self, rank: int, modules: tuple[str, ...], save: tuple[str, ...] = ()) -> tuple[int, int]:
+        """(adapter parameters, trained full copies) of LoRA at `rank` on `modules` ("all-linear" = every linear
+        layer but the head) with PEFT's modules_to_save `save` (names containing "norm": every RMSNorm; lm_head;
+        embed_tokens). Names it cannot size raise ValueError."""
+        dims = self.linear_dims()
+        names = tuple(dims) if modules in (("all-linear",), ("all_linear",)) else modules
+        unknown = [m for m in names if m not in dims] + [m for m in save if not (
+            "norm" in m or m in ("lm_head", "embed_tokens"))]
+        if unknown:
+            raise ValueError(f"the planner cannot size LoRA modules {unknown} (it knows {sorted(dims)}, norms, "
+                             "lm_head, embed_tokens)")
+        adapters = self.layers * sum(rank * (dims[m][0] + dims[m][1]) for m in names)
+        copies = 0
+        if any("norm" in m for m in save):
+            copies += 2 * self.hidden * self.layers + self.hidden
+        copies += self.embed_params() * sum(m in ("lm_head", "embed_tokens") for m in set(save))
+        return adapters, copies
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -182,6 +211,9 @@ class Settings:
     prior_chunk_tokens: int = 1024
     token_budget: int = 0  # train.micro_batch_tokens: micro-batches cut to this many tokens (micro x accum pairs)
     sequence_parallel: int = 1  # train.sequence_parallel: ranks per micro-batch (data parallel = world / this)
+    lora_rank: int = 0  # model.lora.r: 0 = full fine-tuning
+    lora_modules: tuple[str, ...] = ("all-linear",)  # model.lora.target_modules
+    lora_save: tuple[str, ...] = ()  # model.lora.modules_to_save (trained in full)
     full_logits: bool = False  # the policy's head runs once over all response positions, logits kept (TDPO,
     # SparsePO, MI-DPO's marginal objective: core.logprobs.response_logps return_logits/return_flat_logits)
     cuda: bool = True
@@ -230,29 +262,40 @@ def gathered_params(n_params: int, max_live: float, reuse: float, layer_params: 
 
 
 def _states(n_params: int, stage: int, world: int, w: int, offload: bool, max_live: float,
-            layer_params: int, reuse: float = 1e9) -> dict[str, float]:
+            layer_params: int, reuse: float = 1e9, trainable: int | None = None) -> dict[str, float]:
     """Model states of one engine, per device (bytes): weights, gradients, optimizer; 'step_extra' exists only
     while the optimizer steps. `offload` = the shipped zero3_offload: optimizer and parameter partitions on the
-    host (the device keeps only gathered weights and buckets)."""
+    host (the device keeps only gathered weights and buckets). `trainable` (LoRA): the parameters with gradients
+    and optimizer states (default: all `n_params`)."""
     P = float(n_params)
+    T = P if trainable is None else float(trainable)
     master = 4.0  # ZeRO 1-3 keep an fp32 copy of their partition even when the weights are fp32
     out: dict[str, float] = {}
     if stage == 0:
         out["weights"] = w * P
         if w == 4:
-            out["gradients"], out["optimizer"], out["step_extra"] = 4 * P, 8 * P, 0.0
+            out["gradients"], out["optimizer"], out["step_extra"] = 4 * T, 8 * T, 0.0
         else:  # DeepSpeed's bf16 optimizer: fp32 gradient accumulators, master + Adam partitioned over ranks
-            out["gradients"], out["optimizer"], out["step_extra"] = (w + 4) * P, 12 * P / world, 0.0
+            out["gradients"], out["optimizer"], out["step_extra"] = (w + 4) * T, 12 * T / world, 0.0
         return out
-    shard = P / world
+    shard, tshard = P / world, T / world
     out["weights"] = w * (shard if stage == 3 else P) * (0.0 if offload else 1.0)
     if stage == 3:
         # gathered into buffers of their own even at world size 1 (the partition is not reused)
         out["weights_gathered"] = w * gathered_params(n_params, max_live, reuse, layer_params)
-    out["gradients"] = 0.0 if offload else w * shard
-    out["optimizer"] = 0.0 if offload else (master + 8.0) * shard
-    out["step_extra"] = 0.0 if offload or w == 4 else 4.0 * shard
+    out["gradients"] = 0.0 if offload else w * tshard
+    out["optimizer"] = 0.0 if offload else (master + 8.0) * tshard
+    out["step_extra"] = 0.0 if offload or w == 4 else 4.0 * tshard
     return out
+
+
+def policy_params(shape: ModelShape, s: Settings) -> tuple[int, int]:
+    """(parameters held, parameters trained) of the policy: the model, plus LoRA's adapters when on (whose
+    trained set is the adapters and the modules_to_save copies, which PEFT adds beside their frozen originals)."""
+    if not s.lora_rank:
+        return shape.params(), shape.params()
+    adapters, copies = shape.lora_params(s.lora_rank, s.lora_modules, s.lora_save)
+    return shape.params() + adapters + copies, adapters + copies
 
 
 @dataclass
@@ -272,25 +315,26 @@ def memory(shape: ModelShape, s: Settings, batch: Batch) -> MemoryPlan:
     """Peak memory of one device (see the module docstring for each term)."""
     w, L = s.dtype_bytes, shape.layers
     t: dict[str, float] = {}
-    st = _states(shape.params(), s.zero_stage, s.world, w, s.offload_optimizer, s.max_live_parameters,
-                 shape.layer_params(), s.max_reuse_distance)
+    held, trained = policy_params(shape, s)
+    st = _states(held, s.zero_stage, s.world, w, s.offload_optimizer, s.max_live_parameters,
+                 shape.layer_params(), s.max_reuse_distance, trainable=trained)
     step_extra = st.pop("step_extra")
     t.update({f"policy_{k}": v for k, v in st.items()})
     per_tok = activation_bytes_per_token(shape, w, s.attn)
     stream = w * shape.hidden  # the residual stream: each layer's input (checkpointing keeps only these)
-    k = max(1, s.sequence_parallel)
-    stored = batch.stored_tokens / k  # sequence parallelism: this rank's columns of the rows
+    sp = max(1, s.sequence_parallel)
+    stored = batch.stored_tokens / sp  # sequence parallelism: this rank's columns of the rows
     if s.checkpointing:
         act = stored * (L * stream + per_tok)
     else:
         act = stored * (L * per_tok + 2 * stream)
     if s.attn == "eager":  # scores and probabilities per head, T^2 per row (SP: h/k heads, the whole row)
-        act += batch.rows * shape.heads / k * batch.row_len ** 2 * 2 * w * (1 if s.checkpointing else L)
+        act += batch.rows * shape.heads / sp * batch.row_len ** 2 * 2 * w * (1 if s.checkpointing else L)
     t["activations"] = act
     one_sequence_rows = s.layout == "padded" or (s.layout == "packed" and batch.rows == 2 * batch.pairs)
-    if k > 1 and not one_sequence_rows:  # rows of several sequences: their whole bool mask on every rank
+    if sp > 1 and not one_sequence_rows:  # rows of several sequences: their whole bool mask on every rank
         t["sp_attention_mask"] = float(batch.rows * batch.row_len ** 2)
-    resp = -(-batch.response_tokens // k)
+    resp = -(-batch.response_tokens // sp)
     chunk = min(resp, s.head_chunk_tokens)
     t["head_logits"] = chunk * shape.vocab * (w + (4 if w != 4 else 0) + 4 + 4)  # fp32 copy only from bf16
     if s.full_logits:
@@ -303,13 +347,13 @@ def memory(shape: ModelShape, s: Settings, batch: Batch) -> MemoryPlan:
         t["buckets"] = 0.0
     prior_step = 0.0
     if s.prior_layers >= 0:
-        k = L if s.prior_layers == 0 else min(s.prior_layers, L)
-        pst = _states(shape.params(k), s.prior_zero_stage, s.world, w, False, s.max_live_parameters,
+        pl = L if s.prior_layers == 0 else min(s.prior_layers, L)
+        pst = _states(shape.params(pl), s.prior_zero_stage, s.world, w, False, s.max_live_parameters,
                       shape.layer_params(), s.max_reuse_distance)
         prior_step = pst.pop("step_extra")
         t["prior_states"] = sum(pst.values())
         tokens = batch.prior_tokens + (batch.real_tokens if s.prior_conditioned else 0)
-        t["prior_activations"] = tokens * (k * per_tok + 2 * stream)
+        t["prior_activations"] = tokens * (pl * per_tok + 2 * stream)
         t["prior_logits"] = min(batch.response_tokens, s.prior_chunk_tokens) * shape.vocab * (w + 4 + 4 + 4)
     states = sum(v for k, v in t.items() if k.startswith("policy_") or k == "prior_states")
     backward = sum(t.values())
@@ -338,46 +382,54 @@ class Hardware:
         return (self.interconnect_gbps or (150.0 if self.nodes == 1 else 25.0)) * 1e9
 
 
-def comm_bytes_per_step(n_params: int, s: Settings) -> float:
-    """Bytes each rank sends per optimizer step (ring collectives) for the policy's ZeRO stage."""
+def comm_bytes_per_step(n_params: int, s: Settings, trainable: int | None = None) -> float:
+    """Bytes each rank sends per optimizer step (ring collectives) for the policy's ZeRO stage; gradients (and
+    stage 2's updated partitions) only of the `trainable` parameters (LoRA), ZeRO-3's weight gathers of all."""
     N = s.world
     if N == 1:
         return 0.0
     f = (N - 1) / N
     P, w = float(n_params), s.dtype_bytes
+    T = P if trainable is None else float(trainable)
     if s.zero_stage == 0:
-        return 2 * f * P * w  # one all-reduce of the accumulated gradients
+        return 2 * f * T * w  # one all-reduce of the accumulated gradients
     if s.zero_stage in (1, 2):
-        return s.grad_accum * f * P * w + f * P * w  # reduce-scatter per micro-step, all-gather after the step
-    return s.grad_accum * 3 * f * P * w  # all-gather forward + backward, reduce-scatter, per micro-step
+        return s.grad_accum * f * T * w + f * T * w  # reduce-scatter per micro-step, all-gather after the step
+    return s.grad_accum * (2 * f * P + f * T) * w  # all-gather forward + backward, reduce-scatter, per micro-step
 
 
 def step_time(shape: ModelShape, s: Settings, batches: list[Batch], hw: Hardware) -> dict[str, float]:
     """Seconds of one optimizer step over this rank's `batches` (its micro-batches; see the module docstring for
     the assumptions)."""
     body, head = shape.flop_params()
+    frozen_body = frozen_head = 0
+    if s.lora_rank:  # the adapters' matmuls join the body; the base (and a head not trained in full) is frozen
+        adapters, _ = shape.lora_params(s.lora_rank, s.lora_modules, s.lora_save)
+        frozen_body, frozen_head = body, (0 if "lm_head" in s.lora_save else head)
+        body += adapters
     f = work = a2a = 0.0
-    k = max(1, s.sequence_parallel)
+    sp = max(1, s.sequence_parallel)
     for b in batches:
         a2a += sp_all_to_all_bytes(shape, s, b)
         fb = train_flops(body, head, shape.layers, shape.hidden, b.real_tokens, b.response_tokens,
-                         b.attention_context)
+                         b.attention_context, frozen_body, frozen_head)
         f += fb
         work += fb * (4.0 / 3.0 if s.checkpointing else 1.0)  # recompute: the body's forward again
         if s.prior_layers >= 0:
-            k = shape.layers if s.prior_layers == 0 else s.prior_layers
-            pb, ph = shape.flop_params(k)
-            work += train_flops(pb, ph, k, shape.hidden, b.prior_tokens, b.response_tokens, 0.0)
+            pl = shape.layers if s.prior_layers == 0 else s.prior_layers
+            pb, ph = shape.flop_params(pl)
+            work += train_flops(pb, ph, pl, shape.hidden, b.prior_tokens, b.response_tokens, 0.0)
     steps = len(batches)
-    compute = work / k / (hw.peak_tflops * 1e12 * hw.efficiency)  # SP: a rank computes 1/k of its group's work
-    comm = comm_bytes_per_step(shape.params(), replace(s, grad_accum=steps)) / hw.bandwidth
+    compute = work / sp / (hw.peak_tflops * 1e12 * hw.efficiency)  # SP: a rank computes 1/k of its group's work
+    held, trained = policy_params(shape, s)
+    comm = comm_bytes_per_step(held, replace(s, grad_accum=steps), trained) / hw.bandwidth
     exposed = max(0.0, comm - compute) if s.overlap_comm else comm
     offload = 0.0
     if s.offload_optimizer:
-        shard = shape.params() / s.world
+        shard = trained / s.world
         # host Adam over the shard; gradients down (w), updated weights up (w), per step; gathered weights come
         # up from the host once per forward and once per backward of every micro-step
-        offload = shard / HOST_ADAM_PARAMS_PER_S + (2 * shard + 2 * steps * shape.params()) \
+        offload = shard / HOST_ADAM_PARAMS_PER_S + (2 * shard + 2 * steps * held) \
             * s.dtype_bytes / (PCIE_GBPS * 1e9)
     overhead = steps * (MICRO_STEP_OVERHEAD_S + LAYER_LAUNCH_S * shape.layers)
     sp_comm = a2a / hw.bandwidth  # on the critical path: attention waits for it

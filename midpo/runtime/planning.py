@@ -93,6 +93,14 @@ def settings_from(cfg: Config, ds: dict, *, world: int, attn: str, dtype: str, c
     if layout == "auto":
         raise ConfigError("train.layout=auto: resolve it first (resolve_auto)")
     prior = cfg.loss.prior == "learned"
+    lora = cfg.model.lora
+    modules = (lora.target_modules,) if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+    if lora.r:
+        try:  # sized on a throwaway shape: only the names matter here
+            ModelShape(vocab=2, hidden=2, intermediate=2, layers=1, heads=1, kv_heads=1).lora_params(
+                lora.r, modules, tuple(lora.modules_to_save))
+        except ValueError as e:
+            raise ConfigError(f"model.lora: {e}") from None
     full_logits = cfg.loss.prior in ("tdpo", "sparsepo") or (prior and cfg.prior_net.objective == "marginal")
     return Settings(
         world=world, zero_stage=stage, offload_optimizer=offload, dtype_bytes=DTYPE_BYTES[dtype],
@@ -107,7 +115,8 @@ def settings_from(cfg: Config, ds: dict, *, world: int, attn: str, dtype: str, c
         overlap_comm=bool(zo.get("overlap_comm", False)),
         prior_layers=cfg.prior_net.num_layers if prior else -1, prior_zero_stage=cfg.prior_net.zero_stage,
         prior_conditioned=cfg.prior_net.condition_on_prompt, prior_chunk_tokens=cfg.prior_net.chunk_size,
-        full_logits=full_logits, sequence_parallel=tc.sequence_parallel, cuda=cuda)
+        full_logits=full_logits, sequence_parallel=tc.sequence_parallel, lora_rank=lora.r, lora_modules=modules,
+        lora_save=tuple(lora.modules_to_save), cuda=cuda)
 
 
 def plan_inputs(cfg: Config, model_config: Any = None) -> dict[str, Any]:

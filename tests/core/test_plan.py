@@ -142,3 +142,52 @@ def test_sequence_parallel_divides_activations_and_adds_its_all_to_all():
     want = TINYLLAMA.layers * 2 * (b.stored_tokens / 2) * 0.5 * (2 * 2048 + 2 * 256) * 2  # fwd + bwd, bf16
     assert t2["sp_all_to_all_s"] == pytest.approx(want / hw.bandwidth) and t1["sp_all_to_all_s"] == 0
     assert t2["pairs_per_s"] == pytest.approx(2 / t2["step_s"])  # one data-parallel group of 2 pairs
+
+
+@pytest.mark.parametrize("modules,save", [("all-linear", ["norm"]), (["q_proj", "v_proj"], []),
+                                          (["k_proj", "down_proj"], ["lm_head"])])
+def test_lora_counts_equal_peft_and_only_trained_parameters_take_states(modules, save):
+    """LoRA's adapters and trained copies as PEFT builds them on a real (tiny, untied) Llama; stage 0 fp32 holds
+    4 bytes per parameter held and 4 + 8 (gradient, Adam) per parameter trained; a frozen base takes 2x its forward's
+    FLOPs; ZeRO-3 gathers all weights but reduces only the trained gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, tie_word_embeddings=False)
+    model = get_peft_model(LlamaForCausalLM(hf), LoraConfig(r=4, target_modules=modules, modules_to_save=save or None))
+    held = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shape = ModelShape.from_hf(hf.to_dict())
+    mods = (modules,) if isinstance(modules, str) else tuple(modules)
+    s = Settings(world=1, zero_stage=0, dtype_bytes=4, lora_rank=4, lora_modules=mods, lora_save=tuple(save))
+    assert plan.policy_params(shape, s) == (held, trained)
+    b = plan.micro_batch([(10, 20, 30)] * 2, "padded", None)
+    m = plan.memory(shape, s, b)
+    assert (m.terms["policy_weights"], m.terms["policy_gradients"], m.terms["policy_optimizer"]) == (
+        4 * held, 4 * trained, 8 * trained)
+    full = plan.memory(shape, Settings(world=1, zero_stage=0, dtype_bytes=4), b)
+    assert full.terms["policy_gradients"] == 4 * shape.params()
+    s3 = Settings(world=4, zero_stage=3, dtype_bytes=2, lora_rank=4, lora_modules=mods, lora_save=tuple(save))
+    assert plan.comm_bytes_per_step(held, s3, trained) == pytest.approx(3 / 4 * (2 * held + trained) * 2)
+    hw = Hardware(gpus_per_node=1)
+    lo = plan.step_time(shape, s, [b], hw)["model_flops_per_step"]
+    body, head = shape.flop_params()
+    adapters = trained - (sum(p.numel() for n, p in model.named_parameters() if "modules_to_save" in n))
+    ctx = b.attention_context
+    head_trained = "lm_head" in save
+    want = (2 * 2 * body + 3 * 2 * adapters) * b.real_tokens + (3 if head_trained else 2) * 2 * head * b.response_tokens \
+        + 3 * 4 * hf.num_hidden_layers * hf.hidden_size * ctx
+    assert lo == pytest.approx(want)
+
+
+def test_prior_network_adds_its_work_to_the_step_time():
+    """The prior network's FLOPs add to the policy's; the policy's compute is not divided by anything at k = 1."""
+    b = plan.micro_batch([(100, 200, 180)] * 4, "padded", None)
+    hw = Hardware(gpus_per_node=1)
+    none = plan.step_time(TINYLLAMA, Settings(micro=4), [b], hw)
+    prior = plan.step_time(TINYLLAMA, Settings(micro=4, prior_layers=4), [b], hw)
+    pb, ph = TINYLLAMA.flop_params(4)
+    prior_flops = 6 * pb * b.prior_tokens + 6 * ph * b.response_tokens
+    rate = hw.peak_tflops * 1e12 * hw.efficiency
+    assert prior["compute_s"] == pytest.approx(none["compute_s"] + prior_flops / rate)
