@@ -8,7 +8,9 @@
    boundary, and the head runs in 3 calls per rank (some spans empty).
 2. `midpo ref` with ref.sequence_parallel=2 on the same processes: its cache equals the plain forward's per-token
    values for every row (the long pair included).
-3. (with TRAIN_RECIPE) `midpo train` on the same processes with the recipe and overrides (train.sequence_parallel=2):
+3. the other families (tests/support/families.py: Mistral's and Gemma 2's sliding windows, Gemma 2's soft-capping
+   under eager, Qwen2-MoE's routed experts): the SP forward's log-probs equal the plain forward's, every layout.
+4. (with TRAIN_RECIPE) `midpo train` on the same processes with the recipe and overrides (train.sequence_parallel=2):
    the test compares its logs and export with a one-process run.
 Rank 0 writes OUT_DIR/result.json; the test asserts on it.
 """
@@ -105,6 +107,52 @@ def check_forward(model_dir: Path, sp) -> dict:
     return out
 
 
+SP_FAMILIES = ("mistral", "gemma2", "qwen2-moe")
+
+
+def random_rows(rng, n: int) -> list[dict]:
+    def ids(lo: int, hi: int) -> list[int]:
+        return [rng.randrange(3, 60) for _ in range(rng.randint(lo, hi))]
+
+    return [{"prompt_ids": ids(5, 40), "chosen_ids": ids(20, 60), "rejected_ids": ids(3, 60)} for _ in range(n)]
+
+
+def check_families(root: Path, sp) -> dict:
+    import random
+
+    from families import build_family
+    from transformers import AutoModelForCausalLM
+
+    from midpo.core.batching import DENSE_MASK_ROW_TOKENS, collate_pairs
+    from midpo.core.logprobs import response_logps
+    from midpo.runtime import dist as pdist
+    from midpo.runtime.seqpar import install
+
+    out = {}
+    for name in SP_FAMILIES:
+        d = root / name
+        if pdist.is_main():
+            build_family(name, d)
+        pdist.barrier()
+        cfg = json.loads((d / "config.json").read_text())
+        rows = random_rows(random.Random(0), 5)
+        for impl in ("eager",) if cfg["model_type"] == "gemma2" else ("sdpa", "eager"):  # gemma2: eager only
+            plain, sharded = (AutoModelForCausalLM.from_pretrained(d, attn_implementation=impl, dtype=torch.float32)
+                              for _ in range(2))
+            install(sharded, sp)
+            for layout in ("packed", "padded", "shared"):
+                kw = {"layout": layout, "pad_id": 0, "max_row_tokens": DENSE_MASK_ROW_TOKENS}
+                with torch.no_grad():
+                    a = response_logps(plain, collate_pairs(rows, **kw))
+                    b = response_logps(sharded, collate_pairs(rows, **kw, pad_to_multiple=sp.size), shard=sp.shard,
+                                       head_calls=2)
+                out[f"{name}/{impl}/{layout}"] = {
+                    "diff": max(float((a.chosen - b.chosen).abs().max()), float((a.rejected - b.rejected).abs().max())),
+                    "window": cfg.get("sliding_window"), "longest_row": max(len(r["prompt_ids"]) + len(r["chosen_ids"])
+                                                                            for r in rows)}
+    return out
+
+
 def check_ref_stage(root: Path, model_dir: Path) -> dict:
     import numpy as np
     from datasets import load_from_disk
@@ -161,6 +209,7 @@ def main(out_dir: str, train: list[str]) -> int:
     result = {"forward": check_forward(model_dir, sp)}
     t1 = time.time()
     result["ref"] = check_ref_stage(out / "refrun", model_dir)
+    result["families"] = check_families(out / "families", sp)
     t2 = time.time()
     if train:
         train_stage.main(load_config(train[0], train[1:]))

@@ -457,6 +457,11 @@ def test_sequence_parallel_forward_and_cache_equal_one_process(sequence_parallel
     assert res["ref"]["world_size"] == 2
     for split in ("train", "eval"):  # `midpo ref` at k=2 == the plain forward, the long pair included
         assert res["ref"][split]["max_abs_diff"] <= 1e-5, res["ref"]
+    fam = res["families"]  # Mistral / Gemma 2 sliding windows (16 < the rows), soft-capping, Qwen2-MoE's experts
+    assert {k.split("/")[0] for k in fam} == {"mistral", "gemma2", "qwen2-moe"} and len(fam) == 15
+    for case, r in fam.items():
+        assert r["diff"] <= SP_FORWARD_ATOL, (case, r)
+        assert r["window"] is None or r["longest_row"] > r["window"], (case, r)
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
