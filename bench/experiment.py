@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from midpo.cli import split_overrides  # noqa: E402
 from midpo.config import load_config  # noqa: E402
-from midpo.core.decision import decide, mean_interval, paired  # noqa: E402
+from midpo.core.decision import choose_by_validation, decide, mean_interval, paired  # noqa: E402
 from midpo.runtime.files import atomic_write_json, save_config  # noqa: E402
 
 TASKS = ("embedded", "confound")
@@ -403,8 +403,7 @@ def choose_lr(results: list[dict], task: str, method: str, lrs: list[float]) -> 
     if any(not v for v in by.values()):
         return None
     means = {lr: sum(v) / len(v) for lr, v in by.items()}
-    best = max(means.values())
-    chosen = min(lr for lr, m in means.items() if m >= best - 0.002)
+    chosen = choose_by_validation(means)
     return {"lr": chosen, "validation_means": {f"{lr:g}": m for lr, m in means.items()},
             "validation_seeds": sorted({r["seed"] for r in results if r["task"] == task and r["method"] == method
                                         and r["split"] == "validation"})}

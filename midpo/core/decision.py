@@ -53,3 +53,12 @@ def decide(iv: dict, delta: float, higher_is_better: bool = True) -> str:
     if -delta < lo and hi < delta:
         return "no difference"
     return "inconclusive"
+
+
+def choose_by_validation(means: dict[float, float], tie: float = 0.002) -> float:
+    """docs/experiment.md's choice of the prior lr: the candidate with the highest mean validation accuracy; one
+    within ``tie`` of the best goes to the smaller candidate."""
+    if not means:
+        raise ValueError("choose_by_validation: no candidates")
+    best = max(means.values())
+    return min(c for c, m in means.items() if m >= best - tie)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from midpo.core.decision import decide, mean_interval, paired, t975
+from midpo.core.decision import choose_by_validation, decide, mean_interval, paired, t975
 
 
 def test_interval_by_hand():
@@ -41,3 +41,11 @@ def test_lower_is_better_mirrors():
     assert decide(_iv(-0.08, 0.02), 0.05, higher_is_better=False) == "beats"
     assert decide(_iv(0.08, 0.02), 0.05, higher_is_better=False) == "worse"
     assert decide(_iv(0.01, 0.02), 0.05, higher_is_better=False) == "no difference"
+
+
+def test_lr_choice_takes_the_best_and_breaks_ties_to_the_smaller():
+    assert choose_by_validation({1e-4: 0.380, 1e-3: 0.390, 3e-3: 0.385}) == 1e-3
+    assert choose_by_validation({1e-4: 0.3895, 1e-3: 0.390, 3e-3: 0.391}) == 1e-4  # within 0.002 of the best
+    assert choose_by_validation({1e-4: 0.380, 1e-3: 0.390, 3e-3: 0.391}) == 1e-3
+    with pytest.raises(ValueError):
+        choose_by_validation({})
