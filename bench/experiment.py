@@ -219,7 +219,7 @@ def build_heldout_pairs(args, task: str, ref_model: Path, test: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     recs = read_jsonl(test)
     answers = sample_answers(ref_model, recs, args.heldout_samples, 1.0, seed=424242)
-    rows, counts = confound.sample_pairs(recs, answers, strength=0.0, seed=0, pairs_per_prompt=1)
+    rows, counts = confound.sample_pairs(recs, answers, strength=0.0, seed=0, pairs_per_prompt=2)  # as training
     scores = score_pairs(ref_model, rows)
     write_jsonl(path, rows)
     atomic_write_json(ref_path, {"counts": dict(counts), "rates": confound.phrase_rates(rows), "scores": scores})
