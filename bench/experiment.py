@@ -466,6 +466,8 @@ def report(out: Path, results: list[dict], methods: list[str], tasks: list[str],
                     continue
                 tag = "**primary**" if (task, a, b) == PRIMARY and key == "accuracy" else "secondary"
                 reading = decide(p, delta, hib) if delta is not None else "(no rule: secondary metric)"
+                if key == "phrase_rate":  # docs/experiment.md's words for the confound's rule
+                    reading = {"beats": "resists the confound better", "worse": "follows it more"}.get(reading, reading)
                 rng = f"{p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" if p["n"] > 1 else f"{p['mean']:+.4f} (1 seed)"
                 lines.append(f"| {a} − {b} ({tag}) | {key} | {p['n']} | {rng} | {reading} |")
     if failed:
