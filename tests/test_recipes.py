@@ -15,7 +15,8 @@ from midpo.runtime.ds_config import resolve_ds_config
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 PRODUCTION = {"llama3_8b_ultrafeedback": (4096, "zero3_bf16"), "qwen2.5_7b_ultrafeedback": (3584, "zero3_bf16"),
-              "llama3_70b_offload_ultrafeedback": (8192, "zero3_offload")}
+              "llama3_70b_offload_ultrafeedback": (8192, "zero3_offload"),
+              "llama3_8b_midpo_ultrafeedback": (4096, "zero3_bf16")}
 
 
 def test_the_production_recipes_are_shipped():
@@ -53,4 +54,23 @@ def test_production_recipes_are_zero3_bf16_flash_attention(name):
     zo = ds["zero_optimization"]
     assert zo["stage"] == 3
     assert ("offload_param" in zo and "offload_optimizer" in zo) == (ds_name == "zero3_offload")
+    assert ds["train_batch_size"] == 128
+
+
+def test_the_learned_prior_recipe_is_mi_dpo_on_ultrafeedbacks_test_split():
+    """Issue #23's real-scale recipe: the learned prior (its own DeepSpeed config resolves at the planned scale,
+    with the prior's lr and no weight decay), reward accuracy on test_prefs (the eval split, not a fraction of
+    train), and the generation eval's reward-model rollout settings."""
+    from midpo.train.prior_engine import prior_ds_config
+
+    cfg = load_config("llama3_8b_midpo_ultrafeedback")
+    assert cfg.loss.prior == "learned" and build_prior(cfg.loss).needs.prior_network
+    assert cfg.prior_net.objective == "marginal" and not cfg.prior_net.condition_on_prompt
+    assert 0 < cfg.prior_net.num_layers < 32  # a truncated copy of Llama-3-8B's 32 layers
+    assert cfg.data.split == "train_prefs" and cfg.data.eval_split == "test_prefs"
+    assert cfg.iterate.labeller == "reward_model" and cfg.iterate.reward_model and cfg.iterate.prompts
+    ds = prior_ds_config(cfg, 16, 4096)
+    assert ds["optimizer"]["params"]["lr"] == cfg.prior_net.lr != cfg.train.lr
+    assert ds["optimizer"]["params"].get("weight_decay", 0.0) == 0.0
+    assert ds["zero_optimization"]["stage"] == cfg.prior_net.zero_stage
     assert ds["train_batch_size"] == 128
