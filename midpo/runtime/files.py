@@ -172,9 +172,12 @@ def update_saved_config(cfg, path: str | Path, records: dict | None = None) -> l
             changes, saved = [("(unreadable)", str(e), None)], {}
         if not changes and all(saved.get(k) == v for k, v in (records or {}).items()):
             return []
-        if changes:  # records alone (derived, e.g. auto's reasons with this launch's free memory): no warning
-            logging.getLogger(__name__).warning("%s: rewritten with this run's config; changed: %s", path,
-                                                "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+        # records alone (derived, e.g. auto's reasons with this launch's free memory): no message; `auto` resolved
+        # to its choice (the trainer logged the reason): info; any other change: a warning naming every key
+        if changes:
+            level = logging.INFO if all(a == "auto" for _, a, _ in changes) else logging.WARNING
+            logging.getLogger(__name__).log(level, "%s: rewritten with this run's config; changed: %s", path,
+                                            "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
     save_config(cfg, path, records)
     return changes
 

@@ -179,3 +179,19 @@ def test_update_saved_config_rewrites_only_changed_values(tmp_path):
     assert update_saved_config(_cfg(), path) == [] and path.stat().st_mtime_ns == before
     assert update_saved_config(_cfg("loss.prior=simpo"), path) == [("loss.prior", "dpo", "simpo")]
     assert "simpo" in path.read_text()
+
+
+def test_auto_resolved_is_noted_other_changes_warn(tmp_path, caplog):
+    """`auto` becoming its choice is what every default run does: an info line, not a warning; a real change warns."""
+    import logging
+
+    from midpo.runtime.files import save_config, update_saved_config
+
+    path = save_config(_cfg("train.ds_config=auto"), tmp_path / "config.yaml")
+    with caplog.at_level(logging.INFO, logger="midpo.runtime.files"):
+        assert update_saved_config(_cfg("train.ds_config=zero0_cpu_fp32"), path) == [
+            ("train.ds_config", "auto", "zero0_cpu_fp32")]
+        assert [r.levelno for r in caplog.records] == [logging.INFO]
+        caplog.clear()
+        update_saved_config(_cfg("train.ds_config=zero3_cpu_fp32"), path)
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
