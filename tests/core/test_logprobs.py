@@ -316,6 +316,15 @@ def test_from_lists_left_aligns():
     assert r.rejected_sum.tolist() == [-4.0, -18.0] and r.chosen_len.tolist() == [2, 1]
 
 
+def equal_length_batch():
+    """Three pairs of 10-token sequences (prompts of 3, 5, 7): padded rows without padding."""
+    g = torch.Generator().manual_seed(1)
+    rows = [{"prompt_ids": [1] + torch.randint(3, V, (p - 1,), generator=g).tolist(),
+             "chosen_ids": torch.randint(3, V, (9 - p,), generator=g).tolist() + [EOS],
+             "rejected_ids": torch.randint(3, V, (9 - p,), generator=g).tolist() + [EOS]} for p in (3, 5, 7)]
+    return collate_pairs(rows, layout="padded", pad_id=PAD)
+
+
 def test_train_flops_equal_torch_flop_counter():
     """metrics.train_flops (MFU's numerator) == torch's FlopCounterMode on response_logps' forward, x3 for
     forward+backward: body matmuls on every token, the head only on response positions, attention matmuls.
@@ -326,11 +335,7 @@ def test_train_flops_equal_torch_flop_counter():
     from midpo.core.flops import flop_params, train_flops
 
     m = tiny_llama(attn="eager")
-    g = torch.Generator().manual_seed(1)
-    rows = [{"prompt_ids": [1] + torch.randint(3, V, (p - 1,), generator=g).tolist(),
-             "chosen_ids": torch.randint(3, V, (9 - p,), generator=g).tolist() + [EOS],
-             "rejected_ids": torch.randint(3, V, (9 - p,), generator=g).tolist() + [EOS]} for p in (3, 5, 7)]
-    b = collate_pairs(rows, layout="padded", pad_id=PAD)
+    b = equal_length_batch()
     rows_n, T = b.input_ids.shape
     assert b.num_pad_tokens == 0
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -362,11 +367,7 @@ def test_train_flops_equal_torch_flop_counter_forward_backward(lora):
 
         get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["norm"]))
     m.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.detach().requires_grad_())
-    g = torch.Generator().manual_seed(1)
-    rows = [{"prompt_ids": [1] + torch.randint(3, V, (p - 1,), generator=g).tolist(),
-             "chosen_ids": torch.randint(3, V, (9 - p,), generator=g).tolist() + [EOS],
-             "rejected_ids": torch.randint(3, V, (9 - p,), generator=g).tolist() + [EOS]} for p in (3, 5, 7)]
-    b = collate_pairs(rows, layout="padded", pad_id=PAD)
+    b = equal_length_batch()
     rows_n, T = b.input_ids.shape
     with FlopCounterMode(display=False) as fc:
         r = response_logps(m, b)
