@@ -190,9 +190,11 @@ def run_split(spec: StageSpec, split: str, data) -> dict:
     """Compute every missing chunk of one split, then (rank 0) merge, verify and publish it."""
     from tqdm import tqdm
 
+    from midpo.runtime.seqpar import data_parallel
+
     rank, world = pdist.rank(), pdist.world_size()
     sp = spec.seq_groups
-    dp_world, dp_rank = (world, rank) if sp is None else (sp.dp_size, sp.dp_rank)
+    dp_world, dp_rank = data_parallel(sp, world, rank)
     work = spec.out_dir / WORK_DIR
     n_rows = len(data)
     chunks = chunk_ranges(n_rows, spec.rows_per_shard)

@@ -162,11 +162,10 @@ class PolicyLogps(torch.nn.Module):
         from midpo.core.logprobs import response_logps
 
         if self.seq_groups is not None:
-            from midpo.core.seqpar import local_count
+            from midpo.runtime.seqpar import head_calls
 
             shard = self.seq_groups.shard
-            n_local = local_count(batch.logit_index, batch.input_ids.shape[1], shard)
-            calls = max(1, math.ceil(pdist.all_max(n_local) / self.head_chunk_tokens))  # same on every rank
+            calls = head_calls(batch, shard, self.head_chunk_tokens)
             out = response_logps(self.model, batch, return_logits=return_logits, return_hidden=return_hidden,
                                  return_flat_logits=return_flat_logits, shard=shard, head_calls=calls)
             return tuple(getattr(out, f.name) for f in dataclasses.fields(out))

@@ -54,6 +54,21 @@ def layout(world: int, size: int, rank: int) -> tuple[int, int, int]:
     return rank % size, rank // size, world // size
 
 
+def data_parallel(sp: SeqGroups | None, world: int, rank: int) -> tuple[int, int]:
+    """(size, rank) of the data-parallel view: the SP groups (a group is one data-parallel rank), or every rank."""
+    return (world, rank) if sp is None else (sp.dp_size, sp.dp_rank)
+
+
+def head_calls(batch, shard, chunk_tokens: int) -> int:
+    """COLLECTIVE: output-head calls of an SP forward, the same on every rank (ZeRO-3 gathers the head per call):
+    enough for the rank that scores the most response tokens, `chunk_tokens` at a time."""
+    from midpo.core.seqpar import local_count
+    from midpo.runtime import dist as pdist
+
+    n = local_count(batch.logit_index, batch.input_ids.shape[1], shard)
+    return max(1, -(-pdist.all_max(n) // chunk_tokens))
+
+
 def setup_groups(size: int) -> SeqGroups | None:
     """COLLECTIVE: every rank creates every SP group (torch's new_group is collective); None when size is 1."""
     from midpo.runtime import dist as pdist

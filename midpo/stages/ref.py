@@ -76,10 +76,10 @@ def score_reference_rows(model, rows: list[dict], *, packing: bool, pad_id: int,
                           max_row_tokens=row_tokens_for(model), pad_to_multiple=k).to(_model_device(model))
     with torch.no_grad():
         if seq_groups is not None:
-            from midpo.core.seqpar import local_count
+            from midpo.runtime.engine import HEAD_CHUNK_TOKENS
+            from midpo.runtime.seqpar import head_calls
 
-            n = local_count(batch.logit_index, batch.input_ids.shape[1], seq_groups.shard)
-            calls = max(1, -(-pdist.all_max(n) // SP_HEAD_CHUNK))  # the same on every rank (ZeRO-3 head gathers)
+            calls = head_calls(batch, seq_groups.shard, HEAD_CHUNK_TOKENS)
             out = response_logps(model, batch, shard=seq_groups.shard, head_calls=calls)
         else:
             out = response_logps(model, batch, return_topk=topk)  # top-k chunk by chunk: never (N, V) logits
@@ -106,9 +106,6 @@ def score_reference_rows(model, rows: list[dict], *, packing: bool, pad_id: int,
                 rec[f"{side}_ref_tail_logmass"] = tail[i, :n]
         result.append(rec)
     return result
-
-
-SP_HEAD_CHUNK = 1024  # response positions per output-head call under sequence parallelism
 
 
 def _model_device(model) -> torch.device:

@@ -113,8 +113,9 @@ class Objective:
 
     def data_parallel(self) -> tuple[int, int]:
         """(size, rank) of the data-parallel view: SP groups, or every rank."""
-        sp = self.seq_groups
-        return (pdist.world_size(), pdist.rank()) if sp is None else (sp.dp_size, sp.dp_rank)
+        from midpo.runtime.seqpar import data_parallel
+
+        return data_parallel(self.seq_groups, pdist.world_size(), pdist.rank())
 
     def state_dict(self) -> dict:
         """The links' state for trainer_state.json ({} without any)."""

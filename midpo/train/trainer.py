@@ -139,9 +139,10 @@ class Trainer:
 
             budget = {"token_budget": tc.micro_batch_tokens, "lengths": split_lengths(self.train_split.data),
                       "layout": tc.layout}
+        from midpo.runtime.seqpar import data_parallel
+
         # data parallel over SP groups: every rank of a group reads the group's rows (sampler rank = group index)
-        dp_world, dp_rank = (world, rank) if self.seq_groups is None else (self.seq_groups.dp_size,
-                                                                           self.seq_groups.dp_rank)
+        dp_world, dp_rank = data_parallel(self.seq_groups, world, rank)
         self.sampler = PairSampler(len(self.train_split), micro_batch_size=tc.micro_batch_size,
                                    grad_accum=tc.grad_accum, world_size=dp_world, rank=dp_rank, seed=tc.seed, **budget)
         self.total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * self.sampler.steps_per_epoch
@@ -222,7 +223,6 @@ class Trainer:
         from midpo.runtime.models import model_class, resolve_attn, resolve_dtype
         from midpo.runtime.planning import data_lengths, device_memory_gib, resolve_auto
 
-        self.auto_picks: dict = {}
         if cfg.train.layout != "auto" and cfg.train.ds_config != "auto":
             return cfg
         cuda = pdist.device().type == "cuda"
