@@ -61,6 +61,22 @@ MICRO_STEP_OVERHEAD_S = 0.005  # per micro-step: Python, data, the loss (an assu
 LAYER_LAUNCH_S = 0.0003  # per layer per micro-step, forward + backward: kernel launches, ZeRO-3 hooks (assumption)
 
 
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a Llama layer's
+
+
+def lora_targets(modules: tuple[str, ...], save: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The linear layers LoRA adapts ("all-linear" = every one but the head), checked with the modules_to_save
+    `save` the planner can size (names containing "norm": every RMSNorm; lm_head; embed_tokens): ValueError
+    names any other."""
+    names = LINEAR_NAMES if modules in (("all-linear",), ("all_linear",)) else tuple(modules)
+    unknown = [m for m in names if m not in LINEAR_NAMES] + [m for m in save if not (
+        "norm" in m or m in ("lm_head", "embed_tokens"))]
+    if unknown:
+        raise ValueError(f"the planner cannot size LoRA modules {unknown} (it knows {sorted(LINEAR_NAMES)}, norms, "
+                         "lm_head, embed_tokens)")
+    return names
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """A Llama-shaped causal LM (Qwen2's q/k/v biases are counted when `qkv_bias`)."""
@@ -108,20 +124,13 @@ class ModelShape:
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer of a decoder layer (Llama's module names)."""
         h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return dict(zip(LINEAR_NAMES, ((h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)), strict=True))
 
     def lora_params(self, rank: int, modules: tuple[str, ...], save: tuple[str, ...] = ()) -> tuple[int, int]:
-        """(adapter parameters, trained full copies) of LoRA at `rank` on `modules` ("all-linear" = every linear
-        layer but the head) with PEFT's modules_to_save `save` (names containing "norm": every RMSNorm; lm_head;
-        embed_tokens). Names it cannot size raise ValueError."""
+        """(adapter parameters, trained full copies) of LoRA at `rank` on `modules` with PEFT's modules_to_save
+        `save` (`lora_targets`)."""
         dims = self.linear_dims()
-        names = tuple(dims) if modules in (("all-linear",), ("all_linear",)) else modules
-        unknown = [m for m in names if m not in dims] + [m for m in save if not (
-            "norm" in m or m in ("lm_head", "embed_tokens"))]
-        if unknown:
-            raise ValueError(f"the planner cannot size LoRA modules {unknown} (it knows {sorted(dims)}, norms, "
-                             "lm_head, embed_tokens)")
+        names = lora_targets(modules, save)
         adapters = self.layers * sum(rank * (dims[m][0] + dims[m][1]) for m in names)
         copies = 0
         if any("norm" in m for m in save):

@@ -13,7 +13,7 @@ from typing import Any
 
 from midpo.config import DS_CONFIGS_DIR, Config, ConfigError
 from midpo.core.auto import Pick, choose_layout, choose_zero
-from midpo.core.plan import GIB, ModelShape, Settings
+from midpo.core.plan import GIB, ModelShape, Settings, lora_targets
 
 MIN_BUCKET = 2 ** 24  # runtime.ds_config's floor of the "auto" bucket sizes (kept equal by a test)
 SAMPLE_PAIRS = 8192  # pairs of the train split the planner lays into micro-batches (shuffled, seeded)
@@ -96,9 +96,8 @@ def settings_from(cfg: Config, ds: dict, *, world: int, attn: str, dtype: str, c
     lora = cfg.model.lora
     modules = (lora.target_modules,) if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     if lora.r:
-        try:  # sized on a throwaway shape: only the names matter here
-            ModelShape(vocab=2, hidden=2, intermediate=2, layers=1, heads=1, kv_heads=1).lora_params(
-                lora.r, modules, tuple(lora.modules_to_save))
+        try:
+            lora_targets(modules, tuple(lora.modules_to_save))
         except ValueError as e:
             raise ConfigError(f"model.lora: {e}") from None
     full_logits = cfg.loss.prior in ("tdpo", "sparsepo") or (prior and cfg.prior_net.objective == "marginal")
@@ -180,10 +179,8 @@ def device_memory_gib(cuda: bool) -> tuple[float, str]:
                 avail = int(line.split()[1]) * 1024
     except OSError:
         pass
-    if avail is None:
-        import psutil
-
-        avail = psutil.virtual_memory().available
+    if avail is None:  # no /proc (not Linux): free pages, as POSIX reports them
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return avail / procs / GIB, f"host memory available per process (MemAvailable / {procs})"
 
 
