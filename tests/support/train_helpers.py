@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,20 @@ def run_train(recipe: Path, nproc: int = 1, *overrides: str, timeout: int = 300,
                           text=True, timeout=timeout)
     assert proc.returncode == 0 or not check, f"training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def fresh_copy(src_run: Path, dst: Path, text: Callable[[Path], str]) -> tuple[Path, Path]:
+    """A run folder at `dst/run` holding `src_run`'s prepared data and reference cache only (training starts
+    fresh), and `dst/recipe.yaml` = text(run folder); returns (recipe, run)."""
+    import shutil
+
+    run = dst / "run"
+    run.mkdir(parents=True)
+    for sub in ("data", "ref"):
+        shutil.copytree(src_run / sub, run / sub)
+    recipe = dst / "recipe.yaml"
+    recipe.write_text(text(run))
+    return recipe, run
 
 
 def resume_copy(src_run: Path, step: int, dst: Path, model: Path, **train) -> tuple[Path, Path]:

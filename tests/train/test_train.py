@@ -32,6 +32,7 @@ import torch
 from train_helpers import (
     clean_env,
     export_weights,
+    fresh_copy,
     losses,
     make_run,
     read_jsonl,
@@ -72,13 +73,7 @@ def base(tmp_path_factory) -> dict:
 
 
 def _fresh_run(base: dict, name: str, **train) -> tuple[Path, Path]:
-    d = base["root"] / name
-    (d / "run").mkdir(parents=True)
-    for sub in ("data", "ref"):
-        shutil.copytree(base["run1"] / sub, d / "run" / sub)
-    recipe = d / "recipe.yaml"
-    recipe.write_text(recipe_text(d / "run", base["model"], **train))
-    return recipe, d / "run"
+    return fresh_copy(base["run1"], base["root"] / name, lambda run: recipe_text(run, base["model"], **train))
 
 
 def _assert_cli_export_equals(recipe: Path, out: Path, expected: Path) -> None:

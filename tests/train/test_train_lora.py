@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ from train_helpers import (  # noqa: F401
     REPO,
     clean_env,
     export_weights,
+    fresh_copy,
     launcher_env_dropped,
     losses,
     make_model,
@@ -65,13 +65,7 @@ def lora_recipe(run: Path, model: Path, *, trackers: str = "[tensorboard]", **tr
 
 
 def _copy_run(lora: dict, name: str, **train) -> tuple[Path, Path]:
-    d = lora["root"] / name
-    (d / "run").mkdir(parents=True)
-    for sub in ("data", "ref"):
-        shutil.copytree(lora["one"] / sub, d / "run" / sub)
-    recipe = d / "recipe.yaml"
-    recipe.write_text(lora_recipe(d / "run", lora["model"], **train))
-    return recipe, d / "run"
+    return fresh_copy(lora["one"], lora["root"] / name, lambda run: lora_recipe(run, lora["model"], **train))
 
 
 def _train_here(recipe: Path, *overrides: str) -> None:
