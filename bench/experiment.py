@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from midpo.cli import split_overrides  # noqa: E402
 from midpo.config import load_config  # noqa: E402
 from midpo.core.decision import choose_by_validation, decide, mean_interval, paired  # noqa: E402
-from midpo.runtime.files import atomic_write_json, save_config  # noqa: E402
+from midpo.runtime.files import atomic_write_json, atomic_write_text, save_config  # noqa: E402
 
 TASKS = ("embedded", "confound")
 METHODS: dict[str, list[str]] = {
@@ -75,9 +75,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def link_base(base: Path, run_dir: Path) -> None:
