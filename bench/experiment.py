@@ -86,6 +86,18 @@ def link_base(base: Path, run_dir: Path) -> None:
             os.symlink((base / name).resolve(), dst)
 
 
+def recorded_auto(cfg, config_path: Path) -> list[str]:
+    """Overrides `key=value` for the picks a run's config.yaml records under `auto:` (midpo train resolves
+    train.ds_config / train.layout there), for the keys `cfg` leaves at "auto"."""
+    import functools
+
+    import yaml
+
+    saved = yaml.safe_load(config_path.read_text()) or {}
+    return [f"{k}={v['value']}" for k, v in (saved.get("auto") or {}).items()
+            if functools.reduce(getattr, k.split("."), cfg) == "auto"]
+
+
 def lr_tag(lr: float | None) -> str:
     return "" if lr is None else f"-lr{lr:g}"
 
@@ -296,6 +308,8 @@ def run_cell(out: Path, c: Cell, overrides: list[str], settings: dict) -> dict:
     if result_file.exists():
         # a finished cell is reused only for the same settings: never report an old run under new ones
         old = load_config(run_dir / "config.yaml", []) if (run_dir / "config.yaml").exists() else None
+        if old is not None:  # the trainer records what `auto` chose: compare with those picks in place of "auto"
+            cfg = load_config(base / "config.yaml", cell_overrides + recorded_auto(cfg, run_dir / "config.yaml"))
         if old is None or dataclasses.asdict(old) != dataclasses.asdict(cfg):
             raise SystemExit(f"{run_dir} holds a finished cell with other settings ({run_dir / 'config.yaml'}): "
                              "pass another --out, or delete that folder")
