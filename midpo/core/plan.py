@@ -34,6 +34,12 @@ Memory model (P parameters, N data-parallel ranks, w bytes per compute element: 
 - peak = max(backward: states + activations + head + buckets, optimizer step: states + fp32 gradients);
   the device needs peak x (1 + ALLOCATOR_HEADROOM) + CUDA_CONTEXT_GIB.
 
+Host memory per node (`host_memory`, GPUs only: on CPU the host is the device), the model states the host holds,
+x HOST_BUFFER_FACTOR: loading (stage 0/2: every process builds the whole model in its dtype before moving it to
+its device; ZeRO-3 under zero.Init: one module at a time in fp32, its largest) and, under the shipped
+zero3_offload, every rank's parameter partition (w) and optimizer partition (fp32 master, Adam, fp32 gradients:
+16 bytes per trained parameter). The data, the reference cache and Python are not counted.
+
 Step time: a fixed overhead per micro-step (MICRO_STEP_OVERHEAD_S + LAYER_LAUNCH_S per layer), plus model FLOPs as `core.flops.train_flops` counts them (recompute under checkpointing adds one forward
 of the body, 4/3 of the work), at `efficiency` x the device's peak, plus the collectives per ZeRO stage
 (ring all-reduce moves 2 (N-1)/N of the buffer, reduce-scatter and all-gather (N-1)/N each) over the
@@ -57,6 +63,9 @@ CUDA_CONTEXT_GIB = 1.5  # CUDA context + NCCL + kernels, outside torch's allocat
 DENSE_MASK_ROW_TOKENS = 512  # core.batching's row cap under a dense mask (sdpa/eager); kept equal by a test
 HOST_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed's CPU Adam, per rank (an assumption, not measured here)
 PCIE_GBPS = 25.0  # host <-> device copies for optimizer offload (an assumption)
+# DeepSpeed's own host estimate (zero.stage3.estimate_zero3_model_states_mem_needs) multiplies by this: pinned
+# buffers and allocator rounding; not measured here (no GPU host with offload was available), a test holds the equality
+HOST_BUFFER_FACTOR = 1.5
 MICRO_STEP_OVERHEAD_S = 0.005  # per micro-step: Python, data, the loss (an assumption)
 LAYER_LAUNCH_S = 0.0003  # per layer per micro-step, forward + backward: kernel launches, ZeRO-3 hooks (assumption)
 
@@ -120,6 +129,11 @@ class ModelShape:
         """(body, head) as `core.flops.flop_params` counts them."""
         n = self.layers if layers is None else layers
         return n * self.layer_params() + self.hidden, self.embed_params()
+
+    def largest_module_params(self) -> int:
+        """Parameters of the largest single module (the embedding or head, or an MLP projection): what ZeRO-3
+        holds whole on the host while loading under zero.Init."""
+        return max(self.embed_params(), self.hidden * self.intermediate)
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer of a decoder layer (Llama's module names)."""
@@ -373,6 +387,32 @@ def memory(shape: ModelShape, s: Settings, batch: Batch) -> MemoryPlan:
     return MemoryPlan(t, backward, step, peak, needed)
 
 
+def _host_load(n_params: int, stage: int, w: int, largest: int, offload: bool) -> float:
+    """Host bytes one process holds while it loads a model: stage 0/2 the whole model in its dtype (moved to the
+    device after); ZeRO-3 under zero.Init its largest module in fp32 (offload: nothing beyond its partitions)."""
+    if stage == 3:
+        return 0.0 if offload else 4.0 * largest
+    return float(w) * n_params
+
+
+def host_memory(shape: ModelShape, s: Settings, ranks_per_node: int) -> dict[str, float]:
+    """Host memory of one node (bytes, HOST_BUFFER_FACTOR included), term by term (see the module docstring);
+    {} on CPU, where the host is the device `memory` plans."""
+    if not s.cuda:
+        return {}
+    w, largest = s.dtype_bytes, shape.largest_module_params()
+    held, trained = policy_params(shape, s)
+    load = _host_load(held, s.zero_stage, w, largest, s.offload_optimizer)
+    if s.prior_layers >= 0:  # loaded after the policy's host copy went to the device: the larger of the two
+        pl = shape.layers if s.prior_layers == 0 else min(s.prior_layers, shape.layers)
+        load = max(load, _host_load(shape.params(pl), s.prior_zero_stage, w, largest, False))
+    t = {"host_model_load": load * ranks_per_node}
+    if s.offload_optimizer:  # the shipped zero3_offload: parameters and optimizer partitions on the host
+        t["host_offload_params"] = w * held / s.world * ranks_per_node
+        t["host_offload_optimizer"] = 16.0 * trained / s.world * ranks_per_node
+    return {k: v * HOST_BUFFER_FACTOR for k, v in t.items()}
+
+
 @dataclass(frozen=True)
 class Hardware:
     gpus_per_node: int = 8
@@ -381,6 +421,7 @@ class Hardware:
     peak_tflops: float = 989.0  # dense bf16 per device (H100 SXM)
     interconnect_gbps: float = 0.0  # per device, GB/s; 0: 150 inside one node, 25 across nodes
     efficiency: float = 0.4  # achieved fraction of peak on model FLOPs (an assumption; MFU of tuned runs)
+    host_mem_gib: float = 0.0  # host memory per node; 0: unknown (the host need is shown, not checked)
 
     @property
     def world(self) -> int:
@@ -457,13 +498,19 @@ class Plan:
     time: dict[str, float]
     fits: bool
     notes: list[str] = field(default_factory=list)
+    host: dict[str, float] = field(default_factory=dict)  # host bytes per node (host_memory)
+
+    @property
+    def host_needed_gib(self) -> float:
+        return sum(self.host.values()) / GIB
 
     def to_json(self) -> dict:
         keys = ("zero_stage", "offload_optimizer", "micro", "grad_accum", "token_budget", "layout", "checkpointing",
                 "world", "sequence_parallel")
         return {"settings": {k: getattr(self.settings, k) for k in keys}, "fits": self.fits,
                 **self.memory.to_json(), "time": {k: round(v, 4) for k, v in self.time.items()},
-                "notes": self.notes}
+                "host_terms_gib": {k: round(v / GIB, 3) for k, v in self.host.items()},
+                "host_needed_gib": round(self.host_needed_gib, 3), "notes": self.notes}
 
 
 def rank_steps(lengths: list[tuple[int, int, int]], s: Settings) -> list[list[Batch]]:
@@ -491,7 +538,9 @@ def evaluate(shape: ModelShape, s: Settings, lengths: list[tuple[int, int, int]]
     times = [step_time(shape, s, st, hw) for st in steps]
     tm = {k: sum(t[k] for t in times) / len(times) for k in times[0]}
     tm["pairs_per_s"] = s.micro * s.grad_accum * s.data_parallel / tm["step_s"]
-    return Plan(s, mem, tm, mem.needed_gib <= hw.gpu_mem_gib)
+    host = host_memory(shape, s, hw.gpus_per_node)
+    host_fits = hw.host_mem_gib <= 0 or sum(host.values()) / GIB <= hw.host_mem_gib
+    return Plan(s, mem, tm, mem.needed_gib <= hw.gpu_mem_gib and host_fits, host=host)
 
 
 SEARCH_PAIRS = 1024  # pairs of the length sample the search lays out per setting (the as-written plan uses all)

@@ -171,24 +171,33 @@ def device_memory_gib(cuda: bool) -> tuple[float, str]:
 
         free, total = torch.cuda.mem_get_info()
         return free / GIB, f"free of {total / GIB:.1f} GiB on the device (torch.cuda.mem_get_info)"
-    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    avail = None
+    procs = ranks_per_node()
+    return host_available_bytes() / procs / GIB, f"host memory available per process (MemAvailable / {procs})"
+
+
+def ranks_per_node() -> int:
+    """The training processes on this node (LOCAL_WORLD_SIZE; 1 without a launcher)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
+def host_available_bytes() -> int:
+    """The node's available memory: MemAvailable (/proc/meminfo), or POSIX's free pages where there is no /proc."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
+                return int(line.split()[1]) * 1024
     except OSError:
         pass
-    if avail is None:  # no /proc (not Linux): free pages, as POSIX reports them
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return avail / procs / GIB, f"host memory available per process (MemAvailable / {procs})"
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def resolve_auto(cfg: Config, shape: ModelShape | None, lengths: list[tuple[int, int, int]], *, world: int,
                  attn: str, dtype: str, cuda: bool, device_gib: float, memory_source: str = "free",
-                 dense_mask: bool = True) -> tuple[Config, dict[str, dict]]:
+                 dense_mask: bool = True, host_gib: float | None = None, ranks_per_node: int = 1,
+                 host_source: str = "host memory") -> tuple[Config, dict[str, dict]]:
     """`cfg` with train.layout and train.ds_config chosen when they are `auto` (core.auto), and {key: the pick's
     value, reason and the memory of each candidate}. The layout first: the ZeRO choice is planned for it.
+    `host_gib` (GPUs): the node's available host memory, shared by `ranks_per_node` processes; None: not checked.
     `shape` None (a model the plan cannot read): ZeRO-3 of the dtype, the old default, so stated."""
     tc, picks = cfg.train, {}
     layout, ds = tc.layout, tc.ds_config
@@ -204,7 +213,8 @@ def resolve_auto(cfg: Config, shape: ModelShape | None, lengths: list[tuple[int,
             with_layout = dataclasses.replace(cfg, train=dataclasses.replace(tc, layout=layout))
             cands = [(n, settings_from(with_layout, ds_template(n, cuda), world=world, attn=attn, dtype=dtype,
                                        cuda=cuda, hidden=shape.hidden)) for n in names]
-            p = choose_zero(shape, cands, lengths, device_gib, memory_source)
+            p = choose_zero(shape, cands, lengths, device_gib, memory_source, host_gib=host_gib,
+                            ranks_per_node=ranks_per_node, host_source=host_source)
             if tc.compile:
                 p = dataclasses.replace(p, reason=p.reason + " (train.compile: ZeRO-3 not a candidate)")
         ds, picks["train.ds_config"] = p.value, p.to_json()

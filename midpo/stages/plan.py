@@ -1,6 +1,6 @@
 """`midpo plan`: will a recipe fit, how fast will it run, and what to change -- before a job is submitted.
 
-    midpo plan --config RECIPE [--gpus-per-node 8 --nodes 1 --gpu-mem 80 --gpu 989 --interconnect GBps] [--json]
+    midpo plan --config RECIPE [--gpus-per-node 8 --nodes 1 --gpu-mem 80 --host-mem GiB --gpu 989 --interconnect GBps] [--json]
     midpo plan --config RECIPE --model-config path/to/config.json    # a model not downloaded yet
 
 Per device: peak memory term by term (weights, gradients, optimizer states under the ZeRO stage and offload,
@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interconnect", type=float, default=0.0,
                    help="collective bandwidth per device, GB/s (default 150 in one node, 25 across nodes)")
     p.add_argument("--efficiency", type=float, default=0.4, help="achieved fraction of peak (default 0.4)")
+    p.add_argument("--host-mem", type=float, default=0.0,
+                   help="host memory per node, GiB: a setting fits only when its host need does too (loading, "
+                   "an offloaded optimizer); default 0: the need is shown, not checked")
     p.add_argument("--attn", default=None, choices=("flash_attention_2", "sdpa", "eager"),
                    help="attention kernel (default: model.attn_implementation; auto = flash_attention_2)")
     p.add_argument("--model-config", default=None, help="a HF config.json (or its folder) instead of the policy's")
@@ -51,7 +54,9 @@ def make_plan(cfg, hw: P.Hardware, *, attn: str | None = None, model_config: Any
     asked = cfg.train.ds_config
     # train.layout / train.ds_config `auto`: chosen as the trainer would on these devices (--gpu-mem free each)
     cfg, picks = resolve_auto(cfg, shape, lengths, world=hw.world, attn=attn, dtype=dtype, cuda=True,
-                              device_gib=hw.gpu_mem_gib, memory_source="--gpu-mem")
+                              device_gib=hw.gpu_mem_gib, memory_source="--gpu-mem",
+                              host_gib=hw.host_mem_gib or None, ranks_per_node=hw.gpus_per_node,
+                              host_source="--host-mem")
     ds = ds_template(cfg.train.ds_config, cuda=True)
     base = settings_from(cfg, ds, world=hw.world, attn=attn, dtype=dtype, cuda=True, hidden=shape.hidden)
     written = P.evaluate(shape, base, lengths, hw)
@@ -67,8 +72,12 @@ def make_plan(cfg, hw: P.Hardware, *, attn: str | None = None, model_config: Any
              *[f"auto: {k}={p['value']}: {p['reason']}" for k, p in picks.items()],
              "time assumes model FLOPs at --efficiency of --gpu peak; collectives overlap compute under "
              "overlap_comm (only the excess is added); the optimizer offload's host Adam and PCIe copies add in full",
-             f"a setting fits when peak x {1 + P.ALLOCATOR_HEADROOM:.2f} + {P.CUDA_CONTEXT_GIB} GiB <= --gpu-mem"]
+             f"a setting fits when peak x {1 + P.ALLOCATOR_HEADROOM:.2f} + {P.CUDA_CONTEXT_GIB} GiB <= --gpu-mem"
+             + (f" and its host memory per node <= --host-mem {hw.host_mem_gib:g} GiB" if hw.host_mem_gib else
+                "; host memory per node (x" + f"{P.HOST_BUFFER_FACTOR:g}, DeepSpeed's estimate's buffer factor) is "
+                "shown, not checked: pass --host-mem")]
     return {"hardware": {"gpus_per_node": hw.gpus_per_node, "nodes": hw.nodes, "gpu_mem_gib": hw.gpu_mem_gib,
+                         "host_mem_gib": hw.host_mem_gib,
                          "peak_tflops": hw.peak_tflops, "interconnect_gbps": hw.bandwidth / 1e9,
                          "efficiency": hw.efficiency},
             "global_batch": gb, "notes": notes, "as_written": written.to_json(),
@@ -111,16 +120,17 @@ def render(plan: dict) -> str:
     w = plan["as_written"]
     lines += ["", f"as written ({_desc(w)}): {'FITS' if w['fits'] else 'DOES NOT FIT'} -- peak allocated "
               f"{w['peak_allocated_gib']:.1f} GiB, needs {w['needed_gib']:.1f} GiB; step {w['time']['step_s']:.3f} s, "
-              f"{w['time']['pairs_per_s']:.1f} pairs/s"]
+              f"{w['time']['pairs_per_s']:.1f} pairs/s; host {w['host_needed_gib']:.1f} GiB per node"]
     lines += [f"    {k:<32} {v:8.2f} GiB" for k, v in w["terms_gib"].items()]
+    lines += [f"    {k:<32} {v:8.2f} GiB per node" for k, v in w["host_terms_gib"].items()]
     lines += ["", "best settings for the same global batch (fitting first, fastest first):",
               f"  {'stage':>5} {'offload':>7} {'ckpt':>5} {'layout':>7} {'micro':>5} {'accum':>5} {'tokens':>7} "
-              f"{'steps':>5} {'needs GiB':>9} {'fits':>4} {'step s':>8} {'pairs/s':>8}"]
+              f"{'steps':>5} {'needs GiB':>9} {'host GiB':>8} {'fits':>4} {'step s':>8} {'pairs/s':>8}"]
     for b in plan["best"]:
         s = b["settings"]
         lines.append(f"  {s['zero_stage']:>5} {str(s['offload_optimizer']):>7} {str(s['checkpointing']):>5} "
                      f"{s['layout']:>7} {s['micro']:>5} {s['grad_accum']:>5} {s['token_budget'] or '-':>7} "
-                     f"{b['time']['micro_steps']:>5.1f} {b['needed_gib']:>9.1f} "
+                     f"{b['time']['micro_steps']:>5.1f} {b['needed_gib']:>9.1f} {b['host_needed_gib']:>8.0f} "
                      f"{'yes' if b['fits'] else 'no':>4} {b['time']['step_s']:>8.3f} {b['time']['pairs_per_s']:>8.1f}")
     if plan["suggested_overrides"]:
         lines += ["", "to run the best: " + " ".join(plan["suggested_overrides"])]
@@ -137,7 +147,8 @@ def _desc(p: dict) -> str:
 def run(args) -> int:
     cfg = load_config(args.config, list(getattr(args, "overrides", []) or []))
     hw = P.Hardware(gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_mem_gib=args.gpu_mem,
-                    peak_tflops=args.gpu, interconnect_gbps=args.interconnect, efficiency=args.efficiency)
+                    peak_tflops=args.gpu, interconnect_gbps=args.interconnect, efficiency=args.efficiency,
+                    host_mem_gib=args.host_mem)
     plan = make_plan(cfg, hw, attn=args.attn, model_config=args.model_config, global_batch=args.global_batch,
                      top=args.top)
     print(json.dumps(plan, indent=1) if args.json else render(plan))

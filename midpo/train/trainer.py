@@ -219,15 +219,22 @@ class Trainer:
         """COLLECTIVE. train.layout / train.ds_config `auto` chosen from the plan (runtime.planning.resolve_auto) for
         this model, data, process count and the smallest free memory over ranks; logged with the reason. Rank 0's
         choice is broadcast, so every rank builds the same engine."""
-        from midpo.core.plan import ModelShape
+        from midpo.core.plan import GIB, ModelShape
         from midpo.runtime.models import model_class, resolve_attn, resolve_dtype
-        from midpo.runtime.planning import data_lengths, device_memory_gib, resolve_auto
+        from midpo.runtime.planning import (
+            data_lengths,
+            device_memory_gib,
+            host_available_bytes,
+            ranks_per_node,
+            resolve_auto,
+        )
 
         if cfg.train.layout != "auto" and cfg.train.ds_config != "auto":
             return cfg
         cuda = pdist.device().type == "cuda"
         gib, source = device_memory_gib(cuda)
-        gib = min(pdist.all_gather_objects(gib))
+        # GPUs: the host's memory too (loading, an offloaded optimizer); each node's own, the smallest node's
+        gib, host = (min(x) for x in zip(*pdist.all_gather_objects((gib, host_available_bytes() / GIB))))
         choice: tuple | Exception
         if pdist.is_main():
             try:
@@ -240,7 +247,9 @@ class Trainer:
                 choice = resolve_auto(cfg, shape, lengths, world=pdist.world_size(),
                                       attn=resolve_attn(cfg.model.attn_implementation, self.hf_config), dtype=dtype,
                                       cuda=cuda, device_gib=gib, memory_source=source + ", min over ranks",
-                                      dense_mask=model_class(self.hf_config) is not None)
+                                      dense_mask=model_class(self.hf_config) is not None,
+                                      host_gib=host if cuda else None, ranks_per_node=ranks_per_node(),
+                                      host_source="host memory available per node (MemAvailable, min over nodes)")
             except MidpoError as e:
                 choice = e
             except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not leave them waiting

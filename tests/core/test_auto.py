@@ -125,3 +125,23 @@ def test_layout_follows_the_attention_kernel(attn, dense, expect):
 def test_layout_refuses_an_unknown_kernel():
     with pytest.raises(ValueError, match="flex"):
         choose_layout("flex", True)
+
+
+def test_host_memory_rules_out_what_the_node_cannot_load():
+    """On GPUs, a candidate whose host memory per node does not fit is skipped even when its device memory does:
+    stage 0/2 load the whole model in every process (2P x 8 x 1.5, by hand), ZeRO-3 one module at a time, offload
+    keeps 18 bytes per parameter (x 1.5) on the host."""
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    P = SHAPE.layers * layer + 4096 + 2 * 32000 * 4096
+    load_02 = 2 * P * WORLD * 1.5 / GIB
+    device = 10_000.0  # every candidate fits the device
+    assert choose_zero(SHAPE, CANDIDATES, LENGTHS, device).value == "zero0_bf16"
+    assert choose_zero(SHAPE, CANDIDATES, LENGTHS, device, host_gib=load_02 / (1 - AUTO_MARGIN) * 1.01,
+                       ranks_per_node=WORLD).value == "zero0_bf16"
+    pick = choose_zero(SHAPE, CANDIDATES, LENGTHS, device, host_gib=load_02 / (1 - AUTO_MARGIN) * 0.99,
+                       ranks_per_node=WORLD)
+    assert pick.value == "zero3_bf16" and "host memory per node" in pick.reason
+    # the offload candidate alone, a host below its 18 bytes per parameter: nothing fits, said with the host's size
+    offload_host = 18 * P * 1.5 / GIB
+    pick = choose_zero(SHAPE, CANDIDATES[3:], LENGTHS, device, host_gib=offload_host * 0.5, ranks_per_node=WORLD)
+    assert pick.value == "zero3_offload" and pick.reason.startswith("nothing fits") and "host" in pick.reason

@@ -191,3 +191,44 @@ def test_prior_network_adds_its_work_to_the_step_time():
     prior_flops = 6 * pb * b.prior_tokens + 6 * ph * b.response_tokens
     rate = hw.peak_tflops * 1e12 * hw.efficiency
     assert prior["compute_s"] == pytest.approx(none["compute_s"] + prior_flops / rate)
+
+
+@pytest.mark.parametrize("model_type,tied", [("llama", False), ("qwen2", True)])
+def test_host_memory_equals_deepspeeds_estimate(model_type, tied):
+    """Host memory per node against DeepSpeed's own estimator (zero.stage3.estimate_zero3_model_states_mem_needs,
+    zero_init as midpo loads ZeRO-3 models, with its 1.5 buffer factor), fed the parameter counts DeepSpeed reads off
+    a built model (model_to_params); stage 0/2, which DeepSpeed's ZeRO-3 estimator does not cover, by hand: every
+    process loads the whole model in bf16."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoConfig.for_model(model_type, vocab_size=96, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    total, largest = model_to_params(AutoModelForCausalLM.from_config(hf))
+    shape = ModelShape.from_hf(hf.to_dict())
+    for gpn, nodes in ((8, 1), (8, 4), (4, 2)):
+        s = Settings(world=gpn * nodes, zero_stage=3, dtype_bytes=2, cuda=True)
+        for offload in (False, True):
+            host = plan.host_memory(shape, plan.replace(s, offload_optimizer=offload), gpn)
+            ds_cpu, _, _ = estimate_zero3_model_states_mem_needs(total, largest, gpn, nodes, cpu_offload=offload,
+                                                                 cpu_offload_params=offload, zero_init=True)
+            assert sum(host.values()) == pytest.approx(ds_cpu, rel=1e-9, abs=2)
+        for stage in (0, 2):
+            host = plan.host_memory(shape, plan.replace(s, zero_stage=stage), gpn)
+            assert sum(host.values()) == pytest.approx(2 * total * gpn * 1.5)
+    assert plan.host_memory(shape, Settings(cuda=False), 2) == {}  # on CPU the host is the device
+
+
+def test_host_memory_of_lora_offload_and_a_prior_network():
+    """LoRA under offload: the host keeps every parameter's partition but optimizer states only for the trained
+    ones; a prior network loads after the policy's host copy went to the device (the larger load counts)."""
+    s = Settings(world=16, zero_stage=3, offload_optimizer=True, dtype_bytes=2, cuda=True, lora_rank=16)
+    held, trained = plan.policy_params(TINYLLAMA, s)
+    assert trained < held / 50
+    host = plan.host_memory(TINYLLAMA, s, 8)
+    assert host["host_offload_params"] == pytest.approx(1.5 * 2 * held / 16 * 8)
+    assert host["host_offload_optimizer"] == pytest.approx(1.5 * 16 * trained / 16 * 8)
+    s2 = Settings(world=8, zero_stage=2, dtype_bytes=2, cuda=True, prior_layers=4, prior_zero_stage=2)
+    assert plan.host_memory(TINYLLAMA, s2, 8)["host_model_load"] == pytest.approx(1.5 * 2 * TINYLLAMA.params() * 8)
+    s3 = plan.replace(s2, zero_stage=3)  # ZeRO-3 policy (one module in fp32), a ZeRO-2 prior of 4 layers: the prior's
+    assert plan.host_memory(TINYLLAMA, s3, 8)["host_model_load"] == pytest.approx(1.5 * 2 * TINYLLAMA.params(4) * 8)

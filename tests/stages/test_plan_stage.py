@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from midpo import cli
 from midpo.config import DS_CONFIGS_DIR, load_config
 from midpo.core import plan as P
@@ -64,3 +66,16 @@ def test_lengths_come_from_prepared_data(tmp_path):
 
 def test_bucket_floor_equals_ds_config():
     assert planning.MIN_BUCKET == ds_config.MIN_BUCKET
+
+
+def test_host_memory_decides_whether_70b_offload_fits_one_node():
+    """Llama-3-70B under zero3_offload on one 8-GPU node: 18 bytes per parameter on the host x DeepSpeed's 1.5
+    (1774 GiB) fit a 2 TiB node, not a 1 TiB one; without --host-mem the need is shown, not checked."""
+    cfg = load_config("llama3_70b_offload_ultrafeedback", [])
+    model = LLAMA3_8B.parent / "llama-3-70b.json"
+    need = 18 * 70_553_706_496 * 1.5 / P.GIB
+    for host, fits in ((0.0, True), (1024.0, False), (2048.0, True)):
+        out = make_plan(cfg, P.Hardware(gpus_per_node=8, nodes=1, gpu_mem_gib=80.0, host_mem_gib=host),
+                        model_config=model)
+        assert out["as_written"]["host_needed_gib"] == pytest.approx(need, rel=1e-3)
+        assert out["as_written"]["fits"] is fits
