@@ -468,7 +468,8 @@ def report(out: Path, results: list[dict], methods: list[str], tasks: list[str],
                          f"{iv('train_seconds')['mean']:.0f} |")
         lines += ["\nPaired per-seed differences (learned arm minus baseline, same seeds), 95% t-interval, and the "
                   "reading per docs/experiment.md:\n",
-                  "| contrast | metric | seeds | mean [95% interval] | reading |", "|---|---|---|---|---|"]
+                  "| contrast | metric | seeds | mean [95% interval] | reading | per seed (seed: difference) |",
+                  "|---|---|---|---|---|---|"]
         for a, b in CONTRASTS:
             for key, delta, hib in (("accuracy", DELTA_ACC, True),
                                     *((("phrase_rate", DELTA_PHRASE, False),) if task == "confound" else ()),
@@ -481,7 +482,8 @@ def report(out: Path, results: list[dict], methods: list[str], tasks: list[str],
                 if key == "phrase_rate":  # docs/experiment.md's words for the confound's rule
                     reading = {"beats": "resists the confound better", "worse": "follows it more"}.get(reading, reading)
                 rng = f"{p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" if p["n"] > 1 else f"{p['mean']:+.4f} (1 seed)"
-                lines.append(f"| {a} − {b} ({tag}) | {key} | {p['n']} | {rng} | {reading} |")
+                per_seed = ", ".join(f"{sd}: {d:+.3f}" for sd, d in zip(p["seeds"], p["diffs"], strict=True))
+                lines.append(f"| {a} − {b} ({tag}) | {key} | {p['n']} | {rng} | {reading} | {per_seed} |")
     if failed:
         lines += ["\nFAILED cells:"] + [f"- {f.splitlines()[0]}" for f in failed]
     return "\n".join(lines) + "\n"
