@@ -295,7 +295,10 @@ def run_cell(out: Path, c: Cell, overrides: list[str], settings: dict) -> dict:
 
     from midpo.demo.run import _launch, _read_last_eval
 
-    torch.set_num_threads(1)
+    # threads per process fixed by the script (cores / cells at once): more oversubscribes the cores (two cells
+    # of 2 threads on 2 cores ran 3-4x slower, OpenMP spinning), and the count is part of what a rerun reproduces
+    os.environ["OMP_NUM_THREADS"] = str(settings["threads"])  # the `midpo train` / `midpo iterate` children
+    torch.set_num_threads(settings["threads"])  # the measurements, here
     run_dir = cell_dir(out, c)
     base = task_base(out, c.task)
     extra = [f"prior_net.lr={c.lr}"] if c.lr is not None else []
@@ -313,7 +316,12 @@ def run_cell(out: Path, c: Cell, overrides: list[str], settings: dict) -> dict:
         if old is None or dataclasses.asdict(old) != dataclasses.asdict(cfg):
             raise SystemExit(f"{run_dir} holds a finished cell with other settings ({run_dir / 'config.yaml'}): "
                              "pass another --out, or delete that folder")
-        return json.loads(result_file.read_text())
+        done = json.loads(result_file.read_text())
+        if done.get("threads") != settings["threads"]:
+            raise SystemExit(f"{run_dir} was trained with {done.get('threads', 'an unrecorded number of')} threads per "
+                             f"process, this run uses {settings['threads']} (--jobs): pass another --out, or the "
+                             "--jobs it was run with")
+        return done
     link_base(base, run_dir)
     t = time.time()
     if c.method == "dice":
@@ -332,7 +340,7 @@ def run_cell(out: Path, c: Cell, overrides: list[str], settings: dict) -> dict:
     train_s = time.time() - t
     t = time.time()
     res = {"task": c.task, "method": c.method, "seed": c.seed, "split": c.split, "lr": c.lr,
-           "train_seconds": round(train_s, 1)}
+           "train_seconds": round(train_s, 1), "threads": settings["threads"]}
     res.update(measure(out, c, policy, cfg, settings))
     res["trainer_eval"] = _read_last_eval(run_dir) if c.method != "dice" else {}
     metrics = [json.loads(x) for x in (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()
@@ -582,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.global_batch % (micro * args.nproc):
         raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of micro {micro} x nproc {args.nproc}")
     settings = {"grad_accum": args.global_batch // (micro * args.nproc), "nproc": args.nproc,
-                "kl_prompts": args.kl_prompts, "dice_rounds": args.dice_rounds}
+                "kl_prompts": args.kl_prompts, "dice_rounds": args.dice_rounds,
+                "threads": max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))}
     cells_all: list[Cell] = []
     results: list[dict] = []
     failed: list[str] = []
@@ -662,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python bench/experiment.py " + " ".join(sys.argv[1:] if argv is None else [*argv, *overrides])
     header = (f"# Issue #23 experiment\n\ncommand: `{cmd}`\n\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, "
               f"{platform.platform()}; load average at end {tuple(round(x, 2) for x in os.getloadavg())}; "
-              f"jobs {args.jobs}, train processes per cell {args.nproc}, global batch {args.global_batch}\n\n"
+              f"jobs {args.jobs}, train processes per cell {args.nproc}, threads per process {settings['threads']}, "
+              f"global batch {args.global_batch}\n\n"
               f"setup seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total wall {total:.0f}s; "
               f"cells {len(results)} done of {len(cells_all) + (len(args.seeds) * len(args.tasks) if 'dice' in args.methods else 0)}\n")
     md = report(args.out, results, args.methods, args.tasks, failed, header)
