@@ -334,6 +334,11 @@ class MemoryPlan:
                 "peak_allocated_gib": round(self.peak / GIB, 3), "needed_gib": round(self.needed_gib, 3)}
 
 
+def prior_depth(shape: ModelShape, s: Settings) -> int:
+    """Decoder layers of the MI-DPO prior network (`prior_layers` 0 = all of the policy's; capped at them)."""
+    return shape.layers if s.prior_layers == 0 else min(s.prior_layers, shape.layers)
+
+
 def memory(shape: ModelShape, s: Settings, batch: Batch) -> MemoryPlan:
     """Peak memory of one device (see the module docstring for each term)."""
     w, L = s.dtype_bytes, shape.layers
@@ -370,7 +375,7 @@ def memory(shape: ModelShape, s: Settings, batch: Batch) -> MemoryPlan:
         t["buckets"] = 0.0
     prior_step = 0.0
     if s.prior_layers >= 0:
-        pl = L if s.prior_layers == 0 else min(s.prior_layers, L)
+        pl = prior_depth(shape, s)
         pst = _states(shape.params(pl), s.prior_zero_stage, s.world, w, False, s.max_live_parameters,
                       shape.layer_params(), s.max_reuse_distance)
         prior_step = pst.pop("step_extra")
@@ -404,7 +409,7 @@ def host_memory(shape: ModelShape, s: Settings, ranks_per_node: int) -> dict[str
     held, trained = policy_params(shape, s)
     load = _host_load(held, s.zero_stage, w, largest, s.offload_optimizer)
     if s.prior_layers >= 0:  # loaded after the policy's host copy went to the device: the larger of the two
-        pl = shape.layers if s.prior_layers == 0 else min(s.prior_layers, shape.layers)
+        pl = prior_depth(shape, s)
         load = max(load, _host_load(shape.params(pl), s.prior_zero_stage, w, largest, False))
     t = {"host_model_load": load * ranks_per_node}
     if s.offload_optimizer:  # the shipped zero3_offload: parameters and optimizer partitions on the host
@@ -466,7 +471,7 @@ def step_time(shape: ModelShape, s: Settings, batches: list[Batch], hw: Hardware
         f += fb
         work += fb * (4.0 / 3.0 if s.checkpointing else 1.0)  # recompute: the body's forward again
         if s.prior_layers >= 0:
-            pl = shape.layers if s.prior_layers == 0 else s.prior_layers
+            pl = prior_depth(shape, s)
             pb, ph = shape.flop_params(pl)
             work += train_flops(pb, ph, pl, shape.hidden, b.prior_tokens, b.response_tokens, 0.0)
     steps = len(batches)
